@@ -1,0 +1,79 @@
+"""Stacked recurrent language models (vanilla RNN, GRU, LSTM) on cuDNN-backed layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from worker.engine.config import ModelConfig
+from worker.engine.models.layers import check_tie, make_norm
+
+
+def make_recurrent(arch: str, in_dim: int, hidden: int, activation: str) -> nn.RNNBase:
+    """One single-layer torch recurrent module (batch_first) of the given kind."""
+    if arch == "lstm":
+        return nn.LSTM(in_dim, hidden, num_layers=1, batch_first=True)
+    if arch == "gru":
+        return nn.GRU(in_dim, hidden, num_layers=1, batch_first=True)
+    if arch == "rnn":
+        if activation not in ("tanh", "relu"):
+            raise ValueError("a vanilla rnn supports activation tanh or relu")
+        return nn.RNN(in_dim, hidden, num_layers=1, nonlinearity=activation, batch_first=True)
+    raise ValueError(f"unknown recurrent arch {arch!r}")
+
+
+class RecurrentBlock(nn.Module):
+    """One recurrent layer with optional norm (pre or post), residual and dropout."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.residual = cfg.residual
+        # Register in forward order so named_parameters() follows depth.
+        if self.pre:
+            self.norm = make_norm(cfg.norm, in_dim)
+        self.rnn = make_recurrent(cfg.arch, in_dim, cfg.hidden, cfg.activation)
+        # The skip path needs a projection when the layer changes width.
+        self.proj = (
+            nn.Linear(in_dim, cfg.hidden, bias=False) if cfg.residual and in_dim != cfg.hidden else None
+        )
+        if not self.pre:
+            self.norm = make_norm(cfg.norm, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, in_dim] -> [B, T, hidden]."""
+        h, _ = self.rnn(self.norm(x) if self.pre else x)
+        h = self.drop(h)
+        if self.residual:
+            h = h + (self.proj(x) if self.proj is not None else x)
+        return h if self.pre else self.norm(h)
+
+
+class RecurrentLanguageModel(nn.Module):
+    """Embedding -> n_layers recurrent blocks -> (final norm) -> head."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int) -> None:
+        super().__init__()
+        check_tie(cfg.tie_embeddings, cfg.hidden, cfg.d_model, cfg.arch)
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        widths = [cfg.d_model] + [cfg.hidden] * cfg.n_layers
+        self.layers = nn.ModuleList(RecurrentBlock(w, cfg) for w in widths[:-1])
+        # Pre-norm leaves the residual stream unnormalized; normalize it once before the head.
+        self.norm_f = make_norm(cfg.norm, cfg.hidden) if cfg.norm_position == "pre" else nn.Identity()
+        self.head = nn.Linear(cfg.hidden, vocab_size, bias=not cfg.tie_embeddings)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, vocab], from a zero initial state."""
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm_f(x))
+
+    def layer_names(self) -> list[str]:
+        """Weight matrices in depth order (input-to-hidden before hidden-to-hidden)."""
+        return [n for n, p in self.named_parameters() if p.dim() >= 2]
