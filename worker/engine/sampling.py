@@ -84,7 +84,9 @@ def sample_from_checkpoint(
     spec = parse_spec(ckpt["spec"])
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     model = build_model(spec.model, tokenizer.vocab_size, spec.training.seq_len)
-    model.load_state_dict(ckpt["model"])
+    # A checkpoint of a torch.compile'd model prefixes every key; accept both.
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
     model.to(device)
     return generate(
         model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
