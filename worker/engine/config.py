@@ -11,7 +11,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 ARCHS = ("mlp", "rnn", "gru", "lstm", "transformer")
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu", "elu")
@@ -110,7 +110,7 @@ class StabilizationConfig:
     explosion_factor: float = 10.0
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 5
-    weight_max_norm: Optional[float] = None
+    weight_max_norm: float | None = None
 
 
 @dataclass
@@ -127,7 +127,7 @@ class CheckpointingConfig:
 @dataclass
 class JobSpec:
     name: str = "run"
-    dataset_id: Optional[str] = None
+    dataset_id: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -239,7 +239,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise SpecError(path, f"must be a list of {len(args)} numbers")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if hint is bool:
         if not isinstance(value, bool):
             raise SpecError(path, "must be a boolean")

@@ -1,0 +1,185 @@
+"""Gradient clipping, explosion detection and weight constraints.
+
+Clipping works on gradients that are already unscaled (fp16) and summed over
+the whole accumulation window, once per optimizer step. Norms stay on the
+device: nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+
+from .config import ClipConfig
+
+# How many past grad norms the adaptive clipper and the explosion detector remember.
+HISTORY = 1000
+
+
+@dataclass
+class ClipResult:
+    """Global grad norm before and after clipping, as 0-d device tensors."""
+
+    pre_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+class GradClipper:
+    """Applies the configured clipping mode and reports norms before and after."""
+
+    def __init__(self, cfg: ClipConfig, params: list[nn.Parameter], agc_params: list[nn.Parameter]):
+        self.cfg = cfg
+        self.params = params
+        self.agc_params = agc_params
+        self.history: deque[float] = deque(maxlen=HISTORY)
+        self.ema_mean: float | None = None
+        self.ema_var = 0.0
+        self.seen = 0
+
+    def clip(self) -> ClipResult:
+        """Clip the gradients in place; return the norms."""
+        mode = self.cfg.mode
+        norm_type = self.cfg.norm_type
+        if mode == "norm":
+            pre = clip_grad_norm_(self.params, self.cfg.max_norm, norm_type, foreach=None)
+            return ClipResult(pre, _clipped_norm(pre, self.cfg.max_norm))
+        pre = get_total_norm(_grads(self.params), norm_type)
+        if mode == "none":
+            return ClipResult(pre, pre)
+        if mode == "value":
+            clip_grad_value_(self.params, self.cfg.clip_value)
+            return ClipResult(pre, get_total_norm(_grads(self.params), norm_type))
+        if mode == "agc":
+            adaptive_clip_unitwise(self.agc_params, self.cfg.agc_factor, self.cfg.agc_eps)
+            return ClipResult(pre, get_total_norm(_grads(self.params), norm_type))
+        threshold = self.adaptive_threshold()
+        if threshold is None:
+            return ClipResult(pre, pre)
+        clip_grads_with_norm_(self.params, threshold, pre)
+        return ClipResult(pre, _clipped_norm(pre, threshold))
+
+    def adaptive_threshold(self) -> float | None:
+        """Threshold learned from this run's own history; None while warming up."""
+        if self.seen < self.cfg.adaptive_warmup:
+            return None
+        if self.cfg.adaptive_method == "percentile":
+            # AutoClip (Seetharaman et al. 2020): p-th percentile of past norms.
+            return _percentile(self.history, self.cfg.percentile)
+        # ZClip: EMA mean + z * EMA std of the (clipped) norms.
+        assert self.ema_mean is not None
+        return self.ema_mean + self.cfg.z_thresh * math.sqrt(self.ema_var)
+
+    def observe(self, pre_norm: float, post_norm: float) -> None:
+        """Record a finite step's norms (host floats) for the adaptive threshold."""
+        if not (math.isfinite(pre_norm) and math.isfinite(post_norm)):
+            return
+        self.seen += 1
+        self.history.append(pre_norm)
+        alpha = self.cfg.ema_alpha
+        if self.ema_mean is None:
+            self.ema_mean = post_norm
+            return
+        delta = post_norm - self.ema_mean
+        self.ema_mean += (1 - alpha) * delta
+        self.ema_var = alpha * (self.ema_var + (1 - alpha) * delta * delta)
+
+    def state_dict(self) -> dict:
+        return {
+            "history": list(self.history),
+            "ema_mean": self.ema_mean,
+            "ema_var": self.ema_var,
+            "seen": self.seen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = deque(state["history"], maxlen=HISTORY)
+        self.ema_mean = state["ema_mean"]
+        self.ema_var = state["ema_var"]
+        self.seen = state["seen"]
+
+
+def _clipped_norm(pre: torch.Tensor, max_norm: float) -> torch.Tensor:
+    # The same coefficient torch's clipping applies, so no second norm pass is needed.
+    return pre * torch.clamp(max_norm / (pre + 1e-6), max=1.0)
+
+
+def _percentile(values: deque[float], pct: float) -> float:
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@torch.no_grad()
+def adaptive_clip_unitwise(params: list[nn.Parameter], factor: float, eps: float) -> None:
+    """AGC (Brock et al. 2021): cap each row's grad norm at factor x its weight norm.
+
+    torch has no AGC; timm's reference does the same per unit, this is the
+    same rule over rows (output units) of every weight matrix.
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.ndim))
+        w_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True).clamp_min(eps)
+        g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True)
+        max_norm = w_norm * factor
+        scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), 1.0)
+        p.grad.mul_(scale)
+
+
+@torch.no_grad()
+def apply_weight_max_norm(weights: list[torch.Tensor], max_norm: float) -> None:
+    """Max-norm constraint: rescale each row of each weight matrix to norm <= max_norm."""
+    for w in weights:
+        torch.renorm(w, p=2, dim=0, maxnorm=max_norm, out=w)
+
+
+class ExplosionDetector:
+    """Flags a step whose grad norm or loss jumps far above the recent median."""
+
+    WINDOW = 50
+    MIN_HISTORY = 10
+    LOSS_FACTOR = 1.5
+
+    def __init__(self, grad_factor: float):
+        self.grad_factor = grad_factor
+        self.norms: deque[float] = deque(maxlen=self.WINDOW)
+        self.losses: deque[float] = deque(maxlen=self.WINDOW)
+
+    def check(self, loss: float, grad_norm: float) -> str | None:
+        """Reason in words when this step looks like an explosion, else None."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return "non-finite loss or gradient"
+        if len(self.norms) < self.MIN_HISTORY:
+            return None
+        norm_median = statistics.median(self.norms)
+        if grad_norm > self.grad_factor * norm_median:
+            return f"grad norm {grad_norm:.3g} is {grad_norm / norm_median:.0f}x the recent median {norm_median:.3g}"
+        loss_median = statistics.median(self.losses)
+        if loss > self.LOSS_FACTOR * loss_median:
+            return f"loss {loss:.4g} jumped above {self.LOSS_FACTOR}x the recent median {loss_median:.4g}"
+        return None
+
+    def observe(self, loss: float, grad_norm: float) -> None:
+        """Remember a healthy step."""
+        self.norms.append(grad_norm)
+        self.losses.append(loss)
+
+    def state_dict(self) -> dict:
+        return {"norms": list(self.norms), "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norms = deque(state["norms"], maxlen=self.WINDOW)
+        self.losses = deque(state["losses"], maxlen=self.WINDOW)
