@@ -1,0 +1,1 @@
+"""HTTP resources: one flask-smorest blueprint per resource."""

@@ -1,0 +1,51 @@
+"""/v1/jobs/{id}/checkpoints and their files."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import Response, send_file, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app.api.checkpoints.schemas import CheckpointListSchema
+from app.auth import current_owner_id
+from app.models import Checkpoint
+from app.services import checkpoints as service
+from app.services import jobs as jobs_service
+
+blp = Blueprint("checkpoints", __name__, url_prefix="/v1/jobs", description="Checkpoints")
+
+
+def _view(ckpt: Checkpoint) -> dict[str, Any]:
+    val_loss = ckpt.val_loss if ckpt.val_loss is None or math.isfinite(ckpt.val_loss) else None
+    return {
+        "job_id": ckpt.job_id, "step": ckpt.step, "bytes": ckpt.bytes, "sha256": ckpt.sha256,
+        "val_loss": val_loss, "health": ckpt.health, "created_at": ckpt.created_at,
+        "download_url": url_for("checkpoints.CheckpointFile", job_id=ckpt.job_id, step=ckpt.step),
+    }
+
+
+@blp.route("/<string:job_id>/checkpoints")
+class Checkpoints(MethodView):
+    @blp.response(200, CheckpointListSchema)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """List checkpoints with step, bytes, sha256, val_loss, health and download url."""
+        job = jobs_service.get_job(current_owner_id(), job_id)
+        return {"items": [_view(c) for c in service.list_checkpoints(job)]}
+
+
+@blp.route("/<string:job_id>/checkpoints/<int:step>/file")
+class CheckpointFile(MethodView):
+    @blp.doc(responses={"200": {"description": "The checkpoint file (ETag = sha256; Range supported)",
+                                "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "format": "binary"}}}}})
+    def get(self, job_id: str, step: int) -> Response:
+        """Download a checkpoint file (streamed; ETag and Range)."""
+        job = jobs_service.get_job(current_owner_id(), job_id)
+        ckpt = service.get_checkpoint(job, step)
+        path = service.checkpoint_file(ckpt)
+        return send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                         download_name=f"{job.id}_step_{ckpt.step}.pt", conditional=True, etag=ckpt.sha256,
+                         max_age=0)

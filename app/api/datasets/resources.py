@@ -1,0 +1,76 @@
+"""/v1/datasets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+
+from app.api.datasets.schemas import DatasetListQuerySchema, DatasetPageSchema, DatasetSchema
+from app.auth import current_owner_id
+from app.models import Dataset
+from app.services import datasets as service
+
+blp = Blueprint("datasets", __name__, url_prefix="/v1/datasets", description="Text corpora")
+
+UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"}},
+                    "required": ["file"],
+                }
+            },
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def _upload() -> Dataset:
+    owner = current_owner_id()
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            abort(422, message="Missing multipart field 'file'.", details={"file": ["Missing data for required field."]})
+        name = request.form.get("name") or upload.filename
+        return service.create_dataset(owner, upload.stream, name)
+    if request.mimetype == "text/plain":
+        return service.create_dataset(owner, request.stream, request.args.get("name"))
+    abort(415, message="Upload a multipart 'file' field or a text/plain body.",
+          details={"content_type": request.mimetype or None})
+    raise AssertionError  # unreachable
+
+
+@blp.route("")
+class Datasets(MethodView):
+    @blp.arguments(DatasetListQuerySchema, location="query")
+    @blp.response(200, DatasetPageSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List datasets, newest first (cursor paged)."""
+        items, cursor = service.list_datasets(current_owner_id(), args["limit"], args["cursor"])
+        return {"items": items, "next_cursor": cursor}
+
+    @blp.doc(**UPLOAD_DOC)
+    @blp.response(201, DatasetSchema)
+    def post(self) -> Dataset:
+        """Upload a UTF-8 text corpus (multipart `file` or text/plain body; optional `name`)."""
+        return _upload()
+
+
+@blp.route("/<string:dataset_id>")
+class DatasetById(MethodView):
+    @blp.response(200, DatasetSchema)
+    def get(self, dataset_id: str) -> Dataset:
+        """Read one dataset."""
+        return service.get_dataset(current_owner_id(), dataset_id)
+
+    @blp.response(204)
+    def delete(self, dataset_id: str) -> None:
+        """Delete a dataset (409 while a live job uses it)."""
+        service.delete_dataset(current_owner_id(), dataset_id)

@@ -1,0 +1,5 @@
+"""Jobs resource."""
+
+from app.api.jobs.resources import blp
+
+__all__ = ["blp"]

@@ -1,0 +1,72 @@
+"""Job schemas (the spec itself lives in app.schemas.spec)."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields
+from marshmallow.validate import OneOf, Range
+
+from app.models import JOB_STATUSES
+from app.schemas.common import CursorQuerySchema, QuerySchema
+
+
+class ProgressSchema(Schema):
+    step = fields.Integer()
+    max_steps = fields.Integer()
+    fraction = fields.Float()
+    tokens_seen = fields.Integer()
+    eta_s = fields.Float(allow_none=True)
+
+
+class JobSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    status = fields.String()
+    dataset_id = fields.String(allow_none=True)
+    spec = fields.Dict()
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+    enqueued_at = fields.DateTime(allow_none=True)
+    progress = fields.Nested(ProgressSchema)
+    latest = fields.Dict(allow_none=True)
+    health = fields.String()
+    error = fields.String(allow_none=True)
+    attempts = fields.Integer()
+    cancel_requested = fields.Boolean()
+
+
+class JobPageSchema(Schema):
+    items = fields.List(fields.Nested(JobSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+class JobListQuerySchema(CursorQuerySchema):
+    status = fields.String(load_default=None, validate=OneOf(JOB_STATUSES))
+
+
+class DiagnosisSchema(Schema):
+    job_id = fields.String()
+    status = fields.String()
+    health = fields.String()
+    findings = fields.List(fields.Dict())
+    summary = fields.String(allow_none=True)
+
+
+class EventSchema(Schema):
+    id = fields.Integer()
+    step = fields.Integer(allow_none=True)
+    kind = fields.String()
+    message = fields.String()
+    data = fields.Dict(allow_none=True)
+    created_at = fields.DateTime()
+
+
+class EventPageSchema(Schema):
+    items = fields.List(fields.Nested(EventSchema))
+    next_after_id = fields.Integer(allow_none=True)
+
+
+class EventQuerySchema(QuerySchema):
+    after_id = fields.Integer(load_default=0, validate=Range(min=0))
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))

@@ -1,0 +1,41 @@
+"""/v1/jobs/{id}/samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app.api.samples.schemas import SampleRequestSchema, SampleSchema, SampleWaitSchema
+from app.api.utils import json_body
+from app.auth import current_owner_id
+from app.models import Sample
+from app.services import jobs as jobs_service
+from app.services import samples as service
+
+blp = Blueprint("samples", __name__, url_prefix="/v1/jobs", description="Text samples")
+
+
+@blp.route("/<string:job_id>/samples")
+class Samples(MethodView):
+    @json_body
+    @blp.arguments(SampleWaitSchema, location="query")
+    @blp.arguments(SampleRequestSchema)
+    @blp.response(201, SampleSchema)
+    @blp.alt_response(202, schema=SampleSchema, description="Still queued or running after `wait` seconds")
+    def post(self, query: dict[str, Any], args: dict[str, Any], job_id: str) -> Any:
+        """Generate text from a checkpoint; 201 with text when done within `wait` s, else 202."""
+        owner = current_owner_id()
+        job = jobs_service.get_job(owner, job_id)
+        sample = service.wait_for(service.create_sample(owner, job, args), query["wait"])
+        return sample, (201 if sample.status in service.DONE else 202)
+
+
+@blp.route("/<string:job_id>/samples/<string:sample_id>")
+class SampleById(MethodView):
+    @blp.response(200, SampleSchema)
+    def get(self, job_id: str, sample_id: str) -> Sample:
+        """Read one sample (status, text, error)."""
+        owner = current_owner_id()
+        return service.get_sample(owner, jobs_service.get_job(owner, job_id), sample_id)

@@ -1,0 +1,100 @@
+"""Configuration defaults; every key can be overridden by a STABLETRAIN_<KEY> environment variable.
+
+Environment variables (values are parsed as JSON when possible, else kept as strings):
+
+- STABLETRAIN_DATABASE_URL              SQLAlchemy URL (default sqlite:///<repo>/var/stabletrain.db)
+- STABLETRAIN_BROKER_URL                Celery broker (default sqlalchemy+sqlite:///<repo>/var/broker.db)
+- STABLETRAIN_STORAGE_DIR               datasets and checkpoints (default <repo>/var/storage)
+- STABLETRAIN_MAX_DATASET_BYTES         largest upload (default 50 MB)
+- STABLETRAIN_MAX_DATASET_BYTES_PER_KEY total dataset bytes per API key (default 500 MB)
+- STABLETRAIN_MAX_PARAMS                largest estimated model (default 50M parameters)
+- STABLETRAIN_MAX_STEPS                 largest training.max_steps (default 1,000,000)
+- STABLETRAIN_MAX_SEQ_LEN               largest training.seq_len (default 2048)
+- STABLETRAIN_MAX_LIVE_JOBS             queued + running jobs per key (default 8)
+- STABLETRAIN_RATELIMIT_DEFAULT         Flask-Limiter default limit per key (default "600/minute")
+- STABLETRAIN_RATELIMIT_STORAGE_URI     limiter storage (default memory://; e.g. redis://host:6379/1)
+- STABLETRAIN_RATELIMIT_ENABLED         turn rate limiting off with 0/false
+- STABLETRAIN_ENQUEUE_RETRIES           broker publish retries before giving up (default 1)
+- STABLETRAIN_BROKER_TIMEOUT_S          broker connect timeout for publishing and /readyz (default 1.0)
+- STABLETRAIN_LOG_JSON                  1 = one JSON object per log line
+- STABLETRAIN_LOG_LEVEL                 default INFO
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VAR_DIR = REPO_ROOT / "var"
+
+MB = 1_000_000
+
+
+def default_config() -> dict[str, Any]:
+    """Defaults that run on one machine with no servers."""
+    return {
+        "DATABASE_URL": f"sqlite:///{VAR_DIR / 'stabletrain.db'}",
+        "BROKER_URL": f"sqlalchemy+sqlite:///{VAR_DIR / 'broker.db'}",
+        "STORAGE_DIR": str(VAR_DIR / "storage"),
+        "MAX_DATASET_BYTES": 50 * MB,
+        "MAX_DATASET_BYTES_PER_KEY": 500 * MB,
+        "MAX_PARAMS": 50_000_000,
+        "MAX_STEPS": 1_000_000,
+        "MAX_SEQ_LEN": 2048,
+        "MAX_LIVE_JOBS": 8,
+        "ENQUEUE_RETRIES": 1,
+        "BROKER_TIMEOUT_S": 1.0,
+        "SAMPLE_POLL_S": 0.2,
+        "LOG_JSON": False,
+        "LOG_LEVEL": "INFO",
+        "RATELIMIT_DEFAULT": "600/minute",
+        "RATELIMIT_STORAGE_URI": "memory://",
+        "RATELIMIT_ENABLED": True,
+        "RATELIMIT_HEADERS_ENABLED": True,
+        "RATELIMIT_HEADER_RETRY_AFTER_VALUE": "delta-seconds",
+        "SQLALCHEMY_TRACK_MODIFICATIONS": False,
+        "API_TITLE": "StableTrain",
+        "API_VERSION": "v1",
+        "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/v1",
+        "OPENAPI_JSON_PATH": "openapi.json",
+        "API_SPEC_OPTIONS": {
+            "components": {
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            },
+            "security": [{"bearer": []}],
+        },
+    }
+
+
+def finalize_config(config: dict[str, Any]) -> None:
+    """Derive framework keys (SQLAlchemy URI, upload size cap) from our own keys."""
+    config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
+    # multipart framing needs a little room above the largest file
+    config.setdefault("MAX_CONTENT_LENGTH", int(config["MAX_DATASET_BYTES"]) + 64 * 1024)
+    if str(config["DATABASE_URL"]).startswith("sqlite"):
+        options = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+        options.setdefault("connect_args", {"timeout": 30})
+        config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+
+
+def ensure_dirs(config: dict[str, Any]) -> None:
+    """Create the storage folder and the folders of SQLite files."""
+    storage = Path(config["STORAGE_DIR"])
+    for sub in ("datasets", "checkpoints", "tmp"):
+        (storage / sub).mkdir(parents=True, exist_ok=True)
+    for key in ("DATABASE_URL", "BROKER_URL"):
+        path = sqlite_path(str(config[key]))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """File path of a sqlite:/// URL (also sqlalchemy+sqlite://), else None."""
+    for prefix in ("sqlite:///", "sqlalchemy+sqlite:///"):
+        if url.startswith(prefix):
+            rest = url[len(prefix):].split("?", 1)[0]
+            if rest and rest != ":memory:":
+                return Path(rest)
+    return None

@@ -1,0 +1,85 @@
+"""Flask extensions, created unbound and attached in create_app."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from celery import Celery
+from flask import Flask, current_app, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_migrate import Migrate
+from flask_smorest import Api
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import MetaData
+from sqlalchemy.orm import DeclarativeBase
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every record."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def rate_limit_key() -> str:
+    """Rate-limit bucket: the API key (hashed) when one is sent, else the client address."""
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return "key:" + hashlib.sha256(header[7:].strip().encode()).hexdigest()[:32]
+    return "ip:" + (get_remote_address() or "unknown")
+
+
+def broker_transport_options(url: str, timeout_s: float) -> dict[str, Any]:
+    """Short socket timeouts for Redis brokers (the SQLAlchemy transport takes none)."""
+    if url.startswith(("redis://", "rediss://")):
+        return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s * 5}
+    return {}
+
+
+class CeleryClient:
+    """A Celery app used only to publish tasks by name (the API never imports worker code)."""
+
+    def init_app(self, app: Flask) -> None:
+        """Create the per-app Celery client from BROKER_URL."""
+        timeout = float(app.config["BROKER_TIMEOUT_S"])
+        client = Celery("stabletrain-api", broker=app.config["BROKER_URL"], set_as_current=False)
+        client.conf.update(
+            broker_connection_timeout=timeout,
+            broker_connection_retry=False,
+            broker_connection_retry_on_startup=False,
+            broker_transport_options=broker_transport_options(app.config["BROKER_URL"], timeout),
+            task_default_queue="train",
+        )
+        app.extensions["stabletrain_celery"] = client
+
+    @property
+    def app(self) -> Celery:
+        """The Celery client of the current Flask app."""
+        return current_app.extensions["stabletrain_celery"]
+
+    def send_task(self, name: str, args: list[Any], queue: str) -> None:
+        """Publish one task, retrying briefly so a down broker does not hang the request."""
+        retries = int(current_app.config["ENQUEUE_RETRIES"])
+        self.app.send_task(
+            name,
+            args=args,
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": retries, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
+        )
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+api = Api()
+limiter = Limiter(key_func=rate_limit_key)
+celery_client = CeleryClient()

@@ -1,0 +1,28 @@
+"""The records of docs/contracts.md."""
+
+from app.models._common import new_id, utcnow
+from app.models.api_key import ApiKey
+from app.models.checkpoint import Checkpoint
+from app.models.dataset import Dataset
+from app.models.event import Event
+from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
+from app.models.metrics import LayerMetric, StepMetric
+from app.models.sample import SAMPLE_STATUSES, Sample
+
+__all__ = [
+    "ApiKey",
+    "Checkpoint",
+    "Dataset",
+    "Event",
+    "HEALTH_STATES",
+    "JOB_STATUSES",
+    "LIVE_STATUSES",
+    "Job",
+    "LayerMetric",
+    "SAMPLE_STATUSES",
+    "Sample",
+    "StepMetric",
+    "TERMINAL_STATUSES",
+    "new_id",
+    "utcnow",
+]

@@ -1,0 +1,60 @@
+"""Unauthenticated operational routes: /healthz, /readyz, /metrics, /docs."""
+
+from __future__ import annotations
+
+from html import escape
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.errors import error_response
+from app.extensions import limiter
+from app.observability import registry
+from app.services.health import check_broker, check_database
+
+bp = Blueprint("ops", __name__)
+limiter.exempt(bp)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Readiness: database and broker reachable; 503 naming what is down."""
+    checks = {
+        "database": check_database(),
+        "broker": check_broker(current_app.config["BROKER_URL"], float(current_app.config["BROKER_TIMEOUT_S"])),
+    }
+    down = sorted(name for name, problem in checks.items() if problem)
+    if down:
+        details = {name: ("down: " + problem if problem else "ok") for name, problem in checks.items()}
+        return error_response(503, f"Not ready: {', '.join(down)} unavailable.", details)
+    return jsonify({"status": "ok", "checks": {name: "ok" for name in checks}})
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus exposition."""
+    return Response(generate_latest(registry()), mimetype=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    """Local docs page (no CDN): every route plus a link to the OpenAPI document."""
+    rows = []
+    for rule in sorted(current_app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint == "static":
+            continue
+        methods = ", ".join(sorted(m for m in rule.methods or () if m not in ("HEAD", "OPTIONS")))
+        rows.append(f"<tr><td>{escape(methods)}</td><td><code>{escape(rule.rule)}</code></td></tr>")
+    html = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>StableTrain API</title></head><body>"
+        "<h1>StableTrain API v1</h1><p>Machine-readable contract: "
+        "<a href='/v1/openapi.json'>/v1/openapi.json</a>. Send <code>Authorization: Bearer &lt;key&gt;</code>.</p>"
+        f"<table><tr><th>methods</th><th>path</th></tr>{''.join(rows)}</table></body></html>"
+    )
+    return Response(html, mimetype="text/html")

@@ -1,0 +1,1 @@
+"""Shared marshmallow schemas (the job spec and common pieces)."""

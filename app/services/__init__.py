@@ -1,0 +1,1 @@
+"""Business logic; views stay thin and call into here."""

@@ -1,0 +1,42 @@
+"""Checkpoint listing and file lookup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask_smorest import abort
+from sqlalchemy import select
+
+from app.extensions import db
+from app.models import Checkpoint, Job
+from app.services.storage import checkpoint_path
+
+
+def list_checkpoints(job: Job) -> list[Checkpoint]:
+    """The job's checkpoints, oldest step first."""
+    return list(db.session.execute(
+        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)
+    ).scalars())
+
+
+def get_checkpoint(job: Job, step: int) -> Checkpoint:
+    """One checkpoint record or 404."""
+    ckpt = db.session.get(Checkpoint, (job.id, step))
+    if ckpt is None:
+        abort(404, message=f"Job {job.id} has no checkpoint at step {step}.")
+    return ckpt
+
+
+def newest_checkpoint(job: Job) -> Checkpoint | None:
+    """The checkpoint with the highest step, if any."""
+    return db.session.execute(
+        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step.desc()).limit(1)
+    ).scalar_one_or_none()
+
+
+def checkpoint_file(ckpt: Checkpoint) -> Path:
+    """Path of an existing checkpoint file, built from server-made ids only; 404 when pruned."""
+    path = checkpoint_path(ckpt.job_id, ckpt.step)
+    if not path.is_file():
+        abort(404, message=f"Checkpoint file for step {ckpt.step} is no longer stored.")
+    return path

@@ -1,0 +1,68 @@
+"""Helpers shared by services: opaque cursors, owned-record lookup, non-finite floats."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from datetime import datetime
+from typing import Any, TypeVar
+
+from flask_smorest import abort
+from sqlalchemy import and_, or_
+
+from app.extensions import db
+
+T = TypeVar("T")
+
+
+def encode_cursor(created_at: datetime, record_id: str) -> str:
+    """Opaque cursor for (created_at, id) keyset paging."""
+    raw = json.dumps([created_at.isoformat(), record_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Inverse of encode_cursor; 422 on a cursor this server did not make."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        stamp, record_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return datetime.fromisoformat(stamp), str(record_id)
+    except (ValueError, TypeError):
+        abort(422, message="Invalid cursor.", details={"cursor": ["Not a cursor returned by this API."]})
+        raise  # unreachable
+
+
+def newest_first_page(stmt: Any, model: Any, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+    """Apply (created_at, id) descending keyset paging; returns (rows, next_cursor)."""
+    if cursor:
+        stamp, record_id = decode_cursor(cursor)
+        stmt = stmt.where(or_(model.created_at < stamp, and_(model.created_at == stamp, model.id < record_id)))
+    stmt = stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    rows = list(db.session.execute(stmt).scalars())
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+
+
+def get_owned(model: type[T], record_id: str, owner_id: str, what: str) -> T:
+    """The record if it belongs to owner_id, else 404 (another key's id looks absent)."""
+    record = db.session.get(model, record_id)
+    if record is None or record.owner_id != owner_id:  # type: ignore[attr-defined]
+        abort(404, message=f"{what} {record_id} not found.")
+    return record  # type: ignore[return-value]
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats become null (the row's `nonfinite` flag says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def clean_row(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A metrics row with non-finite floats replaced by null."""
+    if row is None:
+        return None
+    return {k: finite_or_none(v) for k, v in row.items()}

@@ -1,0 +1,176 @@
+"""Job submission, reading, listing and cancellation."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import current_app
+from flask_smorest import abort
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.extensions import db
+from app.models import LIVE_STATUSES, TERMINAL_STATUSES, Dataset, Event, Job, StepMetric, utcnow
+from app.schemas.spec import spec_to_json
+from app.services.common import clean_row, get_owned, newest_first_page
+from app.services.metrics import STEP_COLUMNS
+from app.services.params import estimate_params
+from app.services.queue import TRAIN_QUEUE, TRAIN_TASK, publish
+
+log = logging.getLogger(__name__)
+
+
+
+def _invalid(path: str, message: str) -> None:
+    abort(422, message=f"Validation failed: {path} {message}.", details={path: [message]})
+
+
+def check_limits(spec: dict[str, Any]) -> None:
+    """Server limits beyond the spec's own ranges (size, steps, context)."""
+    cfg, training = current_app.config, spec["training"]
+    if training["max_steps"] > int(cfg["MAX_STEPS"]):
+        _invalid("training.max_steps", f"must be at most {cfg['MAX_STEPS']} on this server")
+    if training["seq_len"] > int(cfg["MAX_SEQ_LEN"]):
+        _invalid("training.seq_len", f"must be at most {cfg['MAX_SEQ_LEN']} on this server")
+    params = estimate_params(spec["model"], training["seq_len"])
+    if params > int(cfg["MAX_PARAMS"]):
+        _invalid("model", f"has about {params:,} parameters; this server allows {int(cfg['MAX_PARAMS']):,}")
+
+
+def check_dataset(owner_id: str, spec: dict[str, Any]) -> Dataset:
+    """The dataset exists, is the key's, and is long enough for seq_len (same rule as the engine)."""
+    dataset = db.session.get(Dataset, spec["dataset_id"])
+    if dataset is None or dataset.owner_id != owner_id:
+        _invalid("dataset_id", f"dataset {spec['dataset_id']} not found")
+    seq_len, val_fraction = spec["training"]["seq_len"], spec["training"]["val_fraction"]
+    # bytes bound the token count from above; train and validation parts each need seq_len + 1 tokens
+    n_val = int(dataset.bytes * val_fraction)
+    n_train = dataset.bytes - n_val
+    if min(n_train, n_val) < seq_len + 1:
+        need = int((seq_len + 1) / val_fraction) + 1
+        _invalid("dataset_id", f"dataset has {dataset.bytes} bytes; training.seq_len {seq_len} with "
+                               f"val_fraction {val_fraction} needs at least about {need}")
+    return dataset
+
+
+def _check_live_jobs(owner_id: str) -> None:
+    limit = int(current_app.config["MAX_LIVE_JOBS"])
+    live = db.session.execute(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(LIVE_STATUSES))
+    ).scalar_one()
+    if live >= limit:
+        abort(429, message=f"This key already has {live} queued or running jobs (limit {limit}); "
+                           "wait for one to finish or cancel one.",
+              headers={"Retry-After": "30"}, details={"live_jobs": live, "limit": limit})
+
+
+def find_idempotent(owner_id: str, key: str | None) -> Job | None:
+    """The job an earlier request with this Idempotency-Key created, if any."""
+    if not key:
+        return None
+    return db.session.execute(
+        select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)
+    ).scalar_one_or_none()
+
+
+def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
+    """Validate limits, record the job, commit, then enqueue; returns (job, created)."""
+    existing = find_idempotent(owner_id, idempotency_key)
+    if existing is not None:
+        return existing, False
+    check_limits(spec)
+    check_dataset(owner_id, spec)
+    _check_live_jobs(owner_id)
+    job = Job(owner_id=owner_id, dataset_id=spec["dataset_id"], name=spec["name"], spec=spec_to_json(spec),
+              status="queued", max_steps=spec["training"]["max_steps"], idempotency_key=idempotency_key)
+    db.session.add(job)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        existing = find_idempotent(owner_id, idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+    enqueue_job(job)
+    return job, True
+
+
+def enqueue_job(job: Job) -> None:
+    """Publish the train task for a committed job and stamp enqueued_at on success."""
+    if publish(TRAIN_TASK, job.id, TRAIN_QUEUE):
+        db.session.execute(update(Job).where(Job.id == job.id).values(enqueued_at=utcnow()))
+        db.session.commit()
+        db.session.refresh(job)
+
+
+def get_job(owner_id: str, job_id: str) -> Job:
+    """The key's job or 404."""
+    return get_owned(Job, job_id, owner_id, "Job")
+
+
+def list_jobs(owner_id: str, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+    """One page of the key's jobs, newest first, optionally of one status."""
+    stmt = select(Job).where(Job.owner_id == owner_id)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    return newest_first_page(stmt, Job, limit, cursor)
+
+
+def cancel_job(owner_id: str, job_id: str) -> Job:
+    """queued -> cancelled now; running -> cancelling (worker stops next step); terminal -> 409."""
+    job = get_job(owner_id, job_id)
+    now = utcnow()
+    done = db.session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+    ).rowcount
+    if done:
+        db.session.add(Event(job_id=job.id, step=job.step, kind="cancelled", message="cancelled before it started"))
+    else:
+        db.session.execute(
+            update(Job).where(Job.id == job.id, Job.status.in_(("running", "cancelling")))
+            .values(status="cancelling", cancel_requested=True, updated_at=now)
+        )
+    db.session.commit()
+    db.session.refresh(job)
+    if not done and job.status in TERMINAL_STATUSES:
+        abort(409, message=f"Job {job.id} is already {job.status}.", details={"status": job.status})
+    return job
+
+
+def latest_row(job: Job) -> dict[str, Any] | None:
+    """The job's last step row: the worker's `latest` copy, else the newest StepMetric."""
+    if job.latest:
+        return clean_row(job.latest)
+    cols = [getattr(StepMetric, c) for c in STEP_COLUMNS]
+    row = db.session.execute(
+        select(*cols).where(StepMetric.job_id == job.id).order_by(StepMetric.step.desc()).limit(1)
+    ).first()
+    return clean_row(dict(zip(STEP_COLUMNS, row, strict=True))) if row else None
+
+
+def progress(job: Job) -> dict[str, Any]:
+    """step, max_steps, fraction, tokens_seen and an ETA from the observed step rate."""
+    fraction = min(1.0, job.step / job.max_steps) if job.max_steps else 0.0
+    eta: float | None = None
+    if job.status in ("running", "cancelling") and job.started_at and job.step > 0:
+        elapsed = (utcnow() - job.started_at).total_seconds()
+        if elapsed > 0:
+            eta = round(max(0, job.max_steps - job.step) * elapsed / job.step, 1)
+    if job.status == "succeeded":
+        eta = 0.0
+    return {"step": job.step, "max_steps": job.max_steps, "fraction": round(fraction, 6),
+            "tokens_seen": job.tokens_seen, "eta_s": eta}
+
+
+def job_view(job: Job, with_latest: bool = True) -> dict[str, Any]:
+    """The public shape of a job."""
+    return {
+        "id": job.id, "name": job.name, "status": job.status, "dataset_id": job.dataset_id, "spec": job.spec,
+        "created_at": job.created_at, "updated_at": job.updated_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "enqueued_at": job.enqueued_at, "progress": progress(job),
+        "latest": latest_row(job) if with_latest else clean_row(job.latest), "health": job.health,
+        "error": job.error, "attempts": job.attempts, "cancel_requested": job.cancel_requested,
+    }

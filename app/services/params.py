@@ -1,0 +1,48 @@
+"""Pure-python parameter count estimate per architecture (for the MAX_PARAMS limit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# byte tokenizer: 256 ids; a char tokenizer's vocabulary is unknown until the corpus is read,
+# so 256 is used for it too (close for mostly-ASCII text).
+VOCAB_ESTIMATE = 256
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def _norm_params(norm: str, width: int) -> int:
+    return {"none": 0, "rmsnorm": width}.get(norm, 2 * width)
+
+
+def _mlp(m: dict[str, Any], vocab: int) -> int:
+    d, h, n = m["d_model"], m["hidden"], m["n_layers"]
+    body = m["context"] * d * h + h + (n - 1) * (h * h + h) + n * _norm_params(m["norm"], h)
+    return vocab * d + body + h * vocab + vocab
+
+
+def _recurrent(m: dict[str, Any], vocab: int) -> int:
+    d, h, n, g = m["d_model"], m["hidden"], m["n_layers"], GATES[m["arch"]]
+    first = g * (d * h + h * h + 2 * h)
+    rest = (n - 1) * g * (2 * h * h + 2 * h)
+    norms = n * _norm_params(m["norm"], h)
+    tied = m.get("tie_embeddings") and h == d
+    head = vocab + (0 if tied else h * vocab)
+    return vocab * d + first + rest + norms + head
+
+
+def _transformer(m: dict[str, Any], vocab: int, seq_len: int) -> int:
+    d, n = m["d_model"], m["n_layers"]
+    per_layer = 4 * d * d + 4 * d + 8 * d * d + 5 * d + 2 * _norm_params(m["norm"], d)
+    head = 0 if m.get("tie_embeddings") else d * vocab
+    return vocab * d + seq_len * d + n * per_layer + _norm_params(m["norm"], d) + head
+
+
+def estimate_params(model: dict[str, Any], seq_len: int, vocab: int = VOCAB_ESTIMATE) -> int:
+    """Approximate trainable parameters: embeddings + layers + head."""
+    arch = model["arch"]
+    if arch == "mlp":
+        return _mlp(model, vocab)
+    if arch == "transformer":
+        return _transformer(model, vocab, seq_len)
+    return _recurrent(model, vocab)

@@ -1,0 +1,22 @@
+"""Publishing tasks by name; failures are logged, never raised (the reconciler re-sends)."""
+
+from __future__ import annotations
+
+import logging
+
+from app.extensions import celery_client
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK, TRAIN_QUEUE = "stabletrain.train_job", "train"
+SAMPLE_TASK, SAMPLE_QUEUE = "stabletrain.sample", "samples"
+
+
+def publish(task: str, record_id: str, queue: str) -> bool:
+    """Send one task; True when the broker accepted it."""
+    try:
+        celery_client.send_task(task, args=[record_id], queue=queue)
+        return True
+    except Exception as exc:  # broker down or misconfigured: the record stays queued
+        log.warning("enqueue of %s(%s) on %s failed: %s", task, record_id, queue, exc)
+        return False
