@@ -145,3 +145,12 @@ def make_auth(runner: FlaskCliRunner) -> Any:
 def auth(make_auth: Any) -> dict[str, str]:
     """Authorization header of a fresh key."""
     return make_auth("primary")
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """An empty PostgreSQL database for one test, dropped after it."""
+    base = postgres_base_url()
+    url = create_database(base, prefix="stabletrain_fresh")
+    yield url
+    drop_database(base, url)
