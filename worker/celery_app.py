@@ -1,0 +1,109 @@
+"""The Celery app that `celery -A worker.celery_app worker` loads.
+
+Configured from the same STABLETRAIN_* environment as the API (via `create_app`).
+Tasks run inside a Flask app context (as in Flask's examples/celery), so they
+reach the records through `app.extensions.db`. No result backend: a job's state
+lives in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task, signals
+from flask import Flask
+from kombu import Queue
+from kombu.transport import sqlalchemy as kombu_sqlalchemy
+from sqlalchemy import Engine
+
+from app import create_app
+from app.extensions import db
+from worker.db import utcnow
+from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile
+from worker.service import SHUTDOWN
+from worker.settings import WorkerSettings, load_settings
+
+log = logging.getLogger(__name__)
+
+# The embedded (SQLAlchemy) broker polls its table; the default 1 s adds up to a
+# second of latency to every job and sample. Its transport options go to
+# create_engine(), so the interval can only be set on the class.
+KOMBU_SQLALCHEMY_POLL_S = 0.2
+kombu_sqlalchemy.Transport.polling_interval = KOMBU_SQLALCHEMY_POLL_S
+
+TASK_ROUTES = {
+    "stabletrain.train_job": {"queue": "train"},
+    "stabletrain.sample": {"queue": "samples"},
+}
+
+
+def broker_transport_options(broker_url: str, settings: WorkerSettings) -> dict[str, Any]:
+    """Per-broker options: Redis needs a visibility timeout above the longest job."""
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return {"visibility_timeout": settings.visibility_timeout_s}
+    return {}  # the SQLAlchemy transport would pass unknown options to create_engine()
+
+
+def make_celery(flask_app: Flask, settings: WorkerSettings) -> Celery:
+    """Celery app whose tasks run inside `flask_app`'s app context."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery("stabletrain", task_cls=FlaskTask, include=["worker.tasks"])
+    celery_app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=broker_transport_options(settings.broker_url, settings),
+        broker_connection_retry_on_startup=True,
+        task_queues=(Queue("train"), Queue("samples")),
+        task_default_queue="train",
+        task_routes=TASK_ROUTES,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        # a broker blip must not kill a training run; a redelivered duplicate is dropped by the claim
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+    )
+    flask_app.extensions["celery"] = celery_app
+    return celery_app
+
+
+flask_app = create_app()
+settings = load_settings(flask_app.config)
+celery = make_celery(flask_app, settings)
+
+
+def engine() -> Engine:
+    """The Flask-SQLAlchemy engine (same pool and SQLite pragmas as the API)."""
+    with flask_app.app_context():
+        return db.engine
+
+
+def send(task: str, record_id: str, queue: str) -> None:
+    """Publish one task by name, retrying briefly."""
+    celery.send_task(task, args=[record_id], queue=queue, retry=True,
+                     retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0})
+
+
+def reconcile_now() -> ReconcileReport:
+    """One reconciler pass with this process's settings."""
+    return reconcile(utcnow(), engine=engine(), send=send, resend_after_s=settings.resend_after_s,
+                     sample_timeout_s=settings.sample_timeout_s)
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_: Any) -> None:
+    if settings.reconcile_every_s > 0:
+        ReconcilerThread(reconcile_now, settings.reconcile_every_s).start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_training(**_: Any) -> None:
+    # warm shutdown: the running job checkpoints at its next step and goes back to the queue
+    SHUTDOWN.set()

@@ -1,0 +1,188 @@
+"""Reconciler: accepted work is never lost, whatever happened to the broker or a worker.
+
+- queued jobs never enqueued (publish failed) or enqueued long ago (message lost) are re-sent;
+- running jobs whose lease expired (worker died) go back to queued and are re-sent;
+- cancelling jobs whose lease expired are cancelled (no worker is left to stop them);
+- queued samples are re-sent after a while, running samples that outlived their timeout fail.
+
+Every change is a conditional UPDATE checked by rowcount, so any number of
+reconcilers may run at once; a duplicate message is harmless (the claim drops it).
+
+Run once: `python -m worker.reconciler --once`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, and_, or_, select, update
+
+from app.models import Event, Job, Sample
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK, TRAIN_QUEUE = "stabletrain.train_job", "train"
+SAMPLE_TASK, SAMPLE_QUEUE = "stabletrain.sample", "samples"
+BATCH = 100  # rows looked at per kind and pass; the next pass picks up the rest
+
+Send = Callable[[str, str, str], None]  # (task name, record id, queue)
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass changed."""
+
+    resent: int = 0
+    requeued: int = 0
+    cancelled: int = 0
+    samples_resent: int = 0
+    samples_failed: int = 0
+
+
+def requeue_expired(engine: Engine, now: datetime) -> list[str]:
+    """Running jobs whose lease expired -> queued (attempts kept); returns their ids."""
+    with engine.connect() as conn:
+        ids = conn.execute(
+            select(Job.id).where(Job.status == "running", Job.lease_expires_at < now).limit(BATCH)
+        ).scalars().all()
+    done = []
+    for job_id in ids:
+        with engine.begin() as conn:
+            changed = conn.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
+                .values(status="queued", worker_id=None, lease_expires_at=None, enqueued_at=None, updated_at=now)
+            ).rowcount
+            if changed:
+                conn.execute(Event.__table__.insert().values(
+                    job_id=job_id, kind="requeued", message="worker lease expired; the job resumes from its checkpoint",
+                    data=None, created_at=now))
+                done.append(job_id)
+    return done
+
+
+def cancel_orphaned(engine: Engine, now: datetime) -> int:
+    """Cancelling jobs whose worker is gone (lease expired) -> cancelled."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(Job)
+            .where(Job.status == "cancelling", Job.lease_expires_at < now)
+            .values(status="cancelled", lease_expires_at=None, finished_at=now, updated_at=now)
+        ).rowcount
+
+
+def resend_queued(engine: Engine, now: datetime, resend_after_s: float, send: Send) -> int:
+    """Re-send queued jobs never enqueued or enqueued before the cutoff; stamp first so only one reconciler sends."""
+    cutoff = now - timedelta(seconds=resend_after_s)
+    stale = and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff))
+    with engine.connect() as conn:
+        ids = conn.execute(select(Job.id).where(stale).order_by(Job.created_at).limit(BATCH)).scalars().all()
+    sent = 0
+    for job_id in ids:
+        with engine.begin() as conn:
+            won = conn.execute(
+                # updated_at stays: re-sending is bookkeeping, not a change a client can see
+                update(Job).where(Job.id == job_id, stale).values(enqueued_at=now, updated_at=Job.updated_at)
+            ).rowcount
+        if not won:
+            continue
+        try:
+            send(TRAIN_TASK, job_id, TRAIN_QUEUE)
+            sent += 1
+        except Exception as exc:  # broker down: clear the stamp so the next pass tries again at once
+            log.warning("re-sending job %s failed: %s", job_id, exc)
+            with engine.begin() as conn:
+                conn.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == now)
+                             .values(enqueued_at=None, updated_at=Job.updated_at))
+            break
+    return sent
+
+
+def reconcile_samples(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
+                      send: Send) -> tuple[int, int]:
+    """Re-send old queued samples; fail running samples older than the timeout."""
+    with engine.begin() as conn:
+        failed = conn.execute(
+            update(Sample)
+            .where(Sample.status == "running", Sample.created_at < now - timedelta(seconds=timeout_s))
+            .values(status="failed", error=f"sampling did not finish within {timeout_s:g} s", finished_at=now)
+        ).rowcount
+        ids = conn.execute(
+            select(Sample.id).where(Sample.status == "queued",
+                                    Sample.created_at < now - timedelta(seconds=resend_after_s)).limit(BATCH)
+        ).scalars().all()
+    resent = 0
+    for sample_id in ids:  # no enqueued_at on samples: a duplicate is dropped by the sample claim
+        try:
+            send(SAMPLE_TASK, sample_id, SAMPLE_QUEUE)
+            resent += 1
+        except Exception as exc:
+            log.warning("re-sending sample %s failed: %s", sample_id, exc)
+            break
+    return resent, failed
+
+
+def reconcile(
+    now: datetime,
+    *,
+    engine: Engine,
+    send: Send,
+    resend_after_s: float = 600.0,
+    sample_timeout_s: float = 600.0,
+) -> ReconcileReport:
+    """One pass: requeue expired leases, finish orphaned cancels, re-send what looks lost."""
+    report = ReconcileReport()
+    report.requeued = len(requeue_expired(engine, now))
+    report.cancelled = cancel_orphaned(engine, now)
+    report.resent = resend_queued(engine, now, resend_after_s, send)
+    report.samples_resent, report.samples_failed = reconcile_samples(
+        engine, now, resend_after_s, sample_timeout_s, send
+    )
+    if report != ReconcileReport():
+        log.info("reconciler: %s", report)
+    return report
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs `reconcile` every `every_s` seconds until stopped; errors are logged, never fatal."""
+
+    def __init__(self, run_once: Callable[[], object], every_s: float) -> None:
+        super().__init__(name="reconciler", daemon=True)
+        self.run_once, self.every_s = run_once, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                self.run_once()
+            except Exception:  # database or broker down: try again next period
+                log.exception("reconciler pass failed")
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: run one pass (--once) or loop."""
+    parser = argparse.ArgumentParser(prog="python -m worker.reconciler", description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true", help="run one pass and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from worker.celery_app import reconcile_now, settings
+
+    if args.once:
+        print(reconcile_now())
+        return 0
+    thread = ReconcilerThread(reconcile_now, settings.reconcile_every_s)
+    thread.start()
+    thread.join()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Engine callbacks -> database records, idempotently and through database restarts.
+
+Every write is an upsert keyed like the records' primary keys, so a batch sent
+twice, or a resumed run re-sending the steps after its checkpoint, leaves one
+row per step. Writes are retried with backoff (PostgreSQL restart) instead of
+failing the job; only after `retry_s` does the error reach the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, update
+
+from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
+from worker.db import upsert, utcnow, with_retry
+from worker.engine.trainer import Callbacks
+
+log = logging.getLogger(__name__)
+
+STEP_COLUMNS = tuple(c.name for c in StepMetric.__table__.columns if c.name != "job_id")
+LAYER_COLUMNS = ("layer", "grad_norm", "weight_norm", "update_ratio")
+HEALTH_STATES = ("ok", "warning", "critical")
+
+
+def json_safe(value: Any) -> Any:
+    """Copy of a JSON-like value with NaN/inf replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def step_record(job_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    """One step_metrics row from an engine step row (unknown keys dropped, all columns present)."""
+    record = {c: row.get(c) for c in STEP_COLUMNS}
+    record["job_id"] = job_id
+    for flag in ("clipped", "nonfinite", "skipped"):
+        record[flag] = bool(record[flag])
+    return record
+
+
+def layer_record(job_id: str, step: int, row: dict[str, Any]) -> dict[str, Any]:
+    """One layer_metrics row from an engine layer row."""
+    return {"job_id": job_id, "step": step, **{c: row.get(c) for c in LAYER_COLUMNS}}
+
+
+class DbReporter(Callbacks):
+    """Writes what the Trainer reports into the job's records."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        job_id: str,
+        *,
+        retry_s: float = 300.0,
+        stop: Callable[[], bool] = lambda: False,
+        fenced: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.engine = engine
+        self.job_id = job_id
+        self.retry_s = retry_s
+        self._stop = stop
+        # True once another worker owns the job: then our writes would fight theirs
+        self._fenced = fenced
+
+    def _write(self, what: str, work: Callable[[Connection], None]) -> None:
+        if self._fenced():
+            log.info("job %s: dropping %s write, lease lost", self.job_id, what)
+            return
+        with_retry(self.engine, work, deadline_s=self.retry_s, what=f"{what} of {self.job_id}")
+
+    def on_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Upsert a batch of step rows and move the job's progress to the last one."""
+        if not rows:
+            return
+        records = [step_record(self.job_id, r) for r in rows]
+        last = rows[-1]
+        progress: dict[str, Any] = {"step": int(last["step"]), "latest": json_safe(dict(last)), "updated_at": utcnow()}
+        if last.get("tokens_seen") is not None:
+            progress["tokens_seen"] = int(last["tokens_seen"])
+        if last.get("health") in HEALTH_STATES:
+            progress["health"] = last["health"]
+
+        def work(conn: Connection) -> None:
+            upsert(conn, StepMetric.__table__, records, ("job_id", "step"))
+            conn.execute(update(Job).where(Job.id == self.job_id).values(**progress))
+
+        self._write("metrics", work)
+
+    def on_layer_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Upsert the per-layer rows of one step."""
+        records = [layer_record(self.job_id, step, r) for r in rows]
+        self._write("layer stats", lambda conn: upsert(conn, LayerMetric.__table__, records, ("job_id", "step", "layer")))
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Append one event."""
+        record = {
+            "job_id": self.job_id,
+            "step": event.get("step"),
+            "kind": str(event.get("kind", "event")),
+            "message": str(event.get("message") or ""),
+            "data": json_safe(event.get("data")),
+            "created_at": utcnow(),
+        }
+        self._write("event", lambda conn: conn.execute(Event.__table__.insert().values(**record)))
+
+    def on_checkpoint(self, info: dict[str, Any]) -> None:
+        """Record a checkpoint whose file is fully written (upsert: a resumed run may rewrite it)."""
+        path = Path(info["path"])
+        if not path.is_file():
+            log.warning("job %s: checkpoint %s reported but missing; not recorded", self.job_id, path)
+            return
+        record = {
+            "job_id": self.job_id,
+            "step": int(info["step"]),
+            "bytes": int(info["bytes"]),
+            "sha256": str(info["sha256"]),
+            "val_loss": _finite_or_none(info.get("val_loss")),
+            "health": info.get("health"),
+            "created_at": utcnow(),
+        }
+        self._write("checkpoint", lambda conn: upsert(conn, Checkpoint.__table__, [record], ("job_id", "step")))
+
+    def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
+        """Delete the record of a checkpoint file that keep_last pruned."""
+        stmt = delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == int(info["step"]))
+        self._write("checkpoint removal", lambda conn: conn.execute(stmt))
+
+    def should_stop(self) -> bool:
+        """Cancel, time limit, shutdown or lost lease: all in-memory flags."""
+        return self._stop()
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,27 @@
+"""Celery tasks, thin: they pass ids to worker.service, which holds the logic."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from flask import current_app
+from sqlalchemy.exc import OperationalError
+
+from app.extensions import db
+from worker.service import run_sample, run_train_job
+from worker.settings import load_settings
+
+# A database that is down at claim time: retry the message; once claimed, the
+# lease + reconciler take over, so retries never run a job twice at once.
+RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 2, "retry_backoff_max": 60, "max_retries": 8}
+
+
+@shared_task(name="stabletrain.train_job", ignore_result=True, **RETRY)
+def train_job(job_id: str) -> str:
+    """Claim and train one job, reporting into its records."""
+    return run_train_job(db.engine, job_id, load_settings(current_app.config))
+
+
+@shared_task(name="stabletrain.sample", ignore_result=True, **RETRY)
+def sample(sample_id: str) -> str:
+    """Generate text for one sample request."""
+    return run_sample(db.engine, sample_id, load_settings(current_app.config))
