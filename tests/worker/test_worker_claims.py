@@ -6,10 +6,10 @@ import threading
 from datetime import timedelta
 
 import pytest
-from jobfactory import make_job
 from sqlalchemy import Engine, select, update
 
 from app.models import Job
+from tests.worker.jobfactory import make_job
 from worker.db import utcnow
 from worker.leases import Heartbeat, claim_job, finish_job, release_job, renew_lease
 

@@ -1,0 +1,149 @@
+"""The reporter writes engine callbacks into records idempotently and survives dropped connections."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
+from tests.worker.jobfactory import make_job
+from worker.db import with_retry
+from worker.reporting import DbReporter, json_safe
+
+
+def step_rows(steps: range, loss: float = 1.0) -> list[dict[str, Any]]:
+    return [{"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 2.0, "grad_norm_clipped": 1.0, "clipped": True,
+             "nonfinite": False, "skipped": False, "loss_scale": 1.0, "tokens_per_s": 100.0,
+             "tokens_seen": 64 * s, "val_loss": None, "time": 1.7e9 + s, "health": "ok"} for s in steps]
+
+
+def metrics(engine: Engine, job_id: str) -> list[tuple[int, float]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            select(StepMetric.step, StepMetric.loss).where(StepMetric.job_id == job_id).order_by(StepMetric.step))]
+
+
+def test_same_batch_twice_gives_one_row_per_step(engine: Engine) -> None:
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+    batch = step_rows(range(1, 11))
+    reporter.on_metrics(batch)
+    reporter.on_metrics(batch)
+    assert [s for s, _ in metrics(engine, job_id)] == list(range(1, 11))
+    with engine.connect() as conn:
+        job = conn.execute(select(Job).where(Job.id == job_id)).one()
+    assert (job.step, job.tokens_seen, job.health) == (10, 640, "ok")
+    assert job.latest["step"] == 10 and job.latest["loss"] == 1.0
+
+
+def test_resumed_run_overwrites_steps_after_checkpoint(engine: Engine) -> None:
+    job_id = make_job(engine)
+    DbReporter(engine, job_id).on_metrics(step_rows(range(1, 26), loss=1.0))
+    DbReporter(engine, job_id).on_metrics(step_rows(range(21, 31), loss=2.0))
+    rows = metrics(engine, job_id)
+    assert [s for s, _ in rows] == list(range(1, 31))
+    assert {loss for s, loss in rows if s > 20} == {2.0} and {loss for s, loss in rows if s <= 20} == {1.0}
+
+
+def test_nonfinite_values_are_stored_and_latest_stays_valid_json(engine: Engine) -> None:
+    job_id = make_job(engine)
+    row = step_rows(range(1, 2))[0] | {"loss": math.inf, "grad_norm": math.nan, "nonfinite": True,
+                                        "skipped": True, "health": "critical"}
+    DbReporter(engine, job_id).on_metrics([row])
+    with engine.connect() as conn:
+        job = conn.execute(select(Job.latest, Job.health).where(Job.id == job_id)).one()
+        stored = conn.execute(select(StepMetric).where(StepMetric.job_id == job_id)).one()
+    assert job.latest["loss"] is None and job.latest["grad_norm"] is None and job.health == "critical"
+    assert stored.loss == math.inf and stored.nonfinite and stored.skipped
+
+
+def test_layer_stats_are_idempotent(engine: Engine) -> None:
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+    rows = [{"layer": f"layers.{i}.weight", "grad_norm": 0.1 * i, "weight_norm": 1.0, "update_ratio": 1e-3}
+            for i in range(3)]
+    reporter.on_layer_stats(5, rows)
+    reporter.on_layer_stats(5, [r | {"grad_norm": 9.0} for r in rows])
+    with engine.connect() as conn:
+        stored = conn.execute(select(LayerMetric.layer, LayerMetric.grad_norm).where(LayerMetric.job_id == job_id)
+                              .order_by(LayerMetric.layer)).all()
+    assert [tuple(r) for r in stored] == [(f"layers.{i}.weight", 9.0) for i in range(3)]
+
+
+def test_events_are_appended_in_order(engine: Engine) -> None:
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+    reporter.on_event({"step": 0, "kind": "started", "message": "go", "data": {"params": 10}})
+    reporter.on_event({"step": 3, "kind": "nonfinite", "message": "nan", "data": {"x": math.nan}})
+    with engine.connect() as conn:
+        events = conn.execute(select(Event.kind, Event.step, Event.data).where(Event.job_id == job_id)
+                              .order_by(Event.id)).all()
+    assert [(e.kind, e.step) for e in events] == [("started", 0), ("nonfinite", 3)]
+    assert events[1].data == {"x": None}
+
+
+def test_checkpoints_recorded_only_when_file_exists_and_removed_on_prune(engine: Engine, tmp_path: Path) -> None:
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+    path = tmp_path / "step_10.pt"
+    info = {"step": 10, "path": str(path), "bytes": 3, "sha256": "ab" * 32, "val_loss": 2.5, "health": "ok"}
+    reporter.on_checkpoint(info)  # file not there yet: nothing recorded
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(Checkpoint).where(Checkpoint.job_id == job_id)).scalar()
+
+    assert count() == 0
+    path.write_bytes(b"abc")
+    reporter.on_checkpoint(info)
+    reporter.on_checkpoint(info | {"val_loss": math.nan})  # a resumed run rewrites the same step
+    assert count() == 1
+    reporter.on_checkpoint_removed({"step": 10, "path": str(path)})
+    assert count() == 0
+
+
+def test_fenced_reporter_writes_nothing(engine: Engine) -> None:
+    job_id = make_job(engine)
+    DbReporter(engine, job_id, fenced=lambda: True).on_metrics(step_rows(range(1, 4)))
+    assert metrics(engine, job_id) == []
+
+
+def test_with_retry_retries_transient_errors(engine: Engine) -> None:
+    calls: list[int] = []
+
+    def flaky(conn: Any) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        return "ok"
+
+    sleeps: list[float] = []
+    assert with_retry(engine, flaky, deadline_s=10, what="test", sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and sleeps == [0.2, 0.4]
+
+
+def test_reporter_survives_dropped_postgres_connections(engine: Engine) -> None:
+    """Kill every server connection of our database (as a restart does); the next batch still lands."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: needs pg_terminate_backend")
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id, retry_s=10)
+    reporter.on_metrics(step_rows(range(1, 6)))
+    admin = create_engine(engine.url, poolclass=NullPool)  # its own connection, outside the app's pool
+    with admin.connect() as conn:
+        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    assert killed >= 1
+    reporter.on_metrics(step_rows(range(6, 11)))
+    assert [s for s, _ in metrics(engine, job_id)] == list(range(1, 11))
+
+
+def test_json_safe_replaces_nonfinite() -> None:
+    assert json_safe({"a": [1.0, math.inf, {"b": -math.inf}], "c": math.nan, "d": "x"}) == {
+        "a": [1.0, None, {"b": None}], "c": None, "d": "x"}
