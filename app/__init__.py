@@ -12,7 +12,7 @@ from app import auth, logs, observability
 from app.config import default_config, ensure_dirs, finalize_config
 from app.errors import register_error_handlers
 from app.extensions import api as smorest_api
-from app.extensions import celery_client, db, limiter, migrate
+from app.extensions import celery_client, db, init_limiter, migrate
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -42,7 +42,9 @@ def _init_extensions(app: Flask) -> None:
             event.listen(db.engine, "connect", _sqlite_pragmas)
     migrate.init_app(app, db, render_as_batch=True, directory=str(_migrations_dir()))
     auth.init_app(app)  # before the limiter so the key is known, and 401 beats 429
-    limiter.init_app(app)
+    from app.ops import bp as ops_bp
+
+    init_limiter(app, exempt=(ops_bp,))
     smorest_api.init_app(app)
     celery_client.init_app(app)
 

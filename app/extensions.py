@@ -81,5 +81,13 @@ class CeleryClient:
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 api = Api()
-limiter = Limiter(key_func=rate_limit_key)
+
+
+def init_limiter(app: Flask, exempt: tuple[Any, ...] = ()) -> Limiter:
+    """A Limiter per app (Flask-Limiter keeps per-app state on the instance), keyed by API key."""
+    limiter = Limiter(key_func=rate_limit_key)
+    limiter.init_app(app)
+    for blueprint in exempt:
+        limiter.exempt(blueprint)
+    return limiter
 celery_client = CeleryClient()

@@ -8,12 +8,10 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import error_response
-from app.extensions import limiter
 from app.observability import registry
 from app.services.health import check_broker, check_database
 
 bp = Blueprint("ops", __name__)
-limiter.exempt(bp)
 
 
 @bp.get("/healthz")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flask import Response, send_file, url_for
+from flask import Response, request, send_file, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint
+from flask_smorest import Blueprint, abort
 
 from app.api.checkpoints.schemas import CheckpointListSchema
 from app.auth import current_owner_id
@@ -25,6 +25,13 @@ def _view(ckpt: Checkpoint) -> dict[str, Any]:
         "val_loss": val_loss, "health": ckpt.health, "created_at": ckpt.created_at,
         "download_url": url_for("checkpoints.CheckpointFile", job_id=ckpt.job_id, step=ckpt.step),
     }
+
+
+def _check_range(size: int) -> None:
+    """416 before the file is opened when a Range header cannot be satisfied."""
+    if request.range is not None and request.range.range_for_length(size) is None:
+        abort(416, message=f"Range not satisfiable for a {size} byte file.",
+              headers={"Content-Range": f"bytes */{size}"})
 
 
 @blp.route("/<string:job_id>/checkpoints")
@@ -46,6 +53,7 @@ class CheckpointFile(MethodView):
         job = jobs_service.get_job(current_owner_id(), job_id)
         ckpt = service.get_checkpoint(job, step)
         path = service.checkpoint_file(ckpt)
+        _check_range(path.stat().st_size)
         return send_file(path, mimetype="application/octet-stream", as_attachment=True,
                          download_name=f"{job.id}_step_{ckpt.step}.pt", conditional=True, etag=ckpt.sha256,
                          max_age=0)
