@@ -23,14 +23,14 @@ CORPUS = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 
 
 
 def make_job(engine: Engine, storage: Path | None = None, spec: dict[str, Any] | None = None,
-             **values: Any) -> str:
+             corpus: str = CORPUS, **values: Any) -> str:
     """Insert an owner, a dataset (file written when `storage` is given) and a job; return the job id."""
     spec = spec or TINY_SPEC
     key_id, ds_id, job_id = new_id("key"), new_id("ds"), new_id("job")
-    sha = hashlib.sha256(CORPUS.encode()).hexdigest()
+    sha = hashlib.sha256(corpus.encode()).hexdigest()
     if storage is not None:
         (storage / "datasets").mkdir(parents=True, exist_ok=True)
-        (storage / "datasets" / f"{sha}.txt").write_text(CORPUS, encoding="utf-8")
+        (storage / "datasets" / f"{sha}.txt").write_text(corpus, encoding="utf-8")
     row = {"id": job_id, "owner_id": key_id, "dataset_id": ds_id, "name": spec.get("name", "job"), "spec": spec,
            "status": "queued", "created_at": utcnow(), "updated_at": utcnow(), "step": 0, "tokens_seen": 0,
            "max_steps": spec["training"]["max_steps"], "health": "ok", "attempts": 0, "cancel_requested": False}
@@ -38,7 +38,7 @@ def make_job(engine: Engine, storage: Path | None = None, spec: dict[str, Any] |
     with engine.begin() as conn:
         conn.execute(insert(ApiKey).values(id=key_id, name="t", key_hash=key_id.ljust(64, "0"), prefix="st_",
                                            created_at=utcnow()))
-        conn.execute(insert(Dataset).values(id=ds_id, owner_id=key_id, name="corpus", bytes=len(CORPUS), sha256=sha,
+        conn.execute(insert(Dataset).values(id=ds_id, owner_id=key_id, name="corpus", bytes=len(corpus.encode()), sha256=sha,
                                             created_at=utcnow()))
         conn.execute(insert(Job).values(**row))
     return job_id

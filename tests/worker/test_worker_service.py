@@ -1,0 +1,190 @@
+"""run_train_job / run_sample in-process with the real engine on a real database (no Celery)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, update
+
+from app.models import Checkpoint, Event, Job, LayerMetric, Sample, StepMetric, new_id
+from tests.worker.jobfactory import TINY_SPEC, make_job
+from worker import service
+from worker.db import utcnow
+from worker.service import run_sample, run_train_job
+from worker.settings import WorkerSettings
+from worker.testing import wait_for
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: keep the tiny runs from fighting over them
+    yield
+    torch.set_num_threads(before)
+
+
+def spec_with(**training: Any) -> dict[str, Any]:
+    return {**TINY_SPEC, "training": {**TINY_SPEC["training"], **training}}
+
+
+def job(engine: Engine, job_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(Job).where(Job.id == job_id)).one()
+
+
+def steps(engine: Engine, job_id: str) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(StepMetric.step).where(StepMetric.job_id == job_id)
+                                 .order_by(StepMetric.step)).scalars())
+
+
+def checkpoints(engine: Engine, job_id: str) -> list[Any]:
+    with engine.connect() as conn:
+        return conn.execute(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()
+
+
+def event_kinds(engine: Engine, job_id: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(Event.kind).where(Event.job_id == job_id).order_by(Event.id)).scalars())
+
+
+def test_job_trains_to_success_with_all_records(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    assert run_train_job(engine, job_id, settings) == "succeeded"
+    row = job(engine, job_id)
+    assert (row.status, row.step, row.attempts, row.error, row.lease_expires_at) == ("succeeded", 12, 1, None, None)
+    assert row.finished_at is not None and row.latest["step"] == 12 and row.tokens_seen == 12 * 4 * 16
+    assert set(row.diagnosis) == {"findings", "summary"} and isinstance(row.diagnosis["findings"], list)
+    assert steps(engine, job_id) == list(range(1, 13))
+    with engine.connect() as conn:
+        layer_steps = set(conn.execute(select(LayerMetric.step).where(LayerMetric.job_id == job_id)).scalars())
+    assert layer_steps == {3, 6, 9, 12}
+    ckpts = checkpoints(engine, job_id)
+    assert [c.step for c in ckpts] == [10, 12]  # keep_last 2 pruned step 5's record with its file
+    for c in ckpts:
+        path = settings.storage_dir / "checkpoints" / job_id / f"step_{c.step}.pt"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == c.sha256 and path.stat().st_size == c.bytes
+    kinds = event_kinds(engine, job_id)
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+
+
+def test_duplicate_delivery_of_a_held_job_is_dropped(engine: Engine, settings: WorkerSettings) -> None:
+    from datetime import timedelta
+
+    job_id = make_job(engine, settings.storage_dir, status="running", worker_id="other",
+                      lease_expires_at=utcnow() + timedelta(seconds=30), attempts=1)
+    assert run_train_job(engine, job_id, settings) == "skipped"
+    assert (job(engine, job_id).worker_id, steps(engine, job_id)) == ("other", [])
+
+
+def test_diverging_spec_fails_with_the_engines_reason(engine: Engine, settings: WorkerSettings) -> None:
+    # the engine tests' exploding RNN: relu recurrence, no clipping, large lr
+    spec = {**TINY_SPEC,
+            "model": {"arch": "rnn", "activation": "relu", "d_model": 32, "hidden": 64, "init": "normal",
+                      "init_std": 0.1},
+            "training": {"max_steps": 60, "batch_size": 8, "seq_len": 32, "lr": 1.0, "optimizer": "sgd"},
+            "stabilization": {"clip": {"mode": "none"}, "nonfinite": "stop"}}
+    job_id = make_job(engine, settings.storage_dir, spec=spec)
+    assert run_train_job(engine, job_id, settings) == "failed"
+    row = job(engine, job_id)
+    assert row.status == "failed" and "non-finite" in row.error, row.error
+    assert row.diagnosis["findings"], "a diverged run has findings"
+
+
+def test_missing_dataset_file_fails_clearly(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, corpus="never uploaded")  # dataset row but no file in storage
+    assert run_train_job(engine, job_id, settings) == "failed"
+    row = job(engine, job_id)
+    assert row.status == "failed" and "missing from storage" in row.error
+    assert event_kinds(engine, job_id) == ["failed"]
+
+
+def test_time_limit_fails_the_job(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir, spec=spec_with(max_steps=1_000_000))
+    assert run_train_job(engine, job_id, replace(settings, job_time_limit_s=1.0)) == "failed"
+    row = job(engine, job_id)
+    assert row.error == "time limit of 1 s exceeded" and row.step > 0
+    assert checkpoints(engine, job_id), "the stop wrote a final checkpoint"
+
+
+def run_in_thread(engine: Engine, job_id: str, settings: WorkerSettings) -> tuple[threading.Thread, list[str]]:
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(run_train_job(engine, job_id, settings)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_cancel_of_a_running_job_stops_it_with_a_final_checkpoint(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir, spec=spec_with(max_steps=1_000_000))
+    thread, result = run_in_thread(engine, job_id, settings)
+    wait_for(lambda: job(engine, job_id).step > 0, 60, "the first metrics")
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(status="cancelling", cancel_requested=True))
+    thread.join(timeout=30)
+    assert result == ["cancelled"]
+    row = job(engine, job_id)
+    assert row.status == "cancelled" and row.finished_at is not None
+    assert checkpoints(engine, job_id)[-1].step == row.step
+
+
+def test_shutdown_hands_the_job_back_and_the_next_run_resumes(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir, spec=spec_with(max_steps=1_000_000))
+    thread, result = run_in_thread(engine, job_id, settings)
+    wait_for(lambda: job(engine, job_id).step > 0, 60, "the first metrics")
+    service.SHUTDOWN.set()
+    try:
+        thread.join(timeout=30)
+    finally:
+        service.SHUTDOWN.clear()
+    assert result == ["released"]
+    row = job(engine, job_id)
+    assert (row.status, row.worker_id, row.enqueued_at) == ("queued", None, None)
+    stopped_at = checkpoints(engine, job_id)[-1].step
+    # finish 8 steps after the checkpoint; a stale, unrecorded newer file must not confuse the resume
+    stale = settings.storage_dir / "checkpoints" / job_id / f"step_{stopped_at + 100}.pt"
+    stale.write_bytes(b"junk")
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(spec=spec_with(max_steps=stopped_at + 8)))
+    assert run_train_job(engine, job_id, settings) == "succeeded"
+    assert steps(engine, job_id) == list(range(1, stopped_at + 9))
+    assert job(engine, job_id).attempts == 2 and not stale.exists()
+    kinds = event_kinds(engine, job_id)
+    assert "requeued" in kinds and "resumed" in kinds
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(engine: Engine, settings: WorkerSettings, tmp_path: Path) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    assert run_train_job(engine, job_id, settings) == "succeeded"
+    newest = settings.storage_dir / "checkpoints" / job_id / "step_12.pt"
+    newest.write_bytes(b"corrupt")
+    path, step = service.find_resume_point(engine, job_id, settings.storage_dir)
+    assert (path.name, step) == ("step_10.pt", 10)
+
+
+def test_sample_generates_text_from_a_checkpoint(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    assert run_train_job(engine, job_id, settings) == "succeeded"
+    row = job(engine, job_id)
+    ok, gone = new_id("smp"), new_id("smp")
+    with engine.begin() as conn:
+        conn.execute(Sample.__table__.insert(), [
+            dict(id=ok, job_id=job_id, owner_id=row.owner_id, checkpoint_step=12, prompt="line",
+                 params={"max_new_tokens": 20, "temperature": 0.8, "top_k": 5, "seed": 1}, status="queued",
+                 created_at=utcnow()),
+            dict(id=gone, job_id=job_id, owner_id=row.owner_id, checkpoint_step=5, prompt="x", params={},
+                 status="queued", created_at=utcnow()),
+        ])
+    assert run_sample(engine, ok, settings) == "succeeded"
+    assert run_sample(engine, ok, settings) == "skipped"  # duplicate delivery
+    assert run_sample(engine, gone, settings) == "failed"
+    with engine.connect() as conn:
+        done = {s.id: s for s in conn.execute(select(Sample).where(Sample.job_id == job_id))}
+    assert isinstance(done[ok].text, str) and done[ok].text and done[ok].finished_at is not None
+    assert done[gone].status == "failed" and "no longer exists" in done[gone].error
