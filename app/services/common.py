@@ -66,3 +66,12 @@ def clean_row(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
     return {k: finite_or_none(v) for k, v in row.items()}
+
+
+def without_nonfinite(value: Any) -> Any:
+    """Deep copy of JSON-like data with non-finite floats replaced by null."""
+    if isinstance(value, dict):
+        return {k: without_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nonfinite(v) for v in value]
+    return finite_or_none(value)

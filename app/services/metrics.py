@@ -13,27 +13,27 @@ from app.models import LayerMetric, StepMetric
 STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "grad_norm_clipped", "clipped", "nonfinite", "skipped",
                 "loss_scale", "tokens_per_s", "tokens_seen", "val_loss", "time")
 LAYER_COLUMNS = ("step", "layer", "grad_norm", "weight_norm", "update_ratio")
-_STEP_SELECT = [getattr(StepMetric, c) for c in STEP_COLUMNS]
-_LAYER_SELECT = [getattr(LayerMetric, c) for c in LAYER_COLUMNS]
-
-
-def _finite(value: Any) -> Any:
-    return value if not isinstance(value, float) or math.isfinite(value) else None
+# Core table columns: rows come back as plain tuples without the ORM loading layer
+_STEP_SELECT = [StepMetric.__table__.c[c] for c in STEP_COLUMNS]
+_LAYER_SELECT = [LayerMetric.__table__.c[c] for c in LAYER_COLUMNS]
+_STEPS = StepMetric.__table__.c
+_LAYERS = LayerMetric.__table__.c
 
 
 def _to_dicts(rows: list[Any], columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{c: _finite(v) for c, v in zip(columns, row, strict=True)} for row in rows]
+    # dict(zip()) runs in C; non-finite floats are nulled at serialization (see api.utils.json_response)
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def step_page(job_id: str, after_step: int, limit: int, max_points: int | None) -> dict[str, Any]:
     """Rows with step > after_step (at most `limit`), downsampled to about max_points when given.
 
     `next_after_step` is the last step of this range when more rows may follow, else null.
-    Non-finite floats are returned as null; the row's `nonfinite` flag tells them apart.
+    Non-finite floats are returned as null by the view; the row's `nonfinite` flag tells them apart.
     """
-    stmt = (select(*_STEP_SELECT).where(StepMetric.job_id == job_id, StepMetric.step > after_step)
-            .order_by(StepMetric.step).limit(limit))
-    rows = _to_dicts(db.session.execute(stmt).all(), STEP_COLUMNS)
+    stmt = (select(*_STEP_SELECT).where(_STEPS.job_id == job_id, _STEPS.step > after_step)
+            .order_by(_STEPS.step).limit(limit))
+    rows = _to_dicts(db.session.connection().execute(stmt).all(), STEP_COLUMNS)
     next_after = rows[-1]["step"] if len(rows) == limit else None
     if max_points is not None and len(rows) > max_points:
         rows = downsample(rows, max_points)
@@ -72,11 +72,11 @@ def downsample(rows: list[dict[str, Any]], max_points: int) -> list[dict[str, An
 
 def layer_page(job_id: str, after_step: int, limit: int, layer: str | None) -> dict[str, Any]:
     """Per-layer rows with step > after_step; a page never ends inside a step (unless one step overflows it)."""
-    stmt = select(*_LAYER_SELECT).where(LayerMetric.job_id == job_id, LayerMetric.step > after_step)
+    stmt = select(*_LAYER_SELECT).where(_LAYERS.job_id == job_id, _LAYERS.step > after_step)
     if layer:
-        stmt = stmt.where(LayerMetric.layer == layer)
-    stmt = stmt.order_by(LayerMetric.step, LayerMetric.layer).limit(limit + 1)
-    rows = _to_dicts(db.session.execute(stmt).all(), LAYER_COLUMNS)
+        stmt = stmt.where(_LAYERS.layer == layer)
+    stmt = stmt.order_by(_LAYERS.step, _LAYERS.layer).limit(limit + 1)
+    rows = _to_dicts(db.session.connection().execute(stmt).all(), LAYER_COLUMNS)
     if len(rows) <= limit:
         return {"items": rows, "next_after_step": None}
     rows = rows[:limit]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from app.api.metrics.schemas import LayerPageSchema, LayerQuerySchema, StepPageSchema, StepQuerySchema
+from app.api.utils import json_response
 from app.auth import current_owner_id
 from app.services import jobs as jobs_service
 from app.services import metrics as service
@@ -28,7 +29,7 @@ class StepMetrics(MethodView):
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """Per-step series (`after_step`/`limit` paging; `max_points` downsampling keeps spikes and NaNs)."""
         job = jobs_service.get_job(current_owner_id(), job_id)
-        return jsonify(service.step_page(job.id, args["after_step"], args["limit"], args["max_points"]))
+        return json_response(service.step_page(job.id, args["after_step"], args["limit"], args["max_points"]))
 
 
 @blp.route("/<string:job_id>/metrics/layers")
@@ -39,4 +40,4 @@ class LayerMetrics(MethodView):
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """Per-layer gradient norm, weight norm and update ratio over steps."""
         job = jobs_service.get_job(current_owner_id(), job_id)
-        return jsonify(service.layer_page(job.id, args["after_step"], args["limit"], args["layer"]))
+        return json_response(service.layer_page(job.id, args["after_step"], args["limit"], args["layer"]))
