@@ -47,7 +47,8 @@ class ModelConfig:
     activation: str = "tanh"
     norm: str = "none"
     norm_position: Literal["pre", "post"] = "pre"
-    residual: bool = False
+    # None: the architecture's usual choice (on for transformers, off otherwise)
+    residual: bool | None = None
     qk_norm: bool = False
     init: str = "default"
     init_std: float = 0.02
@@ -186,6 +187,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 def parse_spec(raw: Any) -> JobSpec:
     """Build a JobSpec from a JSON-like mapping; raise SpecError naming the field."""
     spec = _build(JobSpec, raw, "")
+    if spec.model.residual is None:
+        spec.model.residual = spec.model.arch == "transformer"
     _check_rules(spec)
     _check_consistency(spec)
     return spec

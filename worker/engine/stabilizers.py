@@ -150,7 +150,7 @@ class ExplosionDetector:
     """Flags a step whose grad norm or loss jumps far above the recent median."""
 
     WINDOW = 50
-    MIN_HISTORY = 10
+    MIN_HISTORY = 5
     LOSS_FACTOR = 1.5
 
     def __init__(self, grad_factor: float):

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # Steps between metric flushes to the callbacks (and the one time layer stats leave the device).
 FLUSH_EVERY = 25
 FLUSH_SECONDS = 2.0
+# Under on_explosion=rollback, a state counts as healthy after this many calm steps in a row.
+HEALTHY_AFTER = 10
 
 
 class Callbacks:
@@ -120,6 +122,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _check_device_support(spec: JobSpec, device: torch.device) -> None:
+    # oneDNN has no fp16 recurrent kernels: fail with a fix instead of a kernel error mid-step.
+    recurrent = spec.model.arch in ("rnn", "gru", "lstm")
+    if device.type == "cpu" and spec.stabilization.precision == "fp16" and recurrent:
+        raise ValueError("stabilization.precision: fp16 recurrent layers need a GPU; use bf16 or fp32 on CPU")
+
+
 class Trainer:
     """Trains one job spec on one text, reporting through callbacks."""
 
@@ -136,6 +145,7 @@ class Trainer:
         self.cb = callbacks or Callbacks()
         self.device = torch.device(device)
         self.out_dir = Path(out_dir)
+        _check_device_support(spec, self.device)
         resume = load_checkpoint(resume_from) if resume_from else None
         t = spec.training
         self.tokenizer = (
@@ -162,6 +172,7 @@ class Trainer:
         self.lr_scale = 1.0
         self.consecutive_skips = 0
         self.rollbacks = 0
+        self.calm_steps = 0
         self.healthy_state: dict[str, Any] | None = None
         self.pending_rows: list[dict[str, Any]] = []
         self.pending_layers: list[PendingLayerStats] = []
@@ -180,6 +191,8 @@ class Trainer:
         self._event("resumed" if self.step else "started",
                     f"{'resumed at' if self.step else 'started'} step {self.step} of {max_steps} on {self.device}",
                     {"params": sum(p.numel() for p in self.params), "device": str(self.device)})
+        if self.spec.stabilization.on_explosion == "rollback" and self.healthy_state is None:
+            self._keep_healthy_state()  # the starting point is the first known-good state
         try:
             while self.step < max_steps:
                 if self.cb.should_stop():
@@ -213,8 +226,12 @@ class Trainer:
         reason = self._trouble(finite, loss_v, pre, step)
         before = snapshot(self.weights) if want_layers and reason is None else None
         skipped = reason is not None
+        failure: TrainingFailed | None = None
         if skipped:
-            self._skip_step(step, reason, finite, loss_v)
+            try:
+                self._skip_step(step, reason, finite, loss_v)
+            except TrainingFailed as exc:
+                failure = exc  # the failing step is still recorded below
         else:
             self._apply_step(loss_v, pre, post)
         self.step = step
@@ -229,9 +246,11 @@ class Trainer:
             "tokens_per_s": self.tokens_per_step / max(time.perf_counter() - started, 1e-9),
             "tokens_seen": self.tokens_seen, "val_loss": None, "time": time.time(),
         }
-        if step % t.eval_every == 0 or step == t.max_steps:
+        if failure is None and (step % t.eval_every == 0 or step == t.max_steps):
             row["val_loss"] = self.last_val_loss = self.evaluate()
         self._after_step(row, stab.clip.mode != "none")
+        if failure is not None:
+            raise failure
         return row
 
     def _forward_backward(self) -> torch.Tensor:
@@ -279,6 +298,9 @@ class Trainer:
             if stab.nonfinite == "stop":
                 raise TrainingFailed(
                     f"{reason} (stabilization.nonfinite is 'stop'); enable clipping or lower training.lr")
+            if stab.on_explosion == "rollback":
+                self._rollback(step, reason)
+                return
         elif finite:
             self.health.warn(step)
             self._event("loss_spike", reason, {"policy": stab.on_explosion})
@@ -349,14 +371,12 @@ class Trainer:
         row["health"] = self.health.state(row["step"])
         self.history.add_step(row)
         self.pending_rows.append(row)
-        if (self.spec.stabilization.on_explosion == "rollback" and not row["skipped"]
-                and row["step"] % self._healthy_every() == 0 and row["health"] == "ok"):
+        self.calm_steps = 0 if row["skipped"] or row["nonfinite"] else self.calm_steps + 1
+        if (self.spec.stabilization.on_explosion == "rollback" and self.calm_steps >= HEALTHY_AFTER
+                and row["step"] % HEALTHY_AFTER == 0):
             self._keep_healthy_state()
         if len(self.pending_rows) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
-
-    def _healthy_every(self) -> int:
-        return max(1, min(self.spec.checkpointing.every_steps, 20))
 
     # ---- reporting ---------------------------------------------------------------------
 
@@ -425,6 +445,7 @@ class Trainer:
                 "detector": self.detector.state_dict(),
                 "consecutive_skips": self.consecutive_skips,
                 "rollbacks": self.rollbacks,
+                "calm_steps": self.calm_steps,
             },
             "val_loss": self.last_val_loss,
             "health": self.health.state(self.step),
@@ -451,6 +472,7 @@ class Trainer:
         self.detector.load_state_dict(monitor["detector"])
         self.consecutive_skips = monitor["consecutive_skips"]
         self.rollbacks = monitor["rollbacks"]
+        self.calm_steps = monitor["calm_steps"]
         self.last_val_loss = state["val_loss"]
         self.healthy_state = state.get("healthy_state")
 
