@@ -25,15 +25,28 @@ def _to_dicts(rows: list[Any], columns: tuple[str, ...]) -> list[dict[str, Any]]
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
+def _step_rows(job_id: str, after_step: int, limit: int) -> list[Any]:
+    """Rows after `after_step`, trying a bounded step window first.
+
+    Steps are dense, so (after_step, after_step + 2*limit] usually holds the whole page; the bound
+    keeps the primary-key range scan small even when planner statistics are stale (PostgreSQL right
+    after a bulk insert). Only a short page falls back to the open-ended query."""
+    conn = db.session.connection()
+    base = (select(*_STEP_SELECT).where(_STEPS.job_id == job_id, _STEPS.step > after_step)
+            .order_by(_STEPS.step).limit(limit))
+    rows = conn.execute(base.where(_STEPS.step <= after_step + 2 * limit)).all()
+    if len(rows) < limit:
+        rows = conn.execute(base).all()
+    return rows
+
+
 def step_page(job_id: str, after_step: int, limit: int, max_points: int | None) -> dict[str, Any]:
     """Rows with step > after_step (at most `limit`), downsampled to about max_points when given.
 
     `next_after_step` is the last step of this range when more rows may follow, else null.
     Non-finite floats are returned as null by the view; the row's `nonfinite` flag tells them apart.
     """
-    stmt = (select(*_STEP_SELECT).where(_STEPS.job_id == job_id, _STEPS.step > after_step)
-            .order_by(_STEPS.step).limit(limit))
-    rows = _to_dicts(db.session.connection().execute(stmt).all(), STEP_COLUMNS)
+    rows = _to_dicts(_step_rows(job_id, after_step, limit), STEP_COLUMNS)
     next_after = rows[-1]["step"] if len(rows) == limit else None
     if max_points is not None and len(rows) > max_points:
         rows = downsample(rows, max_points)
