@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 
 from app.schemas.fields import StrictBoolean, StrictFloat, StrictInteger
@@ -59,7 +59,8 @@ class ModelSchema(StrictSchema):
     activation = _choice("tanh", ACTIVATIONS)
     norm = _choice("none", NORMS)
     norm_position = _choice("pre", ("pre", "post"))
-    residual = StrictBoolean(load_default=False)
+    # null/absent: the architecture's usual choice (on for transformers, off otherwise), as the engine
+    residual = StrictBoolean(load_default=None, allow_none=True)
     qk_norm = StrictBoolean(load_default=False)
     init = _choice("default", INITS)
     init_std = _float(0.02, 0, 10, min_inclusive=False)
@@ -68,6 +69,12 @@ class ModelSchema(StrictSchema):
     forget_bias = _float(0.0)
     dropout = _float(0.0, 0, 1, max_inclusive=False)
     tie_embeddings = StrictBoolean(load_default=False)
+
+    @post_load
+    def _resolve_residual(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        if data.get("residual") is None:
+            data["residual"] = data["arch"] == "transformer"
+        return data
 
     @validates_schema
     def _consistent(self, data: dict[str, Any], **_kwargs: Any) -> None:

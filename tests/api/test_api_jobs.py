@@ -44,12 +44,16 @@ def test_submit_stores_full_defaults(app: Flask, submit: Any, auth: dict[str, st
         assert stored.spec == spec and stored.max_steps == 10
 
 
-def test_spec_matches_engine_defaults(submit: Any, auth: dict[str, str], dataset: dict[str, Any]) -> None:
-    engine_config = pytest.importorskip("worker.engine.config")
-    spec = submit(auth, dataset["id"]).json["spec"]
+@pytest.mark.parametrize("arch", ["mlp", "rnn", "gru", "lstm", "transformer"])
+def test_spec_matches_engine_defaults(submit: Any, auth: dict[str, str], dataset: dict[str, Any],
+                                      arch: str) -> None:
+    engine_config = pytest.importorskip("worker.engine.config")  # stdlib only, no torch
+    spec = submit(auth, dataset["id"], model={"arch": arch}).json["spec"]
     assert engine_config.spec_to_dict(engine_config.parse_spec(spec)) == spec
-    defaults = engine_config.spec_to_dict(engine_config.JobSpec())
-    for section in ("model", "tokenizer", "stabilization", "monitoring", "checkpointing"):
+    engine_model = engine_config.spec_to_dict(engine_config.parse_spec({"model": {"arch": arch}}))["model"]
+    assert spec["model"] == engine_model
+    defaults = engine_config.spec_to_dict(engine_config.parse_spec({}))
+    for section in ("tokenizer", "stabilization", "monitoring", "checkpointing"):
         assert spec[section] == defaults[section], section
 
 
