@@ -18,7 +18,8 @@ def _norm_params(norm: str, width: int) -> int:
 def _mlp(m: dict[str, Any], vocab: int) -> int:
     d, h, n = m["d_model"], m["hidden"], m["n_layers"]
     body = m["context"] * d * h + h + (n - 1) * (h * h + h) + n * _norm_params(m["norm"], h)
-    return vocab * d + body + h * vocab + vocab
+    tied = m.get("tie_embeddings") and h == d
+    return vocab * d + body + vocab + (0 if tied else h * vocab)
 
 
 def _recurrent(m: dict[str, Any], vocab: int) -> int:
