@@ -15,6 +15,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 
+from app.schemas.common import ErrorSchema
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -78,9 +80,15 @@ class CeleryClient:
         )
 
 
+class StableTrainApi(Api):
+    """flask-smorest Api whose documented error responses use our envelope."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
-api = Api()
+api = StableTrainApi()
 
 
 def init_limiter(app: Flask, exempt: tuple[Any, ...] = ()) -> Limiter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -13,6 +14,8 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.models import JOB_STATUSES, Job
+
+access_log = logging.getLogger("app.access")
 
 
 class JobsByStatus(Collector):
@@ -49,7 +52,11 @@ def _observe(response: Response) -> Response:
     requests.labels(request.method, endpoint, str(response.status_code)).inc()
     started = g.get("request_started")
     if started is not None:
-        latency.labels(request.method, endpoint).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        latency.labels(request.method, endpoint).observe(elapsed)
+        access_log.info("%s %s %s", request.method, request.path, response.status_code,
+                        extra={"method": request.method, "path": request.path, "status": response.status_code,
+                               "duration_ms": round(elapsed * 1000, 2)})
     return response
 
 
