@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from app import create_app
 from app.logs import JsonFormatter
 
 
@@ -85,3 +88,39 @@ def test_json_log_lines() -> None:
     record = logging.LogRecord("app", logging.WARNING, __file__, 1, "enqueue failed for %s", ("job_1",), None)
     line = JsonFormatter().format(record)
     assert json.loads(line)["message"] == "enqueue failed for job_1" and "\n" not in line
+
+
+def test_sqlite_uses_wal(app: Flask, backend: str) -> None:
+    if backend != "sqlite":
+        pytest.skip("SQLite pragma")
+    from sqlalchemy import text
+
+    from app.extensions import db
+
+    with app.app_context(), db.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() >= 5000
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def _redis_url() -> str:
+    url = os.environ.get("STABLETRAIN_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("set STABLETRAIN_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0) for Redis checks")
+    return url
+
+
+def test_readyz_with_redis_broker(tmp_path: Any) -> None:
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}", "BROKER_URL": _redis_url(),
+                      "STORAGE_DIR": str(tmp_path / "s")})
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 200, response.json
+
+
+def test_rate_limit_in_redis(tmp_path: Any) -> None:
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}", "STORAGE_DIR": str(tmp_path / "s"),
+                      "BROKER_URL": f"sqlalchemy+sqlite:///{tmp_path / 'b.db'}", "RATELIMIT_DEFAULT": "2/minute",
+                      "RATELIMIT_STORAGE_URI": _redis_url(), "RATELIMIT_KEY_PREFIX": f"test-{uuid.uuid4().hex}"})
+    client = app.test_client()
+    codes = [client.get("/v1/openapi.json").status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
