@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, Task, signals
 from flask import Flask
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import Engine
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 KOMBU_SQLALCHEMY_POLL_S = 0.2
 kombu_sqlalchemy.Transport.polling_interval = KOMBU_SQLALCHEMY_POLL_S
 
+QUEUES = ("train", "samples")
 TASK_ROUTES = {
     "stabletrain.train_job": {"queue": "train"},
     "stabletrain.sample": {"queue": "samples"},
@@ -58,7 +59,9 @@ def make_celery(flask_app: Flask, settings: WorkerSettings) -> Celery:
         broker_url=settings.broker_url,
         broker_transport_options=broker_transport_options(settings.broker_url, settings),
         broker_connection_retry_on_startup=True,
-        task_queues=(Queue("train"), Queue("samples")),
+        # explicit exchange + key per queue: with the defaults both queues would bind to the
+        # "train" exchange and a message routed to one would also land in the other
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
         task_default_queue="train",
         task_routes=TASK_ROUTES,
         task_acks_late=True,

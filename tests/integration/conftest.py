@@ -1,0 +1,162 @@
+"""A real stack per session: database + broker + a `celery worker` subprocess + the API's test client.
+
+Two variants: `embedded` (SQLite file + SQLAlchemy/SQLite broker, no servers) and
+`servers` (a fresh PostgreSQL database + a dedicated Redis db number, from
+STABLETRAIN_TEST_POSTGRES_URL / STABLETRAIN_TEST_REDIS_URL; skipped without them,
+failed under CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from app.extensions import db
+from tests.conftest import create_database, create_key, drop_database, postgres_base_url
+from worker.testing import server_url_or_skip, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+# Integration runs use their own Redis database so they never consume another suite's messages.
+REDIS_DB = int(os.environ.get("STABLETRAIN_TEST_REDIS_DB", "12"))
+
+# Short leases and periods: a killed worker's job is requeued in seconds, not minutes.
+WORKER_ENV = {
+    "STABLETRAIN_LEASE_S": "4",
+    "STABLETRAIN_HEARTBEAT_S": "0.5",
+    "STABLETRAIN_RECONCILE_EVERY_S": "1",
+    "STABLETRAIN_RESEND_AFTER_S": "30",
+    "STABLETRAIN_DEVICE": "cpu",
+    "STABLETRAIN_LOG_LEVEL": "INFO",
+    "OMP_NUM_THREADS": "1",  # two shared cores: the worker must not starve the test process
+}
+
+
+class Stack:
+    """Database, broker, storage, one worker process and an API client, all sharing one config."""
+
+    def __init__(self, name: str, database_url: str, broker_url: str, root: Path) -> None:
+        self.name, self.root = name, root
+        self.config = {
+            "DATABASE_URL": database_url,
+            "BROKER_URL": broker_url,
+            "STORAGE_DIR": str(root / "storage"),
+        }
+        self.env = {**os.environ, **WORKER_ENV, **{f"STABLETRAIN_{k}": v for k, v in self.config.items()}}
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker_log = root / "worker.log"
+        self.app: Flask = create_app({**self.config, "TESTING": True, "RATELIMIT_ENABLED": False})
+        self.client: FlaskClient = self.app.test_client()
+        self.auth: dict[str, str] = {}
+
+    def migrate(self) -> None:
+        """Create the schema the way scripts/serve.sh and the compose `migrate` service do."""
+        out = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"], cwd=REPO,
+                             env=self.env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        _, secret = create_key(self.app.test_cli_runner(), f"integration-{self.name}")
+        self.auth = {"Authorization": f"Bearer {secret}"}
+
+    def start_worker(self) -> None:
+        """Start `celery worker` on both queues and wait until it says it is ready."""
+        log = open(self.worker_log, "ab")  # noqa: SIM115 - the child owns it until it exits
+        start = self.worker_log.stat().st_size
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,samples",
+               "-c", "1", "--pool=solo", "-n", f"it-{uuid.uuid4().hex[:8]}@%h", "--loglevel=INFO"]
+        self.worker = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(lambda: self._log_since(start).find(" ready.") >= 0 or self.worker.poll() is not None,
+                 120, "the worker to be ready")
+        assert self.worker.poll() is None, self.log_tail()
+
+    def stop_worker(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+        """Stop our worker by pid (SIGTERM = warm shutdown; SIGKILL = crash)."""
+        if self.worker is None:
+            return
+        if self.worker.poll() is None:
+            self.worker.send_signal(sig)
+            try:
+                self.worker.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait(timeout=30)
+        self.worker = None
+
+    def _log_since(self, offset: int) -> str:
+        with open(self.worker_log, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", "replace")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        text = self._log_since(0)
+        return text[-chars:]
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the API with this stack's key; returns the test response."""
+        return self.client.open(path, method=method, headers=self.auth, **kwargs)
+
+    def close(self) -> None:
+        self.stop_worker()
+        with self.app.app_context():
+            db.engine.dispose()
+
+
+def _redis_url(base: str) -> str:
+    scheme_host = base.rsplit("/", 1)[0] if base.count("/") > 2 else base
+    return f"{scheme_host}/{REDIS_DB}"
+
+
+def _flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session", params=["embedded", "servers"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A running stack; the worker's log is printed when a test of the session fails."""
+    root = tmp_path_factory.mktemp(f"stack-{request.param}")
+    cleanups = []
+    if request.param == "embedded":
+        database_url = f"sqlite:///{root / 'stabletrain.db'}"
+        broker_url = f"sqlalchemy+sqlite:///{root / 'broker.db'}"
+    else:
+        pg_base = postgres_base_url()
+        broker_url = _redis_url(server_url_or_skip("STABLETRAIN_TEST_REDIS_URL"))
+        database_url = create_database(pg_base, prefix="stabletrain_it")
+        cleanups.append(lambda: drop_database(pg_base, database_url))
+        _flush_redis(broker_url)
+        cleanups.append(lambda: _flush_redis(broker_url))
+    st = Stack(request.param, database_url, broker_url, root)
+    try:
+        st.migrate()
+        st.start_worker()
+        yield st
+    finally:
+        failed = request.session.testsfailed
+        st.close()
+        if failed:
+            print(f"\n--- worker log ({request.param}) ---\n{st.log_tail()}")
+        for cleanup in reversed(cleanups):
+            cleanup()
+
+
+@pytest.fixture(scope="session")
+def corpus() -> bytes:
+    """tests/data/corpus.txt (mixed English + Chinese), or a generated stand-in."""
+    path = REPO / "tests" / "data" / "corpus.txt"
+    if path.is_file():
+        return path.read_bytes()
+    return "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(2000)).encode()
