@@ -293,3 +293,24 @@ def test_small_real_text_gets_well_below_unigram_entropy(tmp_path, arch):
     assert result.status == "succeeded"
     val_bits = rec.rows[-1]["val_loss"] / math.log(2)
     assert val_bits < 0.6 * unigram_bits, (val_bits, unigram_bits)
+
+
+@pytest.mark.parametrize("model, tokenizer", [
+    ({"arch": "rnn", "activation": "tanh", "norm": "rmsnorm"}, "char"),
+    ({"arch": "gru", "n_layers": 2, "residual": True, "recurrent_init": "orthogonal"}, "byte"),
+    ({"arch": "lstm", "forget_bias": 1.0, "init": "xavier_uniform"}, "char"),
+    ({"arch": "mlp", "n_layers": 3, "activation": "gelu", "norm": "layernorm", "tie_embeddings": False}, "byte"),
+    ({"arch": "transformer", "d_model": 32, "n_heads": 2, "norm": "rmsnorm", "norm_position": "post",
+      "qk_norm": True, "tie_embeddings": True, "dropout": 0.1}, "char"),
+])
+def test_every_architecture_trains_checkpoints_and_samples(tmp_path, model, tokenizer):
+    from worker.engine.sampling import sample_from_checkpoint
+
+    s = spec(model=model, tokenizer={"kind": tokenizer}, training={"max_steps": 6},
+             stabilization={"clip": {"mode": "agc"}})
+    _, rec, result = _run(s, tmp_path)
+    assert result.status == "succeeded" and all(math.isfinite(r["loss"]) for r in rec.rows)
+    text = sample_from_checkpoint(Path(result.checkpoint["path"]), "The ", max_new_tokens=20, seed=0)
+    assert isinstance(text, str) and len(text) > 0
+    state = load_checkpoint(Path(result.checkpoint["path"]))
+    assert state["tokenizer"]["kind"] == tokenizer
