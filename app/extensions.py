@@ -12,6 +12,7 @@ from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
+from kombu import Exchange, Queue
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 
@@ -59,6 +60,9 @@ class CeleryClient:
             broker_connection_retry=False,
             broker_connection_retry_on_startup=False,
             broker_transport_options=broker_transport_options(app.config["BROKER_URL"], timeout),
+            # same declarations as the worker: one direct exchange per queue, routing key = queue name
+            task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
+                              for name in ("train", "samples")),
             task_default_queue="train",
         )
         app.extensions["stabletrain_celery"] = client

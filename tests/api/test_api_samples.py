@@ -58,6 +58,14 @@ def test_queued_sample_is_enqueued(app: Flask, client: FlaskClient, auth: dict[s
         assert message.headers["task"] == "stabletrain.sample" and message.payload[0] == [body["id"]]
         message.ack()
         queue.close()
+        train = conn.SimpleQueue("train")
+        tasks = []
+        while train.qsize():
+            msg = train.get(timeout=1)
+            tasks.append(msg.headers["task"])
+            msg.ack()
+        train.close()
+        assert tasks == ["stabletrain.train_job"], "a sample must not also land on the train queue"
 
 
 def _finish_later(app: Flask, delay: float) -> threading.Thread:
