@@ -62,7 +62,7 @@ class Callbacks:
         """A checkpoint file is complete on disk."""
 
     def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
-        """keep_last pruned this checkpoint file."""
+        """keep_last is about to delete this checkpoint file."""
 
     def should_stop(self) -> bool:
         """Polled every step; True stops the run with a final checkpoint."""
@@ -499,8 +499,9 @@ class Trainer:
         keep = self.spec.checkpointing.keep_last
         existing = sorted(self.out_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         for old in existing[:-keep]:
-            old.unlink(missing_ok=True)
+            # Record first, file second: a listed checkpoint always has its file.
             self.cb.on_checkpoint_removed({"step": int(old.stem.split("_")[1]), "path": str(old)})
+            old.unlink(missing_ok=True)
 
     # ---- endings -----------------------------------------------------------------------
 
