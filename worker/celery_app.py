@@ -100,13 +100,20 @@ def reconcile_now() -> ReconcileReport:
                      sample_timeout_s=settings.sample_timeout_s)
 
 
+_reconciler: list[ReconcilerThread] = []
+
+
 @signals.worker_ready.connect
 def _start_reconciler(**_: Any) -> None:
     if settings.reconcile_every_s > 0:
-        ReconcilerThread(reconcile_now, settings.reconcile_every_s).start()
+        _reconciler.append(ReconcilerThread(reconcile_now, settings.reconcile_every_s))
+        _reconciler[-1].start()
 
 
 @signals.worker_shutting_down.connect
 def _stop_training(**_: Any) -> None:
-    # warm shutdown: the running job checkpoints at its next step and goes back to the queue
+    # warm shutdown: the running job checkpoints at its next step and goes back to the queue;
+    # our reconciler stops so it does not re-send that job to this (exiting) worker
     SHUTDOWN.set()
+    for thread in _reconciler:
+        thread.stop()

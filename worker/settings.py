@@ -4,7 +4,7 @@ Worker-only environment variables (all optional):
 
 - STABLETRAIN_JOB_TIME_LIMIT_S    longest one training attempt may run (default 86400 = 24 h)
 - STABLETRAIN_LEASE_S             how long a claim lasts without a heartbeat (default 30)
-- STABLETRAIN_HEARTBEAT_S         how often the lease is renewed and cancel is polled (default 3)
+- STABLETRAIN_HEARTBEAT_S         how often the lease is renewed and cancel is polled (default 2)
 - STABLETRAIN_RECONCILE_EVERY_S   how often each worker runs the reconciler; 0 turns it off (default 5)
 - STABLETRAIN_RESEND_AFTER_S      re-send a queued job whose last enqueue is older than this (default 600)
 - STABLETRAIN_SAMPLE_TIMEOUT_S    a running sample older than this is marked failed (default 600)
@@ -29,7 +29,7 @@ PREFIX = "STABLETRAIN_"
 WORKER_DEFAULTS: dict[str, float] = {
     "JOB_TIME_LIMIT_S": 24 * 3600,
     "LEASE_S": 30,
-    "HEARTBEAT_S": 3,
+    "HEARTBEAT_S": 2,
     "RECONCILE_EVERY_S": 5,
     "RESEND_AFTER_S": 600,
     "SAMPLE_TIMEOUT_S": 600,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from celery import shared_task
+from celery.exceptions import Reject
 from flask import current_app
 from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
-from worker.service import run_sample, run_train_job
+from worker.service import SHUTDOWN, run_sample, run_train_job
 from worker.settings import load_settings
 
 # A database that is down at claim time: retry the message; once claimed, the
@@ -18,10 +19,14 @@ RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 2, "retry_backof
 @shared_task(name="stabletrain.train_job", ignore_result=True, **RETRY)
 def train_job(job_id: str) -> str:
     """Claim and train one job, reporting into its records."""
+    if SHUTDOWN.is_set():  # delivered while this worker exits: leave it to another worker
+        raise Reject("worker shutting down", requeue=True)
     return run_train_job(db.engine, job_id, load_settings(current_app.config))
 
 
 @shared_task(name="stabletrain.sample", ignore_result=True, **RETRY)
 def sample(sample_id: str) -> str:
     """Generate text for one sample request."""
+    if SHUTDOWN.is_set():
+        raise Reject("worker shutting down", requeue=True)
     return run_sample(db.engine, sample_id, load_settings(current_app.config))

@@ -167,3 +167,21 @@ def test_killed_worker_job_is_requeued_and_resumed(stack: Stack, corpus: bytes) 
     assert [r["step"] for r in steps] == list(range(1, 1501))
     kinds = [e["kind"] for e in stack.api("GET", f"/v1/jobs/{job_id}/events?limit=1000").get_json()["items"]]
     assert "requeued" in kinds and "resumed" in kinds
+
+
+def test_warm_shutdown_hands_the_job_back(stack: Stack, corpus: bytes) -> None:
+    """SIGTERM (Celery warm shutdown): the job checkpoints at its next step, goes back to queued, resumes later."""
+    job_id = submit(stack, upload(stack, corpus), max_steps=1_000_000)
+    wait_for(lambda: get_job(stack, job_id)["progress"]["step"] > 0, 120, "the job to report steps")
+    asked = time.monotonic()
+    stack.stop_worker(signal.SIGTERM, timeout_s=60)
+    took = time.monotonic() - asked
+    job = get_job(stack, job_id)
+    assert job["status"] == "queued" and took < 30, (job["status"], took)
+    assert checkpoints(stack, job_id)[-1]["step"] == job["progress"]["step"]
+    stack.start_worker()
+    wait_status(stack, job_id, {"running"}, 60)
+    stack.api("POST", f"/v1/jobs/{job_id}/cancel")
+    job = wait_status(stack, job_id, {"cancelled"}, 60)
+    kinds = [e["kind"] for e in stack.api("GET", f"/v1/jobs/{job_id}/events?limit=1000").get_json()["items"]]
+    assert "requeued" in kinds and "resumed" in kinds and job["attempts"] == 2
