@@ -1,0 +1,7 @@
+"""`python -m stabletrain` = the `stabletrain` command."""
+
+import sys
+
+from stabletrain.cli import main
+
+sys.exit(main())

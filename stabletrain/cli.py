@@ -1,0 +1,569 @@
+"""`stabletrain` command: the StableTrain API from a terminal (argparse + tqdm)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from stabletrain.client import (
+    DEFAULT_URL,
+    ApiError,
+    ChecksumError,
+    Client,
+    ConfigError,
+    ConnectionFailed,
+    StableTrainError,
+)
+
+EXIT_OK = 0            # done; with --wait: the job succeeded
+EXIT_FAILED = 1        # the job (or sample) failed
+EXIT_USAGE = 2         # bad arguments, unreadable spec file, missing/invalid URL or key
+EXIT_REQUEST = 3       # the service answered an error, could not be reached, or a checksum mismatched
+EXIT_CANCELLED = 4     # with --wait: the job was cancelled
+EXIT_INTERRUPTED = 130  # Ctrl-C (the job keeps running unless --cancel-on-interrupt)
+
+EPILOG = f"""\
+environment:
+  STABLETRAIN_URL       service URL (default {DEFAULT_URL})
+  STABLETRAIN_API_KEY   API key (`flask --app app keys create NAME` prints one)
+
+exit codes:
+  {EXIT_OK}    success; with --wait / wait: the job succeeded
+  {EXIT_FAILED}    the job failed (its error and diagnosis are printed), or a sample failed
+  {EXIT_USAGE}    usage error: bad arguments, unreadable spec file, missing or malformed URL/key
+  {EXIT_REQUEST}    the request failed: an API error (e.g. `error 422 validation_error: training.lr: ...`),
+       the service unreachable after retries, or a downloaded checkpoint failed its sha256 check
+  {EXIT_CANCELLED}    with --wait / wait: the job was cancelled
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the job keeps running unless --cancel-on-interrupt
+
+Requests are retried with backoff on 429/502/503/504 and connection errors; submit sends an
+Idempotency-Key (a fresh uuid4 unless --idempotency-key) so a retried submit makes one job.
+"""
+
+log = logging.getLogger("stabletrain")
+
+
+class UsageError(StableTrainError):
+    """Bad input that argparse cannot see (spec file contents)."""
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines (retry notices) that do not tear the progress bar; stderr looked up per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(f"stabletrain: {self.format(record)}", file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        log.addHandler(_TqdmHandler())
+    log.setLevel(logging.WARNING)
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+def _num(value: Any, fmt: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return format(value, fmt)
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min"
+
+
+def _out(text: str = "") -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _print_json(value: Any) -> None:
+    _out(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+def _step_line(job: dict[str, Any]) -> str:
+    p = job.get("progress") or {}
+    return f"step {p.get('step', 0)}/{p.get('max_steps', '?')}"
+
+
+def format_job(job: dict[str, Any]) -> str:
+    """Several human lines about one job."""
+    p = job.get("progress") or {}
+    latest = job.get("latest") or {}
+    frac = p.get("fraction")
+    lines = [f"{job['id']}  {job.get('name') or '-'}  {job.get('status')}",
+             f"  {_step_line(job)}" + (f" ({frac * 100:.1f}%)" if frac is not None else "")
+             + f"  tokens {p.get('tokens_seen') or 0:,}"
+             + (f"  eta {_duration(p.get('eta_s'))}" if job.get("status") == "running" else "")]
+    if latest:
+        lines.append(f"  latest: loss {_num(latest.get('loss'))}  grad_norm {_num(latest.get('grad_norm'), '.3g')}"
+                     f"  lr {_num(latest.get('lr'), '.3g')}  val_loss {_num(latest.get('val_loss'))}")
+    lines.append(f"  health: {job.get('health') or '-'}  dataset: {job.get('dataset_id') or '-'}"
+                 f"  created: {job.get('created_at') or '-'}")
+    if job.get("error"):
+        lines.append(f"  error: {job['error']}")
+    return "\n".join(lines)
+
+
+def format_diagnosis(diag: dict[str, Any]) -> str:
+    """Summary line, then each finding with its recommendations as `field: value — why`."""
+    lines = [f"diagnosis ({diag.get('health') or '-'}): {diag.get('summary') or 'no findings'}"]
+    findings = diag.get("findings") or []
+    if findings:
+        lines.append("findings:")
+    for f in findings:
+        steps = f.get("steps") or {}
+        where = ""
+        if steps.get("first") is not None:
+            where = f" (steps {steps['first']}-{steps['last']})" if steps.get("last") not in (None, steps["first"]) \
+                else f" (step {steps['first']})"
+        lines.append(f"  [{f.get('severity', '?')}] {f.get('kind', '?')}{where}: {f.get('summary', '')}")
+        if f.get("layers"):
+            layers = list(f["layers"])
+            lines.append(f"      layers: {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''}")
+        for rec in f.get("recommendations") or []:
+            value = json.dumps(rec.get("value"))
+            lines.append(f"      -> {rec.get('field')}: {value} — {rec.get('why', '')}")
+    return "\n".join(lines)
+
+
+def format_outcome(job: dict[str, Any]) -> str:
+    """The first line after --wait: how the job ended."""
+    status = job.get("status")
+    latest = job.get("latest") or {}
+    took = ""
+    if job.get("started_at") and job.get("finished_at"):
+        try:
+            from datetime import datetime
+
+            start = datetime.fromisoformat(str(job["started_at"]).replace("Z", "+00:00"))
+            end = datetime.fromisoformat(str(job["finished_at"]).replace("Z", "+00:00"))
+            took = f" in {_duration((end - start).total_seconds())}"
+        except ValueError:
+            took = ""
+    head = f"job {job['id']} {status} at {_step_line(job)}{took}"
+    if status == "succeeded":
+        head += f": loss {_num(latest.get('loss'))}, val_loss {_num(latest.get('val_loss'))}"
+    if job.get("error"):
+        head += f"\nerror: {job['error']}"
+    return head
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+class Progress:
+    """tqdm bar over max_steps with loss, grad norm and health as postfix (on stderr)."""
+
+    def __init__(self, job_id: str, enabled: bool) -> None:
+        self.job_id, self.enabled = job_id, enabled
+        self.bar: tqdm | None = None
+        self.status: str | None = None
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        p = job.get("progress") or {}
+        step, total = int(p.get("step") or 0), p.get("max_steps")
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=step, unit="step", desc=self.job_id, file=sys.stderr,
+                            dynamic_ncols=True, mininterval=0.2, leave=True)
+        bar = self.bar
+        if total and bar.total != total:
+            bar.total = total
+        if step > bar.n:
+            bar.update(step - bar.n)
+        elif step < bar.n:  # a rollback rewinds the step counter
+            bar.n = step
+        latest = job.get("latest") or {}
+        status = job.get("status")
+        parts = [f"loss={_num(latest.get('loss'))}", f"grad_norm={_num(latest.get('grad_norm'), '.3g')}",
+                 f"health={job.get('health') or '-'}"]
+        if status != "running":
+            parts.append(str(status))
+        bar.set_postfix_str(" ".join(parts), refresh=False)
+        bar.refresh()
+        self.status = status
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespace) -> int:
+    """Follow a job to its end with a progress bar, then print the outcome and diagnosis."""
+    job_id = job["id"]
+    progress = Progress(job_id, enabled=not args.no_progress)
+    try:
+        final = client.wait(job_id, on_progress=progress, poll_s=args.poll, timeout=args.wait_timeout)
+    except KeyboardInterrupt:
+        progress.close()
+        if args.cancel_on_interrupt:
+            client.cancel(job_id)
+            print(f"interrupted: cancel requested for {job_id}", file=sys.stderr)
+        else:
+            print(f"interrupted: {job_id} keeps running (`stabletrain cancel {job_id}` stops it)",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        progress.close()
+    diagnosis = client.diagnosis(job_id)
+    if _json_mode(args):
+        _print_json({"job": final, "diagnosis": diagnosis})
+    else:
+        _out(format_outcome(final))
+        _out(format_diagnosis(diagnosis))
+    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(final["status"], EXIT_FAILED)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def _json_mode(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def cmd_upload(client: Client, args: argparse.Namespace) -> int:
+    if args.file == "-":
+        dataset = client.upload(sys.stdin.buffer.read(), name=args.name or "stdin")
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UsageError(f"{args.file}: no such file")
+        dataset = client.upload(path, name=args.name)
+    if _json_mode(args):
+        _print_json(dataset)
+    else:
+        _out(f"uploaded {dataset['id']}  {dataset.get('name') or '-'}  {dataset.get('bytes', 0):,} bytes"
+             f"  sha256 {dataset.get('sha256')}")
+    return EXIT_OK
+
+
+def cmd_datasets(client: Client, args: argparse.Namespace) -> int:
+    items = list(client.list_datasets())
+    if _json_mode(args):
+        _print_json(items)
+    for d in [] if _json_mode(args) else items:
+        _out(f"{d['id']}  {d.get('bytes', 0):>12,} bytes  {d.get('created_at', '-')}  {d.get('name') or '-'}")
+    return EXIT_OK
+
+
+def _read_spec(name: str) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{name}: {exc.strerror or exc}") from exc
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(spec, dict):
+        raise UsageError(f"{name}: a job spec is a JSON object, not {type(spec).__name__}")
+    return spec
+
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    spec = _read_spec(args.spec)
+    if args.name:
+        spec["name"] = args.name
+    job = client.submit(spec, dataset_id=args.dataset, idempotency_key=args.idempotency_key)
+    if args.wait:
+        print(f"submitted {job['id']} ({job.get('status')})", file=sys.stderr)
+        return wait_and_report(client, job, args)
+    if _json_mode(args):
+        _print_json(job)
+    else:
+        _out(f"submitted {job['id']}  {job.get('name') or '-'}  {job.get('status')}")
+    return EXIT_OK
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    return wait_and_report(client, client.job(args.job), args)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    job = client.job(args.job)
+    if _json_mode(args):
+        _print_json(job)
+    else:
+        _out(format_job(job))
+    return EXIT_OK
+
+
+def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
+    items = client.jobs(status=args.status)
+    if args.limit:
+        items = (j for _, j in zip(range(args.limit), items, strict=False))
+    if _json_mode(args):
+        _print_json(list(items))
+        return EXIT_OK
+    for j in items:
+        _out(f"{j['id']}  {j.get('status', '-'):<10}  {_step_line(j):<16}  {j.get('health') or '-':<8}  "
+             f"{j.get('created_at', '-')}  {j.get('name') or '-'}")
+    return EXIT_OK
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job)
+    if _json_mode(args):
+        _print_json(job)
+    elif job.get("status") == "cancelled":
+        _out(f"{job['id']} cancelled")
+    else:
+        _out(f"{job['id']} {job.get('status')}: stops at its next step (with a final checkpoint)")
+    return EXIT_OK
+
+
+def _write_rows(rows: Iterable[dict[str, Any]], fmt: str) -> None:
+    out = sys.stdout
+    if fmt == "jsonl":
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+        out.flush()
+        return
+    writer: csv.DictWriter[str] | None = None
+    for row in rows:
+        if writer is None:
+            writer = csv.DictWriter(out, fieldnames=list(row), extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    out.flush()
+
+
+def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
+    if args.layers:
+        rows = client.layer_metrics(args.job, after_step=args.after_step, limit=args.limit, layer=args.layer)
+    else:
+        rows = client.metrics(args.job, after_step=args.after_step, limit=args.limit, max_points=args.max_points)
+    _write_rows(rows, args.format)
+    return EXIT_OK
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    items = list(client.events(args.job))
+    if _json_mode(args):
+        _print_json(items)
+        return EXIT_OK
+    for e in items:
+        step = "-" if e.get("step") is None else e["step"]
+        _out(f"{e.get('created_at', '-')}  step {step:>6}  {e.get('kind', '?'):<14}  {e.get('message', '')}")
+    return EXIT_OK
+
+
+def cmd_diagnose(client: Client, args: argparse.Namespace) -> int:
+    diagnosis = client.diagnosis(args.job)
+    if _json_mode(args):
+        _print_json(diagnosis)
+    else:
+        _out(f"{diagnosis.get('job_id', args.job)} {diagnosis.get('status', '')}")
+        _out(format_diagnosis(diagnosis))
+    return EXIT_OK
+
+
+def cmd_download(client: Client, args: argparse.Namespace) -> int:
+    path = client.download(args.job, step=args.step, dest=args.output)
+    if _json_mode(args):
+        _print_json({"path": str(path), "bytes": path.stat().st_size})
+    else:
+        _out(f"saved {path} ({path.stat().st_size:,} bytes, sha256 verified)")
+    return EXIT_OK
+
+
+def cmd_sample(client: Client, args: argparse.Namespace) -> int:
+    sample = client.sample(args.job, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, seed=args.seed, step=args.step,
+                           timeout=args.sample_timeout)
+    if _json_mode(args):
+        _print_json(sample)
+    elif sample.get("status") == "succeeded":
+        _out(sample.get("text") or "")
+    else:
+        print(f"error: sample {sample.get('id')} failed: {sample.get('error')}", file=sys.stderr)
+    return EXIT_OK if sample.get("status") == "succeeded" else EXIT_FAILED
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the command (`stabletrain --json status J` or `... status J --json`)."""
+    default = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection and output")
+    g.add_argument("--url", default=default, help=f"service URL (env STABLETRAIN_URL, default {DEFAULT_URL})")
+    g.add_argument("--key", default=default, help="API key (env STABLETRAIN_API_KEY)")
+    g.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS if suppress else 30.0,
+                   help="per-request timeout in seconds (default 30)")
+    g.add_argument("--retries", type=int, default=argparse.SUPPRESS if suppress else 4,
+                   help="retries of one request on 429/502/503/504 and connection errors (default 4)")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="machine-readable JSON output")
+    return p
+
+
+def _wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poll", type=_positive_float, default=1.0, help="seconds between polls (default 1)")
+    p.add_argument("--wait-timeout", metavar="S", type=_positive_float, default=None, help="give up waiting after S seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cancel-on-interrupt", action="store_true", help="cancel the job on Ctrl-C")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stabletrain", parents=[_common(False)], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train small text-generation models stably: a client for the StableTrain API.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_common(True)]
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=common, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("upload", "upload a UTF-8 text corpus (FILE, or - for stdin)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", help="dataset name (default: the file name)")
+    p.set_defaults(func=cmd_upload)
+
+    p = add("datasets", "list datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    p = add("submit", "submit a job spec (JSON file, or - for stdin)")
+    p.add_argument("spec", metavar="SPEC.json")
+    p.add_argument("--dataset", metavar="ID", help="dataset id (overrides the spec's dataset_id)")
+    p.add_argument("--name", help="job name (overrides the spec's name)")
+    p.add_argument("--idempotency-key", metavar="KEY", help="reuse a key to make resubmitting safe (default: uuid4)")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job with a progress bar, print its diagnosis; exit code = outcome")
+    _wait_options(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = add("wait", "follow a job to its end (progress bar, then diagnosis); exit code = outcome")
+    p.add_argument("job", metavar="JOB")
+    _wait_options(p)
+    p.set_defaults(func=cmd_wait)
+
+    p = add("status", "status, progress, latest metrics and error of a job")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(func=cmd_status)
+
+    p = add("jobs", "list jobs, newest first")
+    p.add_argument("--status", choices=["queued", "running", "cancelling", "succeeded", "failed", "cancelled"])
+    p.add_argument("--limit", type=int, default=None, help="show at most N jobs")
+    p.set_defaults(func=cmd_jobs)
+
+    p = add("cancel", "cancel a job (queued: at once; running: at its next step)")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(func=cmd_cancel)
+
+    p = add("metrics", "print a job's step metrics (or per-layer stats) as JSON lines or CSV")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--layers", action="store_true", help="per-layer grad norm, weight norm, update ratio")
+    p.add_argument("--layer", help="with --layers: only this layer")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--after-step", type=int, default=0)
+    p.add_argument("--max-points", type=int, default=None, help="downsample (keeps spikes and NaNs)")
+    p.add_argument("--limit", type=int, default=1000, help="rows per page (default 1000)")
+    p.set_defaults(func=cmd_metrics)
+
+    p = add("events", "lifecycle and stability events of a job")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(func=cmd_events)
+
+    p = add("diagnose", "gradient-health findings and recommended spec changes")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = add("download", "download a checkpoint (newest by default), sha256-verified")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="file or folder (default ./JOB_step_N.pt)")
+    p.set_defaults(func=cmd_download)
+
+    p = add("sample", "generate text from a job's checkpoint (on a worker)")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    p.add_argument("--wait-timeout", dest="sample_timeout", metavar="S", type=_positive_float, default=300.0,
+                   help="give up waiting for the text after N s (default 300)")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `stabletrain` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        client = Client(url=args.url, key=args.key, timeout=args.timeout, retries=args.retries)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.monotonic()
+    try:
+        with client:
+            return int(args.func(client, args))
+    except ApiError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_REQUEST
+    except (ConfigError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectionFailed as exc:
+        print(f"error: {exc} (is the service running? STABLETRAIN_URL={client.url})", file=sys.stderr)
+        return EXIT_REQUEST
+    except ChecksumError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REQUEST
+    except StableTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REQUEST
+    except KeyboardInterrupt:
+        print(f"interrupted after {_duration(time.monotonic() - started)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `stabletrain metrics J | head`: stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

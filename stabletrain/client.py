@@ -1,0 +1,452 @@
+"""HTTP client for the StableTrain API (`requests` only; no service or torch imports).
+
+Retries: 429 (honouring Retry-After), 502/503/504 and connection errors, with exponential
+backoff and jitter, at most `retries` times. Which requests are retried depends on whether
+repeating them is safe:
+
+- GETs, `submit` (it always sends an Idempotency-Key, the same one on every attempt) and
+  `cancel` (idempotent on the server) are retried on all of the above;
+- `upload` and `sample` create a record per request, so they are retried only when nothing
+  can have been stored: a 429/503 answer, or a connection that was never established.
+
+Every other error answer (4xx, 500) raises `ApiError` at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import io
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import requests
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+log = logging.getLogger("stabletrain")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+SAMPLE_DONE = frozenset({"succeeded", "failed"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# answers after which the server has stored nothing (safe to repeat a non-idempotent POST)
+NOTHING_STORED_STATUSES = frozenset({429, 503})
+
+Policy = Literal["idempotent", "unsafe"]
+
+
+class StableTrainError(Exception):
+    """Base class of the client's errors."""
+
+
+class ConfigError(StableTrainError):
+    """Missing or malformed configuration (URL, API key)."""
+
+
+class ConnectionFailed(StableTrainError):
+    """The service could not be reached (after retries where they were allowed)."""
+
+
+class ChecksumError(StableTrainError):
+    """A downloaded file does not match the sha256 or size the service listed."""
+
+
+class ApiError(StableTrainError):
+    """An error answer from the service: `{"error": {"code", "message", "details"}}`."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None, attempts: int = 1) -> None:
+        self.status, self.code, self.message = status, code, message
+        self.details: dict[str, Any] = details or {}
+        self.headers: dict[str, str] = headers or {}
+        self.attempts = attempts
+        super().__init__(str(self))
+
+    @classmethod
+    def from_response(cls, response: requests.Response, attempts: int = 1) -> ApiError:
+        """Parse the error envelope; tolerate non-JSON bodies (a proxy's HTML page)."""
+        code, message, details = f"http_{response.status_code}", "", {}
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            err = body["error"]
+            code = str(err.get("code") or code)
+            message = str(err.get("message") or "")
+            details = err.get("details") if isinstance(err.get("details"), dict) else {}
+        if not message:
+            text = (response.text or "").strip().splitlines()
+            message = text[0][:200] if text else (response.reason or "request failed")
+        return cls(response.status_code, code, message, details, dict(response.headers), attempts)
+
+    def field_messages(self) -> list[str]:
+        """`details` as "field: message" strings (validation errors carry field paths)."""
+        out = []
+        for field, value in self.details.items():
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                out.append(f"{field}: {'; '.join(value)}")
+        return out
+
+    def __str__(self) -> str:
+        fields = self.field_messages()
+        if fields and self.status == 422:
+            text = ", ".join(fields)
+        elif fields and not all(f.split(": ", 1)[-1] in self.message for f in fields):
+            text = f"{self.message} ({', '.join(fields)})"
+        else:
+            text = self.message
+        return f"error {self.status} {self.code}: {text}"
+
+
+def _nothing_sent(exc: requests.RequestException) -> bool:
+    """True when the connection was never established, so the server cannot have seen the request."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError wraps the cause
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class Client:
+    """A StableTrain API client; `url`/`key` default to STABLETRAIN_URL / STABLETRAIN_API_KEY.
+
+    `timeout` is the per-request socket timeout in seconds; `retries` the most extra attempts of
+    one request; `backoff` the first retry delay (doubled per attempt up to `max_backoff`, with
+    jitter); a Retry-After longer than `max_retry_after` is not waited for (the 429 is raised).
+    """
+
+    def __init__(self, url: str | None = None, key: str | None = None, timeout: float = 30.0,
+                 retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0,
+                 max_retry_after: float = 120.0, session: requests.Session | None = None) -> None:
+        url = (url or os.environ.get("STABLETRAIN_URL") or DEFAULT_URL).strip().rstrip("/")
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+            raise ConfigError(f"STABLETRAIN_URL must be an http(s) URL like {DEFAULT_URL}, not {url!r}")
+        self.url = url
+        self.key = (key if key is not None else os.environ.get("STABLETRAIN_API_KEY", "")).strip() or None
+        self.timeout, self.retries = timeout, max(0, int(retries))
+        self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = "stabletrain-client/0.1"
+        self._sleep: Callable[[float], None] = time.sleep
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _delay(self, attempt: int) -> float:
+        """Exponential backoff with 'equal jitter': half fixed, half random."""
+        cap = min(self.max_backoff, self.backoff * (2 ** attempt))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def request(self, method: str, path: str, *, policy: Policy = "idempotent", auth: bool = True,
+                expect: tuple[int, ...] = (200,), rewind: Callable[[], None] | None = None,
+                **kwargs: Any) -> requests.Response:
+        """One API call with retries per `policy`; returns the response when its status is in
+        `expect`, else raises ApiError (ConnectionFailed when the service cannot be reached)."""
+        if auth and not self.key:
+            raise ConfigError("no API key: set STABLETRAIN_API_KEY (or pass --key); "
+                              "`flask --app app keys create NAME` makes one")
+        headers = dict(kwargs.pop("headers", None) or {})
+        if auth:
+            headers["Authorization"] = f"Bearer {self.key}"
+        kwargs.setdefault("timeout", self.timeout)
+        url = path if path.startswith(("http://", "https://")) else f"{self.url}{path}"
+        attempt = 0
+        while True:
+            if rewind is not None:
+                rewind()
+            try:
+                response = self.session.request(method, url, headers=headers, **kwargs)
+            except requests.RequestException as exc:
+                if not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+                    raise ConnectionFailed(f"{method} {url} failed: {exc}") from exc
+                retryable = policy == "idempotent" or _nothing_sent(exc)
+                if not retryable or attempt >= self.retries:
+                    hint = "" if retryable else " (not retried: the request may have reached the server)"
+                    raise ConnectionFailed(f"cannot reach {self.url} ({method} {path}): "
+                                           f"{_short_reason(exc)}{hint}") from exc
+                delay = self._delay(attempt)
+                log.warning("%s %s: %s; retrying in %.1f s (%d/%d)", method, path, _short_reason(exc),
+                            delay, attempt + 1, self.retries)
+                self._sleep(delay)
+                attempt += 1
+                continue
+            if response.status_code in expect:
+                return response
+            error = ApiError.from_response(response, attempts=attempt + 1)
+            response.close()
+            allowed = RETRY_STATUSES if policy == "idempotent" else NOTHING_STORED_STATUSES
+            if response.status_code not in allowed or attempt >= self.retries:
+                raise error
+            delay = self._delay(attempt)
+            retry_after = _retry_after_s(response.headers.get("Retry-After"))
+            if retry_after is not None:
+                if retry_after > self.max_retry_after:
+                    raise error
+                delay = max(delay, retry_after) if response.status_code != 429 else retry_after + delay / 10
+            log.warning("%s %s: %d %s; retrying in %.1f s (%d/%d)", method, path, response.status_code,
+                        error.code, delay, attempt + 1, self.retries)
+            self._sleep(delay)
+            attempt += 1
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    def _pages(self, path: str, params: dict[str, Any], cursor_param: str, next_key: str,
+               start: Any = None) -> Iterator[dict[str, Any]]:
+        """Every item of a paged listing, following `next_key` into `cursor_param`."""
+        cursor = start
+        while True:
+            query = {k: v for k, v in params.items() if v is not None}
+            if cursor is not None:
+                query[cursor_param] = cursor
+            page = self._json("GET", path, params=query)
+            yield from page.get("items") or []
+            cursor = page.get(next_key)
+            if cursor is None or not page.get("items"):
+                return
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def upload(self, source: str | os.PathLike[str] | bytes | IO[bytes], name: str | None = None) -> dict[str, Any]:
+        """Upload a UTF-8 corpus: a file path, raw bytes or a binary file object. Returns the dataset
+        (id, name, bytes, sha256). Streamed as text/plain; retried only when nothing was stored."""
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            with open(path, "rb") as fh:
+                return self._upload(fh, name or path.name)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return self._upload(io.BytesIO(bytes(source)), name)
+        return self._upload(source, name)
+
+    def upload_text(self, text: str, name: str | None = None) -> dict[str, Any]:
+        """Upload a corpus given as a string."""
+        return self._upload(io.BytesIO(text.encode("utf-8")), name)
+
+    def _upload(self, fh: IO[bytes], name: str | None) -> dict[str, Any]:
+        start = fh.tell() if fh.seekable() else None
+        rewind = (lambda: fh.seek(start)) if start is not None else None
+        return self._json("POST", "/v1/datasets", policy="unsafe", expect=(200, 201), rewind=rewind,
+                          params={"name": name} if name else None, data=fh,
+                          headers={"Content-Type": "text/plain; charset=utf-8"})
+
+    def list_datasets(self, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """All datasets of this key, newest first."""
+        return self._pages("/v1/datasets", {"limit": limit}, "cursor", "next_cursor")
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/datasets/{dataset_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self.request("DELETE", f"/v1/datasets/{dataset_id}", expect=(204,))
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(self, spec: dict[str, Any], dataset_id: str | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit a job spec (202, or 200 for a replay of the same Idempotency-Key). A uuid4 key is
+        made when none is given and reused on every retry, so a retried submit makes one job."""
+        body = dict(spec)
+        if dataset_id is not None:
+            body["dataset_id"] = dataset_id
+        key = idempotency_key or str(uuid.uuid4())
+        return self._json("POST", "/v1/jobs", expect=(200, 201, 202), json=body,
+                          headers={"Idempotency-Key": key})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """Status, progress, latest metrics, health and error of one job."""
+        return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """All jobs of this key (optionally one status), newest first, across cursor pages."""
+        return self._pages("/v1/jobs", {"status": status, "limit": limit}, "cursor", "next_cursor")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job (queued: at once; running: at its next step). A 409 'already cancelled'
+        that answers a retried cancel means an earlier attempt worked: the job is returned."""
+        try:
+            return self._json("POST", f"/v1/jobs/{job_id}/cancel", expect=(200, 202))
+        except ApiError as exc:
+            if exc.status == 409 and exc.attempts > 1 and exc.details.get("status") == "cancelled":
+                return self.job(job_id)
+            raise
+
+    def wait(self, job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
+             poll_s: float = 1.0, timeout: float | None = None) -> dict[str, Any]:
+        """Poll the job until it is succeeded, failed or cancelled; `on_progress(job)` after each poll.
+        Returns the final job; raises StableTrainError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.get("status") in TERMINAL_STATUSES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StableTrainError(f"job {job_id} still {job.get('status')} after {timeout:g} s")
+            self._sleep(poll_s)
+
+    def metrics(self, job_id: str, after_step: int = 0, limit: int = 1000,
+                max_points: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every step row after `after_step`, following `next_after_step` across pages."""
+        return self._pages(f"/v1/jobs/{job_id}/metrics", {"limit": limit, "max_points": max_points},
+                           "after_step", "next_after_step", start=after_step)
+
+    def layer_metrics(self, job_id: str, after_step: int = 0, limit: int = 1000,
+                      layer: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every per-layer row (step, layer, grad_norm, weight_norm, update_ratio)."""
+        return self._pages(f"/v1/jobs/{job_id}/metrics/layers", {"limit": limit, "layer": layer},
+                           "after_step", "next_after_step", start=after_step)
+
+    def events(self, job_id: str, after_id: int = 0, limit: int = 100) -> Iterator[dict[str, Any]]:
+        """Lifecycle and stability events, oldest first."""
+        return self._pages(f"/v1/jobs/{job_id}/events", {"limit": limit}, "after_id", "next_after_id",
+                           start=after_id)
+
+    def diagnosis(self, job_id: str) -> dict[str, Any]:
+        """{job_id, status, health, findings: [...], summary}."""
+        return self._json("GET", f"/v1/jobs/{job_id}/diagnosis")
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's checkpoints (step, bytes, sha256, val_loss, health, download_url), oldest first."""
+        return list(self._json("GET", f"/v1/jobs/{job_id}/checkpoints").get("items") or [])
+
+    def download(self, job_id: str, step: int | None = None, dest: str | os.PathLike[str] | None = None,
+                 chunk_size: int = 1 << 20) -> Path:
+        """Download a checkpoint (the newest when `step` is None) to `dest` (a file, or a folder for
+        `<job>_step_<n>.pt`; default the current folder). Streams into a temp file next to it,
+        resumes with Range after a broken connection, verifies size and sha256 against the listing,
+        then renames. Raises ChecksumError on a mismatch (nothing is left behind)."""
+        listing = self.checkpoints(job_id)
+        if not listing:
+            raise StableTrainError(f"job {job_id} has no checkpoints yet")
+        if step is None:
+            info = max(listing, key=lambda c: c["step"])
+        else:
+            found = [c for c in listing if c["step"] == step]
+            if not found:
+                have = ", ".join(str(c["step"]) for c in listing)
+                raise StableTrainError(f"job {job_id} has no checkpoint at step {step} (it has: {have})")
+            info = found[0]
+        target = Path(dest) if dest is not None else Path.cwd()
+        if target.is_dir():
+            target = target / f"{job_id}_step_{info['step']}.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.part"
+        url = info.get("download_url") or f"/v1/jobs/{job_id}/checkpoints/{info['step']}/file"
+        if url.startswith("/"):
+            url = f"{self.url}{url}"
+        try:
+            self._fetch(url, tmp, info, chunk_size)
+            size, digest = _file_digest(tmp)
+            if size != info["bytes"] or digest != info["sha256"]:
+                raise ChecksumError(f"checkpoint step {info['step']} of {job_id}: got {size} bytes sha256 "
+                                    f"{digest}, the service lists {info['bytes']} bytes sha256 {info['sha256']}")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def _fetch(self, url: str, tmp: Path, info: dict[str, Any], chunk_size: int) -> None:
+        """Stream url into tmp; on a broken stream, resume from what was written (bounded)."""
+        breaks = 0
+        while True:
+            have = tmp.stat().st_size if tmp.exists() else 0
+            headers = {"Range": f"bytes={have}-", "If-Range": f'"{info["sha256"]}"'} if have else {}
+            response = self.request("GET", url, expect=(200, 206), stream=True, headers=headers)
+            try:
+                mode = "ab" if response.status_code == 206 else "wb"
+                with open(tmp, mode) as fh:
+                    for chunk in response.iter_content(chunk_size):
+                        fh.write(chunk)
+                return
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as exc:
+                if breaks >= self.retries:
+                    raise ConnectionFailed(f"download of {url} kept breaking: {_short_reason(exc)}") from exc
+                delay = self._delay(breaks)
+                log.warning("download broke (%s); resuming in %.1f s", _short_reason(exc), delay)
+                self._sleep(delay)
+                breaks += 1
+            finally:
+                response.close()
+
+    # -- samples ----------------------------------------------------------------------------
+
+    def sample(self, job_id: str, prompt: str, *, wait: float = 10.0, timeout: float = 300.0,
+               poll_s: float = 0.5, **params: Any) -> dict[str, Any]:
+        """Generate text from a checkpoint (params: max_new_tokens, temperature, top_k, seed, step;
+        None means the server's default). The server answers 201 when done within `wait` s, else
+        202: then the sample is polled until succeeded/failed. Returns the sample
+        (status, text, error); raises StableTrainError when still unfinished after `timeout` s."""
+        body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+        response = self.request("POST", f"/v1/jobs/{job_id}/samples", policy="unsafe", expect=(201, 202),
+                                params={"wait": wait}, json=body, timeout=self.timeout + wait)
+        sample = response.json()
+        deadline = time.monotonic() + timeout
+        while sample.get("status") not in SAMPLE_DONE:
+            if time.monotonic() >= deadline:
+                raise StableTrainError(f"sample {sample['id']} still {sample.get('status')} after {timeout:g} s")
+            self._sleep(poll_s)
+            sample = self._json("GET", f"/v1/jobs/{job_id}/samples/{sample['id']}")
+        return sample
+
+    # -- service ----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """GET /readyz (database and broker), no key needed. 503 raises ApiError after retries."""
+        return self._json("GET", "/readyz", auth=False)
+
+
+def _short_reason(exc: BaseException) -> str:
+    """A one-line cause for a requests exception ('Connection refused', 'Read timed out')."""
+    text = str(exc)
+    for marker in ("Connection refused", "Read timed out", "timed out", "Name or service not known",
+                   "Connection reset", "Connection aborted", "RemoteDisconnected", "IncompleteRead"):
+        if marker in text:
+            return marker
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
