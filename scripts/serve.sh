@@ -93,6 +93,6 @@ EOF
 
 # gthread: a sample request may wait for its result; threads keep other requests flowing meanwhile.
 "$BIN/gunicorn" --bind "$HOST:$PORT" --workers "${WEB_CONCURRENCY:-2}" --worker-class gthread --threads 4 \
-  --timeout 120 --access-logfile - "app:create_app()" &
+  --timeout 120 --no-control-socket --access-logfile - "app:create_app()" &
 pids+=($!)
 wait "${pids[-1]}"
