@@ -103,6 +103,15 @@ def reconcile_now() -> ReconcileReport:
 _reconciler: list[ReconcilerThread] = []
 
 
+@signals.worker_init.connect
+def _warm_up(**_: Any) -> None:
+    # torch imports its optimizer/compile machinery (~1.5 s) on the first optimizer built;
+    # pay that once per process at start, not inside every worker's first job
+    import torch
+
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
 @signals.worker_ready.connect
 def _start_reconciler(**_: Any) -> None:
     if settings.reconcile_every_s > 0:

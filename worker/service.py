@@ -10,7 +10,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,15 @@ class StopFlags:
 
     heartbeat: Heartbeat
     deadline: float  # time.monotonic() value
-    reasons: list[str] = field(default_factory=list)
+    timed_out: bool = False
 
     def __call__(self) -> bool:
         hb = self.heartbeat
         if hb.cancel.is_set() or hb.lost.is_set() or SHUTDOWN.is_set():
             return True
         if time.monotonic() >= self.deadline:
-            if "time_limit" not in self.reasons:
-                self.reasons.append("time_limit")
-            return True
-        return False
+            self.timed_out = True
+        return self.timed_out
 
 
 def dataset_path(storage: Path, sha256: str) -> Path:
@@ -183,7 +181,7 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
         return "lost"
     status, error = result.status, result.error
     if status == "cancelled" and not hb.cancel.is_set():
-        if "time_limit" in stop.reasons:
+        if stop.timed_out:
             status, error = "failed", f"time limit of {format_seconds(settings.job_time_limit_s)} s exceeded"
             add_event(engine, job_id, "failed", error, step=result.step)
         elif SHUTDOWN.is_set() and release_job(engine, job_id, worker_id):
