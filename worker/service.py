@@ -138,8 +138,16 @@ def run_train_job(engine: Engine, job_id: str, settings: WorkerSettings) -> str:
         return "failed"
     except Exception as exc:
         log.exception("job %s crashed", job_id)
-        _fail(engine, job_id, worker_id, f"internal error in the worker: {type(exc).__name__}: {exc}")
+        _fail(engine, job_id, worker_id, describe_crash(exc))
         return "failed"
+
+
+def describe_crash(exc: Exception) -> str:
+    """Words for an unexpected exception; out-of-memory gets a fix the user can apply."""
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return ("out of device memory: lower training.batch_size or training.seq_len, use "
+                "training.grad_accum_steps, or shrink the model")
+    return f"internal error in the worker: {type(exc).__name__}: {exc}"
 
 
 def _fail(engine: Engine, job_id: str, worker_id: str, error: str) -> None:

@@ -188,3 +188,11 @@ def test_sample_generates_text_from_a_checkpoint(engine: Engine, settings: Worke
         done = {s.id: s for s in conn.execute(select(Sample).where(Sample.job_id == job_id))}
     assert isinstance(done[ok].text, str) and done[ok].text and done[ok].finished_at is not None
     assert done[gone].status == "failed" and "no longer exists" in done[gone].error
+
+
+def test_crash_descriptions() -> None:
+    import torch
+
+    assert service.describe_crash(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+                                  ).startswith("out of device memory: lower training.batch_size")
+    assert service.describe_crash(KeyError("x")) == "internal error in the worker: KeyError: 'x'"
