@@ -78,3 +78,5 @@ def _register_blueprints(app: Flask) -> None:
     for blp in (datasets_blp, jobs_blp, metrics_blp, checkpoints_blp, samples_blp):
         smorest_api.register_blueprint(blp)
     app.register_blueprint(ops_bp)
+    from app.ui import init_app as init_ui  # the /ui dashboard and /v1/jobs/{id}/plots/{name}.png
+    init_ui(app)

@@ -1,0 +1,1 @@
+"""Dashboard (/ui) and PNG plot tests."""

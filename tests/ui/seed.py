@@ -1,0 +1,118 @@
+"""Records of a job inserted straight through the models (no worker): steps with a loss/grad spike and
+a non-finite step, per-layer rows whose early layers get vanishing gradients, a diagnosis, events and
+a checkpoint file."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import timedelta
+from typing import Any
+
+from app.extensions import db
+from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric, utcnow
+from app.services.storage import checkpoint_path
+
+LAYERS = ["embed.weight", "layers.0.rnn.weight_ih_l0", "layers.0.rnn.weight_hh_l0",
+          "layers.1.rnn.weight_ih_l0", "layers.1.rnn.weight_hh_l0", "head.weight"]
+SPIKE_STEP, NAN_STEP = 120, 150
+SPEC: dict[str, Any] = {
+    "name": "seeded-lstm",
+    "model": {"arch": "lstm", "n_layers": 2, "d_model": 64, "hidden": 128},
+    "training": {"max_steps": 200, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 20, "eval_every": 50},
+    "stabilization": {"clip": {"mode": "norm", "max_norm": 1.0}, "on_explosion": "rollback"},
+    "monitoring": {"layer_stats_every": 10},
+    "checkpointing": {"every_steps": 100, "keep_last": 3},
+}
+FINDINGS = [
+    {"kind": "exploding", "severity": "critical",
+     "summary": f"gradient norm spiked to 80 at step {SPIKE_STEP} (median before 0.9)",
+     "steps": {"first": SPIKE_STEP, "last": SPIKE_STEP}, "layers": [],
+     "evidence": {"peak_grad_norm": 80.0, "peak_step": SPIKE_STEP, "median_before": 0.9},
+     "recommendations": [{"field": "training.lr", "value": 0.0015, "why": "halve the learning rate"}]},
+    {"kind": "vanishing", "severity": "critical",
+     "summary": "2 layer(s) get gradients 1.0e+05x weaker than the strongest layer (weakest: embed.weight)",
+     "steps": {"first": 10, "last": 200}, "layers": LAYERS[:2],
+     "evidence": {"median_grad_norm": {"embed.weight": 3e-7, "head.weight": 0.3}},
+     "recommendations": [{"field": "model.residual", "value": True,
+                          "why": "skip connections carry gradient to the early layers"}]},
+]
+
+
+def step_row(step: int, max_steps: int = 200) -> dict[str, Any]:
+    """One plausible step row; a spike at SPIKE_STEP and a skipped non-finite step at NAN_STEP."""
+    warm = min(1.0, step / 20)
+    lr = 3e-3 * warm * 0.5 * (1 + math.cos(math.pi * step / max_steps))
+    loss = 5.5 * math.exp(-step / 60) + 1.6 + 0.05 * math.sin(step)
+    grad = 0.9 + 0.4 * math.sin(step / 3)
+    row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad,
+                           "grad_norm_clipped": min(grad, 1.0), "clipped": grad > 1.0, "nonfinite": False,
+                           "skipped": False, "loss_scale": None, "tokens_per_s": 20000.0,
+                           "tokens_seen": step * 1024, "val_loss": loss + 0.1 if step % 50 == 0 else None,
+                           "time": 1_700_000_000.0 + step}
+    if step == SPIKE_STEP:
+        row.update(loss=9.0, grad_norm=80.0, grad_norm_clipped=1.0, clipped=True)
+    if step == NAN_STEP:
+        row.update(loss=None, grad_norm=None, grad_norm_clipped=None, nonfinite=True, skipped=True)
+    return row
+
+
+def layer_rows(step: int) -> list[dict[str, Any]]:
+    """Per-layer rows at one step: the first two layers ~1e-7, the rest 1e-2..1; x100 at the spike."""
+    rows = []
+    for i, name in enumerate(LAYERS):
+        grad = 3e-7 * (1 + 0.2 * math.sin(step)) if i < 2 else 10 ** (-2 + i / 3)
+        if step == SPIKE_STEP:
+            grad *= 100
+        if step == NAN_STEP and i == len(LAYERS) - 1:
+            grad = None
+        rows.append({"step": step, "layer": name, "grad_norm": grad, "weight_norm": 10.0, "update_ratio": 1e-3})
+    return rows
+
+
+def add_steps(job_id: str, first: int, last: int, layers: bool = True) -> None:
+    """Insert step rows first..last (and layer rows every 10 steps) and move the job's progress."""
+    for step in range(first, last + 1):
+        db.session.add(StepMetric(job_id=job_id, **step_row(step)))
+        if layers and step % 10 == 0:
+            for row in layer_rows(step):
+                db.session.add(LayerMetric(job_id=job_id, **row))
+    job = db.session.get(Job, job_id)
+    job.step = last
+    job.tokens_seen = last * 1024
+    job.latest = {k: v for k, v in step_row(last).items()}
+    db.session.commit()
+
+
+def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: str = "seeded-lstm") -> str:
+    """A job with `steps` steps of records; a finished one also gets its diagnosis, events and a checkpoint."""
+    now = utcnow()
+    job = Job(owner_id=owner_id, dataset_id=None, name=name, spec={**SPEC, "name": name}, status=status,
+              max_steps=200, started_at=now - timedelta(minutes=5), attempts=1,
+              health="critical" if status == "succeeded" else "ok")
+    db.session.add(job)
+    db.session.commit()
+    db.session.add(Event(job_id=job.id, step=0, kind="started", message="training started on cpu"))
+    if steps:
+        add_steps(job.id, 1, steps)
+    if status in ("succeeded", "failed", "cancelled"):
+        job.finished_at = now
+        job.diagnosis = {"findings": FINDINGS, "summary": "; ".join(f["summary"] for f in FINDINGS)}
+        for step, kind, message in [(SPIKE_STEP, "loss_spike", "loss 9.0 vs median 2.1"),
+                                    (NAN_STEP, "step_skipped", "non-finite gradient; step skipped"),
+                                    (200, "checkpoint", "checkpoint at step 200"),
+                                    (200, "finished", "finished after 200 steps")]:
+            db.session.add(Event(job_id=job.id, step=step, kind=kind, message=message))
+        add_checkpoint(job.id, 200)
+    db.session.commit()
+    return job.id
+
+
+def add_checkpoint(job_id: str, step: int) -> None:
+    """A small checkpoint file and its record."""
+    path = checkpoint_path(job_id, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = b"stabletrain test checkpoint " + str(step).encode()
+    path.write_bytes(body)
+    db.session.add(Checkpoint(job_id=job_id, step=step, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
+                              val_loss=1.9, health="ok"))
