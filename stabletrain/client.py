@@ -92,15 +92,15 @@ class ApiError(StableTrainError):
         out = []
         for field, value in self.details.items():
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                out.append(f"{field}: {'; '.join(value)}")
+                out.append(f"{field}: {' '.join(value)}")
         return out
 
     def __str__(self) -> str:
         fields = self.field_messages()
         if fields and self.status == 422:
-            text = ", ".join(fields)
+            text = "; ".join(fields)
         elif fields and not all(f.split(": ", 1)[-1] in self.message for f in fields):
-            text = f"{self.message} ({', '.join(fields)})"
+            text = f"{self.message} ({'; '.join(fields)})"
         else:
             text = self.message
         return f"error {self.status} {self.code}: {text}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -21,6 +22,13 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 from werkzeug.serving import make_server
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -6,7 +6,6 @@ connections); the requests are real HTTP over a socket.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -16,17 +15,10 @@ import pytest
 
 from stabletrain import ApiError, Client, ConfigError, ConnectionFailed
 from stabletrain.client import DEFAULT_URL, _retry_after_s
-from tests.client.servers import DROP, Reply, Stub
+from tests.client.servers import DROP, Reply, Stub, free_port
 
 MakeClient = Callable[..., Client]
 QUEUED = {"id": "job_1", "status": "queued", "progress": {"step": 0, "max_steps": 10}}
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_submit_retries_503_with_one_idempotency_key(make_client: MakeClient) -> None:
