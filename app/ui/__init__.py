@@ -26,7 +26,6 @@ def _page(template: str, **context: str) -> Response:
 
 
 @bp.get("/")
-@bp.get("/jobs")
 def jobs() -> Response:
     """The list of the key's jobs with their status."""
     return _page("ui/jobs.html", page="jobs")

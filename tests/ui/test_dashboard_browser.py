@@ -1,0 +1,270 @@
+"""The dashboard in a real browser: Debian's chromium driven by Playwright (system binary, never
+`playwright install`), against the app served over HTTP on a free port with a temp database.
+
+Skips when chromium or Playwright is missing; fails instead under CI=true. Screenshots go to
+test-artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from app import create_app
+from app.extensions import db
+from app.models import Job
+from tests.conftest import create_key
+from tests.ui import seed
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 20_000
+
+
+def require_browser() -> None:
+    """Skip without chromium or Playwright; under CI=true that is a failure."""
+    reason = None
+    if not CHROMIUM.exists():
+        reason = f"Debian's chromium is not installed ({CHROMIUM}); install it with `apt-get install -y chromium`"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "playwright is not installed: pip install -r requirements-dev.txt"
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the browser tests cannot run: {reason}")
+        pytest.skip(reason)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@dataclass
+class Served:
+    app: Flask
+    base_url: str
+    owner_id: str
+    secret: str
+    server: BaseWSGIServer
+    thread: threading.Thread = field(repr=False)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The app under a real threaded HTTP server on a free port, on its own temp database and storage."""
+    require_browser()
+    root = tmp_path_factory.mktemp("ui-served")
+    app = create_app({
+        "DATABASE_URL": f"sqlite:///{root / 'ui.db'}",
+        "BROKER_URL": f"sqlalchemy+sqlite:///{root / 'broker.db'}",
+        "STORAGE_DIR": str(root / "storage"),
+        "ENQUEUE_RETRIES": 0,
+    })
+    with app.app_context():
+        db.create_all()
+    owner_id, secret = create_key(app.test_cli_runner(), "browser")
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="ui-http", daemon=True)
+    thread.start()
+    yield Served(app, f"http://127.0.0.1:{server.server_port}", owner_id, secret, server, thread)
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A headless chromium with a fresh profile (user data dir)."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1440, "height": 1000}, accept_downloads=True)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A new tab that records JavaScript errors; the test fails if any were thrown."""
+    tab = browser.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.on("console", lambda msg: errors.append(msg.text)
+           if msg.type == "error" and "status of 401" not in msg.text else None)
+    tab.set_default_timeout(TIMEOUT_MS)
+    yield tab
+    tab.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def in_app(served: Served, fn: Callable[[], Any]) -> Any:
+    with served.app.app_context():
+        return fn()
+
+
+def points(page: Any, chart: str) -> int:
+    return int(page.get_attribute(f"#{chart}", "data-points") or 0)
+
+
+def canvas_stats(page: Any, selector: str) -> dict[str, int]:
+    """Painted pixels and distinct colours of a canvas."""
+    return page.evaluate("""(sel) => {
+        const c = document.querySelector(sel);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let painted = 0; const colours = new Set();
+        for (let i = 0; i < d.length; i += 4) {
+            if (d[i + 3] > 0) { painted++; colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]); }
+        }
+        return {painted: painted, colours: colours.size, width: c.width, height: c.height};
+    }""", selector)
+
+
+def screenshot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return path
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `check` until true or fail after timeout_s (no fixed sleeps as synchronization)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(served: Served, page: Any) -> None:
+    job_id = in_app(served, lambda: seed.make_job(served.owner_id))
+    page.goto(f"{served.base_url}/ui/jobs/{job_id}?key={served.secret}")
+    page.wait_for_selector("body[data-loaded=true]")
+
+    # the key went to localStorage and out of the URL
+    assert "key=" not in page.url
+    assert page.evaluate("localStorage.getItem('stabletrain.apiKey')") == served.secret
+    # header links
+    for href in ("/ui/", "/docs", "/v1/openapi.json"):
+        assert page.locator(f"header a[href='{href}']").count() >= 1
+
+    assert page.inner_text("#job-status") == "succeeded"
+    for chart in ("chart-loss", "chart-grad", "chart-lr"):
+        assert points(page, chart) == 200, chart
+        assert page.locator(f"#{chart} canvas").count() == 1
+    assert page.get_attribute("#chart-loss", "data-val-points") == "4"
+    series = page.evaluate("""() => {
+        const c = window.stDashboard.state.charts;
+        return {loss: c.loss.data[1].filter(v => v !== null).length, grad: c.grad.series.map(s => s.label),
+                clip: c.grad.data[3][0], distr: c.grad.scales.y.distr};
+    }""")
+    assert series["loss"] == 199  # one step was non-finite
+    assert "clip max_norm 1" in series["grad"] and series["clip"] == 1.0
+    assert series["distr"] == 3  # log scale
+
+    heat = page.locator("#heatmap")
+    assert heat.get_attribute("data-layers") == str(len(seed.LAYERS))
+    assert heat.get_attribute("data-steps") == "20"
+    assert int(heat.get_attribute("data-cells") or 0) > 100
+    assert heat.get_attribute("data-nonfinite") == "1"
+    stats = canvas_stats(page, "#heatmap canvas")
+    assert stats["painted"] > 0.3 * stats["width"] * stats["height"] and stats["colours"] > 20, stats
+
+    diagnosis = page.locator("#diagnosis")
+    assert diagnosis.locator(".finding").count() == 2
+    assert diagnosis.locator(".finding[data-kind=exploding]").is_visible()
+    assert "gradient norm spiked to 80" in diagnosis.inner_text()
+    recommendation = diagnosis.locator("tr.rec", has_text="model.residual")
+    assert recommendation.is_visible()
+    assert "skip connections" in recommendation.inner_text()
+
+    assert page.locator("#events-body tr[data-kind=step_skipped]").count() == 1
+    link = page.locator("a.ckpt-download[data-step='200']")
+    assert link.is_visible()
+    assert link.get_attribute("href") == f"/v1/jobs/{job_id}/checkpoints/200/file"
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.suggested_filename == f"{job_id}_step_200.pt"
+    assert Path(download.value.path()).read_bytes() == b"stabletrain test checkpoint 200"
+
+    screenshot(page, "dashboard-finished-job.png")
+
+    # the jobs list links to it with its status
+    page.goto(f"{served.base_url}/ui/")
+    row = page.locator(f"#jobs-body tr[data-job-id='{job_id}']")
+    row.wait_for()
+    assert "succeeded" in row.inner_text()
+    assert row.locator(f"a[href='/ui/jobs/{job_id}']").count() == 1
+    screenshot(page, "dashboard-jobs.png")
+
+
+def test_running_job_dashboard_grows_while_steps_arrive_and_stops_when_it_ends(served: Served, page: Any) -> None:
+    job_id = in_app(served, lambda: seed.make_job(served.owner_id, status="running", steps=30, name="live-lstm"))
+    page.goto(f"{served.base_url}/ui/jobs/{job_id}?key={served.secret}")
+    page.wait_for_selector("body[data-loaded=true]")
+    assert page.inner_text("#job-status") == "running"
+    assert points(page, "chart-loss") == 30
+    assert page.get_attribute("#heatmap", "data-steps") == "3"
+
+    in_app(served, lambda: seed.add_steps(job_id, 31, 90))
+    wait_until(lambda: points(page, "chart-loss") == 90, 20, "the loss chart to reach 90 points")
+    assert points(page, "chart-grad") == 90 and points(page, "chart-lr") == 90
+    wait_until(lambda: page.get_attribute("#heatmap", "data-steps") == "9", 20, "the heatmap to grow")
+    assert page.evaluate("window.stDashboard.state.charts.loss.data[0].at(-1)") == 90
+    screenshot(page, "dashboard-running-job.png")
+
+    def finish() -> None:
+        job = db.session.get(Job, job_id)
+        job.status, job.finished_at = "succeeded", seed.utcnow()
+        job.diagnosis = {"findings": seed.FINDINGS[:1], "summary": seed.FINDINGS[0]["summary"]}
+        seed.add_checkpoint(job_id, 90)
+        db.session.commit()
+
+    in_app(served, finish)
+    page.wait_for_selector("body[data-job-status=succeeded]")
+    assert page.locator("#diagnosis .finding[data-kind=exploding]").is_visible()
+    assert page.locator("a.ckpt-download[data-step='90']").is_visible()
+    # polling stopped: rows added now never show up
+    in_app(served, lambda: seed.add_steps(job_id, 91, 95, layers=False))
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.wait_for_timeout(2500)  # longer than one poll period, to observe that no poll happens
+    assert points(page, "chart-loss") == 90
+    assert not [u for u in requests if "/metrics" in u]
+
+
+def test_dashboard_asks_for_a_key_and_rejects_a_wrong_one(served: Served, page: Any) -> None:
+    page.goto(f"{served.base_url}/ui/")
+    page.evaluate("localStorage.removeItem('stabletrain.apiKey')")
+    page.reload()
+    assert page.locator("#key-panel").is_visible()
+    page.fill("#key-input", "st_not_a_real_key")
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#key-message:has-text('did not accept')")
+    page.fill("#key-input", served.secret)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#jobs-body tr")
+    assert page.locator("#key-panel").is_hidden()
