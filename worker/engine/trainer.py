@@ -151,7 +151,8 @@ class Trainer:
         self.tokenizer = (
             tokenizer_from_state(resume["tokenizer"]) if resume else build_tokenizer(spec.tokenizer, text)
         )
-        self.data = load_text_data(text, self.tokenizer, t.seq_len, t.val_fraction)
+        # On a GPU the token stream lives there, so a batch is a gather on the device, not a copy.
+        self.data = load_text_data(text, self.tokenizer, t.seq_len, t.val_fraction).to(self.device)
         torch.manual_seed(t.seed)  # model init and dropout are reproducible from the seed
         self.model = build_model(spec.model, self.tokenizer.vocab_size, t.seq_len).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
