@@ -89,6 +89,8 @@ def _num(value: Any, fmt: str = ".4g") -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -132,11 +134,16 @@ def format_job(job: dict[str, Any]) -> str:
 
 
 def format_diagnosis(diag: dict[str, Any]) -> str:
-    """Summary line, then each finding with its recommendations as `field: value — why`."""
-    lines = [f"diagnosis ({diag.get('health') or '-'}): {diag.get('summary') or 'no findings'}"]
-    findings = diag.get("findings") or []
-    if findings:
-        lines.append("findings:")
+    """The summary, then each finding with its recommendations as `field: value — why`."""
+    findings = [f for f in diag.get("findings") or [] if isinstance(f, dict)]
+    summary = (diag.get("summary") or "").strip()
+    head = f"diagnosis ({diag.get('health') or '-'}): "
+    if not findings:
+        return head + (summary or "no findings")
+    lines = [head + f"{len(findings)} finding{'s' if len(findings) != 1 else ''}"]
+    covered = " ".join(str(f.get("summary", "")) for f in findings)
+    extra = [line for line in summary.splitlines() if line.strip() and line.split("] ", 1)[-1] not in covered]
+    lines += [f"  {line}" for line in extra]
     for f in findings:
         steps = f.get("steps") or {}
         where = ""
@@ -145,11 +152,10 @@ def format_diagnosis(diag: dict[str, Any]) -> str:
                 else f" (step {steps['first']})"
         lines.append(f"  [{f.get('severity', '?')}] {f.get('kind', '?')}{where}: {f.get('summary', '')}")
         if f.get("layers"):
-            layers = list(f["layers"])
+            layers = [str(name) for name in f["layers"]]
             lines.append(f"      layers: {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''}")
         for rec in f.get("recommendations") or []:
-            value = json.dumps(rec.get("value"))
-            lines.append(f"      -> {rec.get('field')}: {value} — {rec.get('why', '')}")
+            lines.append(f"      -> {rec.get('field')}: {json.dumps(rec.get('value'))} — {rec.get('why', '')}")
     return "\n".join(lines)
 
 
@@ -194,19 +200,22 @@ class Progress:
             self.bar = tqdm(total=total, initial=step, unit="step", desc=self.job_id, file=sys.stderr,
                             dynamic_ncols=True, mininterval=0.2, leave=True)
         bar = self.bar
-        if total and bar.total != total:
-            bar.total = total
-        if step > bar.n:
-            bar.update(step - bar.n)
-        elif step < bar.n:  # a rollback rewinds the step counter
-            bar.n = step
         latest = job.get("latest") or {}
         status = job.get("status")
         parts = [f"loss={_num(latest.get('loss'))}", f"grad_norm={_num(latest.get('grad_norm'), '.3g')}",
                  f"health={job.get('health') or '-'}"]
         if status != "running":
             parts.append(str(status))
-        bar.set_postfix_str(" ".join(parts), refresh=False)
+        bar.set_postfix_str(" ".join(parts), refresh=False)  # before update(), which may redraw
+        if total and bar.total != total:
+            bar.total = total
+        if self.status == "queued" and status != "queued":  # time spent queued must not skew the rate/ETA
+            bar.reset(total=bar.total)
+            bar.initial = bar.n = bar.last_print_n = step
+        if step > bar.n:
+            bar.update(step - bar.n)
+        elif step < bar.n:  # a rollback rewinds the step counter
+            bar.n = step
         bar.refresh()
         self.status = status
 

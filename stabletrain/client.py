@@ -347,7 +347,7 @@ class Client:
         return list(self._json("GET", f"/v1/jobs/{job_id}/checkpoints").get("items") or [])
 
     def download(self, job_id: str, step: int | None = None, dest: str | os.PathLike[str] | None = None,
-                 chunk_size: int = 1 << 20) -> Path:
+                 chunk_size: int = 1 << 16) -> Path:
         """Download a checkpoint (the newest when `step` is None) to `dest` (a file, or a folder for
         `<job>_step_<n>.pt`; default the current folder). Streams into a temp file next to it,
         resumes with Range after a broken connection, verifies size and sha256 against the listing,

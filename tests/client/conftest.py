@@ -93,7 +93,7 @@ class Live:
         return run_cli("--url", self.url, "--key", self.key, *args)
 
     def client(self, **kwargs: Any) -> Client:
-        return Client(url=self.url, key=self.key, **kwargs)
+        return Client(**{"url": self.url, "key": self.key, **kwargs})
 
 
 @pytest.fixture(scope="session")
