@@ -7,51 +7,20 @@ test-artifacts/ (gitignored).
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from app import create_app
 from app.extensions import db
 from app.models import Job
 from tests.conftest import create_key
 from tests.ui import seed
-
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 20_000
-
-
-def require_browser() -> None:
-    """Skip without chromium or Playwright; under CI=true that is a failure."""
-    reason = None
-    if not CHROMIUM.exists():
-        reason = f"Debian's chromium is not installed ({CHROMIUM}); install it with `apt-get install -y chromium`"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "playwright is not installed: pip install -r requirements-dev.txt"
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the browser tests cannot run: {reason}")
-        pytest.skip(reason)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, *args: Any, **kwargs: Any) -> None:
-        pass
+from tests.ui.browser import canvas_stats, points, require_browser, screenshot, serve, wait_until
 
 
 @dataclass
@@ -60,8 +29,6 @@ class Served:
     base_url: str
     owner_id: str
     secret: str
-    server: BaseWSGIServer
-    thread: threading.Thread = field(repr=False)
 
 
 @pytest.fixture(scope="module")
@@ -78,85 +45,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with app.app_context():
         db.create_all()
     owner_id, secret = create_key(app.test_cli_runner(), "browser")
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="ui-http", daemon=True)
-    thread.start()
-    yield Served(app, f"http://127.0.0.1:{server.server_port}", owner_id, secret, server, thread)
-    server.shutdown()
-    thread.join(timeout=10)
-    server.server_close()
+    with serve(app) as base_url:
+        yield Served(app, base_url, owner_id, secret)
     with app.app_context():
         db.engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A headless chromium with a fresh profile (user data dir)."""
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1440, "height": 1000}, accept_downloads=True)
-        try:
-            yield context
-        finally:
-            context.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A new tab that records JavaScript errors; the test fails if any were thrown."""
-    tab = browser.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    tab.on("console", lambda msg: errors.append(msg.text)
-           if msg.type == "error" and "status of 401" not in msg.text else None)
-    tab.set_default_timeout(TIMEOUT_MS)
-    yield tab
-    tab.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def in_app(served: Served, fn: Callable[[], Any]) -> Any:
     with served.app.app_context():
         return fn()
-
-
-def points(page: Any, chart: str) -> int:
-    return int(page.get_attribute(f"#{chart}", "data-points") or 0)
-
-
-def canvas_stats(page: Any, selector: str) -> dict[str, int]:
-    """Painted pixels and distinct colours of a canvas."""
-    return page.evaluate("""(sel) => {
-        const c = document.querySelector(sel);
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let painted = 0; const colours = new Set();
-        for (let i = 0; i < d.length; i += 4) {
-            if (d[i + 3] > 0) { painted++; colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]); }
-        }
-        return {painted: painted, colours: colours.size, width: c.width, height: c.height};
-    }""", selector)
-
-
-def screenshot(page: Any, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    page.screenshot(path=str(path), full_page=True)
-    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return path
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll `check` until true or fail after timeout_s (no fixed sleeps as synchronization)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(served: Served, page: Any) -> None:
