@@ -305,12 +305,26 @@ class Client:
             raise
 
     def wait(self, job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
-             poll_s: float = 1.0, timeout: float | None = None) -> dict[str, Any]:
+             poll_s: float = 1.0, timeout: float | None = None, outage_s: float = 300.0) -> dict[str, Any]:
         """Poll the job until it is succeeded, failed or cancelled; `on_progress(job)` after each poll.
-        Returns the final job; raises StableTrainError after `timeout` seconds."""
+        Returns the final job; raises StableTrainError after `timeout` seconds. An outage of the
+        service (unreachable, or 502/503/504 after the request's own retries) is waited out for up
+        to `outage_s` seconds: the job keeps training meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
         while True:
-            job = self.job(job_id)
+            try:
+                job = self.job(job_id)
+            except (ConnectionFailed, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES - {429}:
+                    raise
+                down_since = down_since if down_since is not None else time.monotonic()
+                if time.monotonic() - down_since > outage_s:
+                    raise
+                log.warning("still waiting for %s: %s", job_id, exc)
+                self._sleep(max(poll_s, 1.0))
+                continue
+            down_since = None
             if on_progress is not None:
                 on_progress(job)
             if job.get("status") in TERMINAL_STATUSES:

@@ -229,3 +229,21 @@ def test_configuration_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("STABLETRAIN_URL", "localhost:8000")
     with pytest.raises(ConfigError, match="http"):
         Client()
+
+
+def test_wait_rides_out_a_service_outage(make_client: MakeClient) -> None:
+    running = {**QUEUED, "status": "running", "progress": {"step": 3, "max_steps": 10}}
+    done = {**QUEUED, "status": "succeeded", "progress": {"step": 10, "max_steps": 10}}
+    with Stub() as stub:
+        stub.script("GET", "/v1/jobs/job_1", Reply(200, running), Reply(503), DROP, Reply(502),
+                    Reply(200, done))
+        client = make_client(stub.url, "k", retries=0)
+        seen: list[int] = []
+        final = client.wait("job_1", on_progress=lambda j: seen.append(j["progress"]["step"]), poll_s=0.01)
+        assert final["status"] == "succeeded" and seen == [3, 10]
+        stub.script("GET", "/v1/jobs/job_1", Reply(404))
+        with pytest.raises(ApiError, match="404"):  # not an outage: raised at once
+            client.wait("job_1")
+        stub.script("GET", "/v1/jobs/job_1", *[Reply(503)] * 3)
+        with pytest.raises(ApiError, match="503"):
+            client.wait("job_1", outage_s=0)
