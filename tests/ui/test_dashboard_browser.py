@@ -18,6 +18,7 @@ from flask import Flask
 from app import create_app
 from app.extensions import db
 from app.models import Job
+from app.plots.order import depth_order
 from tests.conftest import create_key
 from tests.ui import seed
 from tests.ui.browser import canvas_stats, points, require_browser, screenshot, serve, wait_until
@@ -82,6 +83,11 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     assert "clip max_norm 1" in series["grad"] and series["clip"] == 1.0
     assert series["distr"] == 3  # log scale
 
+    # layer rows in depth order, the same order as the PNG heatmap (app/plots/order.py)
+    assert page.evaluate("window.stDashboard.heatmap.layers") == seed.LAYERS
+    names = ["head.weight", "blocks.10.mlp.proj.weight", "blocks.2.attn.proj.weight", "pos_emb.weight",
+             "blocks.2.attn.qkv.weight", "tok_emb.weight", "blocks.10.attn.qkv.weight", "blocks.2.mlp.fc.weight"]
+    assert page.evaluate("(n) => window.stDashboard.depthOrder(n)", names) == depth_order(names)
     heat = page.locator("#heatmap")
     assert heat.get_attribute("data-layers") == str(len(seed.LAYERS))
     assert heat.get_attribute("data-steps") == "20"

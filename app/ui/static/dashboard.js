@@ -114,7 +114,7 @@
   function num(v, digits) {
     if (v === null || v === undefined) return "–";
     if (typeof v !== "number") return String(v);
-    if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e5)) return v.toExponential(digits || 2);
+    if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e5)) return v.toExponential(digits || 2).replace(/\.?0+e/, "e");
     return String(Number(v.toPrecision(digits || 4)));
   }
   function bytes(n) {
@@ -194,8 +194,8 @@
       $("jobs-more").hidden = !cursor;
       $("jobs-empty").hidden = body.children.length > 0;
       const live = data.items.some((j) => LIVE.has(j.status));
-      clearTimeout(timer);
-      if (live && !more) timer = setTimeout(() => load(false).catch(showError), POLL_MS);
+      clearTimeout(timer);  // every 2 s while a job is live, else every 15 s (new jobs show up)
+      if (!more) timer = setTimeout(() => load(false).catch(showError), live ? POLL_MS : 15000);
     }
 
     $("status-filter").addEventListener("change", () => { shown = 50; load(false).catch(showError); });
@@ -232,7 +232,7 @@
       x: [], loss: [], val: [], gn: [], gnc: [], lr: [], bad: [], clip: null, charts: {},
     };
     const heatmap = new window.StHeatmap($("heatmap"), depthOrder);
-    window.stDashboard = { state: s, heatmap: heatmap };
+    window.stDashboard = { state: s, heatmap: heatmap, depthOrder: depthOrder };
 
     function resetSeries() {
       s.afterStep = 0; s.afterLayerStep = 0;
