@@ -7,17 +7,39 @@ served over HTTP here so that headless chromium loads /ui like a user would.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.integration import conftest as integration
-from tests.ui.browser import canvas_stats, points, screenshot, serve, wait_until
+from tests.ui.browser import canvas_stats, points, require_browser, screenshot, serve, wait_until
 
 pytestmark = pytest.mark.integration
 
-stack = integration.stack  # fixtures reused from tests/integration/conftest.py
-corpus = integration.corpus
+corpus = integration.corpus  # fixture reused from tests/integration/conftest.py
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[integration.Stack]:
+    """tests/integration's Stack on the embedded backends (SQLite database + SQLite broker) only.
+
+    Its own broker file, so this worker never shares queues with the integration suite's workers
+    (the `servers` variant of that fixture uses one fixed Redis database); the dashboard does not
+    depend on the backend, which tests/integration covers."""
+    require_browser()
+    root = tmp_path_factory.mktemp("ui-live-stack")
+    st = integration.Stack("ui-live", f"sqlite:///{root / 'stabletrain.db'}",
+                           f"sqlalchemy+sqlite:///{root / 'broker.db'}", root)
+    try:
+        st.migrate()
+        st.start_worker()
+        yield st
+    finally:
+        failed = request.session.testsfailed
+        st.close()
+        if failed:
+            print(f"\n--- worker log (ui-live) ---\n{st.log_tail()}")
 
 LIVE_JOB: dict[str, Any] = {
     "name": "live-ui-lstm",
