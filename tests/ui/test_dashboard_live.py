@@ -71,7 +71,7 @@ def test_dashboard_follows_a_running_job_then_samples_from_it(stack: integration
         wait_until(lambda: int(page.get_attribute("#heatmap", "data-cells") or 0) > 0, 60, "layer statistics")
         stats = canvas_stats(page, "#heatmap canvas")
         assert stats["colours"] > 10, stats
-        screenshot(page, f"dashboard-live-{stack.name}.png")
+        screenshot(page, "dashboard-live-worker-running.png")
 
         cancel = stack.api("POST", f"/v1/jobs/{job_id}/cancel")
         assert cancel.status_code in (200, 202), cancel.get_json()
@@ -88,4 +88,4 @@ def test_dashboard_follows_a_running_job_then_samples_from_it(stack: integration
         page.wait_for_selector("#sample-out:not([hidden])", timeout=120_000)
         assert len(page.inner_text("#sample-out")) > 0
         assert "from checkpoint step" in page.inner_text("#sample-status")
-        screenshot(page, f"dashboard-live-{stack.name}-finished.png")
+        screenshot(page, "dashboard-live-worker-cancelled.png")
