@@ -17,7 +17,7 @@ from flask import Flask
 
 from app import create_app
 from app.extensions import db
-from app.models import Job
+from app.models import Event, Job, StepMetric
 from app.plots.order import depth_order
 from tests.conftest import create_key
 from tests.ui import seed
@@ -138,6 +138,17 @@ def test_running_job_dashboard_grows_while_steps_arrive_and_stops_when_it_ends(s
     wait_until(lambda: page.get_attribute("#heatmap", "data-steps") == "9", 20, "the heatmap to grow")
     assert page.evaluate("window.stDashboard.state.charts.loss.data[0].at(-1)") == 90
     screenshot(page, "dashboard-running-job.png")
+
+    def roll_back() -> None:  # the engine rolled back to step 60 and wrote steps 61..90 again
+        for step in range(61, 91):
+            db.session.get(StepMetric, (job_id, step)).loss = 1.25
+        db.session.add(Event(job_id=job_id, step=90, kind="rollback", message="rolled back to step 60"))
+        db.session.commit()
+
+    in_app(served, roll_back)
+    wait_until(lambda: page.evaluate("window.stDashboard.state.loss[69]") == 1.25, 20,
+               "the rewritten steps to replace the shown ones after a rollback event")
+    assert points(page, "chart-loss") == 90
 
     def finish() -> None:
         job = db.session.get(Job, job_id)

@@ -391,6 +391,7 @@
           el("td", { text: e.message }),
           el("td", { class: "muted", text: when(e.created_at) })));
       }
+      while (tbody.children.length > 500) tbody.lastChild.remove();  // newest 500 on the page
     }
 
     function renderCheckpoints(items) {
@@ -425,11 +426,13 @@
       const { data: job } = await api(base);
       renderJob(job);
       // events first: a rollback rewrites steps already shown, so the series are reloaded
-      const { data: ev } = await api(base + "/events?after_id=" + s.afterEventId + "&limit=1000");
-      if (ev.items.length) {
+      for (let i = 0; i < 20; i++) {
+        const { data: ev } = await api(base + "/events?after_id=" + s.afterEventId + "&limit=1000");
+        if (!ev.items.length) break;
         if (s.loadedOnce && ev.items.some((e) => e.kind === "rollback")) resetSeries();
         s.afterEventId = ev.items[ev.items.length - 1].id;
         renderEvents(ev.items);
+        if (ev.next_after_id === null || ev.next_after_id === undefined) break;
       }
       const steps = await pageAll("/metrics", "after_step", s.afterStep, 5000);
       if (steps.length) { addSteps(steps); s.afterStep = steps[steps.length - 1].step; }
