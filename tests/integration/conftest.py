@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,34 @@ WORKER_ENV = {
 }
 
 
+def start_worker_process(env: dict[str, str], log_path: Path, name: str = "it") -> subprocess.Popen[bytes]:
+    """Start one `celery worker` (solo pool, both queues) appending to log_path; return once it is ready."""
+    proc, wait_ready = launch_worker_process(env, log_path, name)
+    wait_ready()
+    return proc
+
+
+def launch_worker_process(env: dict[str, str], log_path: Path,
+                          name: str = "it") -> tuple[subprocess.Popen[bytes], Callable[[], None]]:
+    """Start one `celery worker` without waiting; the returned callable waits until it is ready."""
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it until it exits
+    start = log_path.stat().st_size
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,samples",
+           "-c", "1", "--pool=solo", "-n", f"{name}-{uuid.uuid4().hex[:8]}@%h", "--loglevel=INFO"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+
+    def since_start() -> str:
+        with open(log_path, "rb") as fh:
+            fh.seek(start)
+            return fh.read().decode("utf-8", "replace")
+
+    def wait_ready() -> None:
+        wait_for(lambda: " ready." in since_start() or proc.poll() is not None, 120, "the worker to be ready")
+        assert proc.poll() is None, since_start()[-6000:]
+
+    return proc, wait_ready
+
 class Stack:
     """Database, broker, storage, one worker process and an API client, all sharing one config."""
 
@@ -69,15 +97,7 @@ class Stack:
 
     def start_worker(self) -> None:
         """Start `celery worker` on both queues and wait until it says it is ready."""
-        log = open(self.worker_log, "ab")  # noqa: SIM115 - the child owns it until it exits
-        start = self.worker_log.stat().st_size
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,samples",
-               "-c", "1", "--pool=solo", "-n", f"it-{uuid.uuid4().hex[:8]}@%h", "--loglevel=INFO"]
-        self.worker = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_for(lambda: self._log_since(start).find(" ready.") >= 0 or self.worker.poll() is not None,
-                 120, "the worker to be ready")
-        assert self.worker.poll() is None, self.log_tail()
+        self.worker = start_worker_process(self.env, self.worker_log)
 
     def stop_worker(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
         """Stop our worker by pid (SIGTERM = warm shutdown; SIGKILL = crash)."""
