@@ -113,6 +113,12 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     assert download.value.suggested_filename == f"{job_id}_step_200.pt"
     assert Path(download.value.path()).read_bytes() == b"stabletrain test checkpoint 200"
 
+    # PNG links open the rendered plot (fetched with the key, shown as a blob)
+    with page.expect_popup() as popup:
+        page.click("a.png-link[data-plot=layers]")
+    assert popup.value.url.startswith("blob:")
+    popup.value.close()
+
     screenshot(page, "dashboard-finished-job.png")
 
     # the jobs list links to it with its status

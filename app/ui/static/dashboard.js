@@ -22,7 +22,7 @@
   function showKeyStatus() {
     const key = apiKey();
     $("key-status").hidden = !key;
-    $("key-label").textContent = key ? "key " + key.slice(0, 6) + "…" + key.slice(-4) : "";
+    $("key-label").textContent = key ? "key " + key.slice(0, 7) + "…" : "";
   }
 
   let onKey = null;
