@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import event
 
-from app import auth, logs, observability
+from app import auth, inputs, logs, observability
 from app.config import default_config, ensure_dirs, finalize_config
 from app.errors import register_error_handlers
 from app.extensions import api as smorest_api
@@ -26,6 +26,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ensure_dirs(app.config)
     logs.init_app(app)
     _init_extensions(app)
+    inputs.init_app(app)  # after auth and the limiter: 401 and 429 come first
     _register_blueprints(app)
     register_error_handlers(app)
     from app import cli

@@ -6,6 +6,7 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_BROKER_URL                Celery broker (default sqlalchemy+sqlite:///<repo>/var/broker.db)
 - STABLETRAIN_STORAGE_DIR               datasets and checkpoints (default <repo>/var/storage)
 - STABLETRAIN_MAX_DATASET_BYTES         largest upload (default 50 MB)
+- STABLETRAIN_MAX_JSON_BYTES             largest JSON request body (default 1 MB)
 - STABLETRAIN_MAX_DATASET_BYTES_PER_KEY total dataset bytes per API key (default 500 MB)
 - STABLETRAIN_MAX_PARAMS                largest estimated model (default 50M parameters)
 - STABLETRAIN_MAX_STEPS                 largest training.max_steps (default 1,000,000)
@@ -39,6 +40,7 @@ def default_config() -> dict[str, Any]:
         "STORAGE_DIR": str(VAR_DIR / "storage"),
         "MAX_DATASET_BYTES": 50 * MB,
         "MAX_DATASET_BYTES_PER_KEY": 500 * MB,
+        "MAX_JSON_BYTES": 1 * MB,
         "MAX_PARAMS": 50_000_000,
         "MAX_STEPS": 1_000_000,
         "MAX_SEQ_LEN": 2048,

@@ -1,6 +1,6 @@
 """The records of docs/contracts.md."""
 
-from app.models._common import new_id, utcnow
+from app.models._common import ID_PATTERN, is_server_id, new_id, utcnow
 from app.models.api_key import ApiKey
 from app.models.checkpoint import Checkpoint
 from app.models.dataset import Dataset
@@ -23,6 +23,8 @@ __all__ = [
     "Sample",
     "StepMetric",
     "TERMINAL_STATUSES",
+    "ID_PATTERN",
+    "is_server_id",
     "new_id",
     "utcnow",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
@@ -13,6 +14,17 @@ from sqlalchemy.types import TypeDecorator
 def utcnow() -> datetime:
     """Current time, timezone-aware UTC."""
     return datetime.now(timezone.utc)
+
+
+ID_PATTERN = re.compile(r"(key|ds|job|smp)_[0-9a-f]{24}")
+
+
+def is_server_id(value: object, prefix: str | None = None) -> bool:
+    """True for a string shaped like an id new_id made (optionally with this prefix)."""
+    if not isinstance(value, str):
+        return False
+    match = ID_PATTERN.fullmatch(value)
+    return match is not None and (prefix is None or match.group(1) == prefix)
 
 
 def new_id(prefix: str) -> str:

@@ -7,9 +7,16 @@ from typing import Any
 
 from marshmallow import fields
 
+# Largest value of an Integer column (PostgreSQL int4): steps, event ids and the ints compared with them
+DB_INT_MAX = 2**31 - 1
+# Largest integer a spec may hold: JSON readers (orjson, JavaScript BigInt-free clients, torch) need int64
+INT64_MAX = 2**63 - 1
+
 
 class StrictInteger(fields.Integer):
-    """A JSON integer; booleans, floats and strings are rejected."""
+    """A JSON integer that fits in 64 bits; booleans, floats and strings are rejected."""
+
+    default_error_messages = {"too_large": "Number too large: at most 2**63 - 1 in magnitude."}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=True, **kwargs)
@@ -17,7 +24,10 @@ class StrictInteger(fields.Integer):
     def _validated(self, value: Any) -> int:
         if isinstance(value, bool):
             raise self.make_error("invalid")
-        return super()._validated(value)
+        number = super()._validated(value)
+        if not -INT64_MAX <= number <= INT64_MAX:
+            raise self.make_error("too_large")
+        return number
 
 
 class StrictFloat(fields.Float):

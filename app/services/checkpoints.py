@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import Checkpoint, Job
+from app.schemas.fields import DB_INT_MAX
 from app.services.storage import checkpoint_path
 
 
@@ -20,8 +21,8 @@ def list_checkpoints(job: Job) -> list[Checkpoint]:
 
 
 def get_checkpoint(job: Job, step: int) -> Checkpoint:
-    """One checkpoint record or 404."""
-    ckpt = db.session.get(Checkpoint, (job.id, step))
+    """One checkpoint record or 404 (a step no database integer can hold is absent without a query)."""
+    ckpt = db.session.get(Checkpoint, (job.id, step)) if 0 <= step <= DB_INT_MAX else None
     if ckpt is None:
         abort(404, message=f"Job {job.id} has no checkpoint at step {step}.")
     return ckpt

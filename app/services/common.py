@@ -12,6 +12,7 @@ from flask_smorest import abort
 from sqlalchemy import and_, or_
 
 from app.extensions import db
+from app.models import is_server_id
 
 T = TypeVar("T")
 
@@ -27,8 +28,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         stamp, record_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(stamp), str(record_id)
-    except (ValueError, TypeError):
+        if not is_server_id(record_id):
+            raise ValueError("not an id")
+        return datetime.fromisoformat(stamp), record_id
+    except (ValueError, TypeError, RecursionError):
         abort(422, message="Invalid cursor.", details={"cursor": ["Not a cursor returned by this API."]})
         raise  # unreachable
 
@@ -47,7 +50,12 @@ def newest_first_page(stmt: Any, model: Any, limit: int, cursor: str | None) -> 
 
 
 def get_owned(model: type[T], record_id: str, owner_id: str, what: str) -> T:
-    """The record if it belongs to owner_id, else 404 (another key's id looks absent)."""
+    """The record if it belongs to owner_id, else 404 (another key's id looks absent).
+
+    Only a string shaped like a server-made id reaches the database (and so any file path built
+    from a record); anything else is absent without a query."""
+    if not is_server_id(record_id):
+        abort(404, message=f"{what} not found: not an id this server made.")
     record = db.session.get(model, record_id)
     if record is None or record.owner_id != owner_id:  # type: ignore[attr-defined]
         abort(404, message=f"{what} {record_id} not found.")

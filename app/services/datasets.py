@@ -16,6 +16,7 @@ from flask_smorest import abort
 from sqlalchemy import func, select
 
 from app.extensions import db
+from app.inputs import BAD_TEXT
 from app.models import LIVE_STATUSES, Dataset, Job
 from app.services.common import get_owned, newest_first_page
 from app.services.storage import dataset_path, tmp_dir
@@ -86,7 +87,9 @@ def create_dataset(owner_id: str, stream: IO[bytes], name: str | None) -> Datase
             os.replace(stored.tmp_path, target)
     finally:
         stored.tmp_path.unlink(missing_ok=True)
-    dataset = Dataset(owner_id=owner_id, name=(name or "dataset")[:200], bytes=stored.size, sha256=stored.sha256)
+    # a multipart filename is the client's own metadata: drop what no database can store rather than refuse
+    clean = BAD_TEXT.sub("", name or "")[:200] or "dataset"
+    dataset = Dataset(owner_id=owner_id, name=clean, bytes=stored.size, sha256=stored.sha256)
     db.session.add(dataset)
     db.session.commit()
     return dataset

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.models import LIVE_STATUSES, TERMINAL_STATUSES, Dataset, Event, Job, StepMetric, utcnow
+from app.models import LIVE_STATUSES, TERMINAL_STATUSES, Dataset, Event, Job, StepMetric, is_server_id, utcnow
 from app.schemas.spec import spec_to_json
 from app.services.common import clean_row, get_owned, newest_first_page
 from app.services.metrics import STEP_COLUMNS
@@ -40,6 +40,8 @@ def check_limits(spec: dict[str, Any]) -> None:
 
 def check_dataset(owner_id: str, spec: dict[str, Any]) -> Dataset:
     """The dataset exists, is the key's, and is long enough for seq_len (same rule as the engine)."""
+    if not is_server_id(spec["dataset_id"], "ds"):
+        _invalid("dataset_id", "is not a dataset id this server made (ds_ and 24 hex digits)")
     dataset = db.session.get(Dataset, spec["dataset_id"])
     if dataset is None or dataset.owner_id != owner_id:
         _invalid("dataset_id", f"dataset {spec['dataset_id']} not found")
@@ -82,8 +84,11 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None)
     check_limits(spec)
     check_dataset(owner_id, spec)
     _check_live_jobs(owner_id)
+    # enqueued_at is stamped with the record, before the publish: a reconciler pass that runs
+    # between this commit and the publish must not send the job a second time
     job = Job(owner_id=owner_id, dataset_id=spec["dataset_id"], name=spec["name"], spec=spec_to_json(spec),
-              status="queued", max_steps=spec["training"]["max_steps"], idempotency_key=idempotency_key)
+              status="queued", max_steps=spec["training"]["max_steps"], idempotency_key=idempotency_key,
+              enqueued_at=utcnow())
     db.session.add(job)
     try:
         db.session.commit()
@@ -98,9 +103,10 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None)
 
 
 def enqueue_job(job: Job) -> None:
-    """Publish the train task for a committed job and stamp enqueued_at on success."""
-    if publish(TRAIN_TASK, job.id, TRAIN_QUEUE):
-        db.session.execute(update(Job).where(Job.id == job.id).values(enqueued_at=utcnow()))
+    """Publish the train task for a committed job; on failure clear enqueued_at so the reconciler re-sends it."""
+    if not publish(TRAIN_TASK, job.id, TRAIN_QUEUE):
+        db.session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                           .values(enqueued_at=None, updated_at=Job.updated_at))
         db.session.commit()
         db.session.refresh(job)
 

@@ -7,6 +7,7 @@ from marshmallow.validate import OneOf, Range
 
 from app.models import JOB_STATUSES
 from app.schemas.common import CursorQuerySchema, QuerySchema
+from app.schemas.fields import DB_INT_MAX
 
 
 class ProgressSchema(Schema):
@@ -68,5 +69,5 @@ class EventPageSchema(Schema):
 
 
 class EventQuerySchema(QuerySchema):
-    after_id = fields.Integer(load_default=0, validate=Range(min=0))
+    after_id = fields.Integer(load_default=0, validate=Range(0, DB_INT_MAX))
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))

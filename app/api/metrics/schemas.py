@@ -6,16 +6,17 @@ from marshmallow import Schema, fields
 from marshmallow.validate import Range
 
 from app.schemas.common import QuerySchema
+from app.schemas.fields import DB_INT_MAX
 
 
 class StepQuerySchema(QuerySchema):
-    after_step = fields.Integer(load_default=0, validate=Range(min=0))
+    after_step = fields.Integer(load_default=0, validate=Range(0, DB_INT_MAX))
     limit = fields.Integer(load_default=1000, validate=Range(1, 5000))
     max_points = fields.Integer(load_default=None, validate=Range(3, 5000))
 
 
 class LayerQuerySchema(QuerySchema):
-    after_step = fields.Integer(load_default=0, validate=Range(min=0))
+    after_step = fields.Integer(load_default=0, validate=Range(0, DB_INT_MAX))
     limit = fields.Integer(load_default=1000, validate=Range(1, 5000))
     layer = fields.String(load_default=None)
 
