@@ -10,8 +10,8 @@ from torch import nn
 
 from worker.engine.config import ClipConfig
 from worker.engine.stabilizers import (
-    ExplosionDetector,
     GradClipper,
+    SpikeGuard,
     adaptive_clip_unitwise,
     apply_weight_max_norm,
 )
@@ -105,12 +105,30 @@ def test_weight_max_norm_renormalizes_rows_over_the_limit():
     assert w[1].tolist() == pytest.approx([0.3, 0.4])
 
 
-def test_explosion_detector_flags_jumps_over_the_recent_median():
-    det = ExplosionDetector(grad_factor=10.0)
-    assert det.check(2.0, 100.0) is None  # too little history to judge
-    for _ in range(ExplosionDetector.MIN_HISTORY):
-        det.observe(2.0, 1.0)
-    assert det.check(2.0, 5.0) is None
-    assert "grad norm" in det.check(2.0, 50.0)
-    assert "loss" in det.check(4.0, 1.0)
-    assert "non-finite" in det.check(float("nan"), 1.0)
+def _judge(guard, loss, norm):
+    verdict, _, _ = guard.judge(torch.tensor(loss), torch.tensor(norm))
+    return int(verdict)
+
+
+def test_spike_guard_judges_on_the_device_against_the_recent_median():
+    guard = SpikeGuard(grad_factor=10.0, detect_explosions=True, device=torch.device("cpu"))
+    assert _judge(guard, 2.0, 100.0) == SpikeGuard.HEALTHY  # too little history to call it a spike
+    for _ in range(SpikeGuard.MIN_HISTORY):
+        guard.observe(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(SpikeGuard.HEALTHY))
+    assert _judge(guard, 2.0, 5.0) == SpikeGuard.HEALTHY
+    assert _judge(guard, 2.0, 50.0) == SpikeGuard.EXPLOSION
+    assert _judge(guard, 4.0, 1.0) == SpikeGuard.EXPLOSION  # loss 2x the median
+    assert _judge(guard, float("nan"), 1.0) == SpikeGuard.NONFINITE
+    assert _judge(guard, 2.0, float("inf")) == SpikeGuard.NONFINITE
+    # A bad step never enters the history.
+    guard.observe(torch.tensor(2.0), torch.tensor(1e6), torch.tensor(SpikeGuard.EXPLOSION))
+    assert torch.nanmedian(guard.norms).item() == 1.0
+    assert "50x" in SpikeGuard.explain(SpikeGuard.EXPLOSION, 2.0, 50.0, 1.0, 2.0)
+
+
+def test_spike_guard_without_explosion_detection_only_flags_nonfinite():
+    guard = SpikeGuard(grad_factor=10.0, detect_explosions=False, device=torch.device("cpu"))
+    for _ in range(10):
+        guard.observe(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(SpikeGuard.HEALTHY))
+    assert _judge(guard, 2.0, 1e6) == SpikeGuard.HEALTHY
+    assert _judge(guard, float("inf"), 1.0) == SpikeGuard.NONFINITE

@@ -163,9 +163,11 @@ def test_rollback_recovers_a_run_that_spikes(tmp_path):
     assert "rollback" in kinds and "lr_lowered" in kinds
     assert rec.rows[-1]["lr"] < 1.0 and not rec.rows[-1]["skipped"]
     assert all(math.isfinite(r["loss"]) for r in rec.rows[-10:])
-    assert _mean_loss(rec.rows, slice(-10, None)) < _mean_loss(rec.rows, slice(0, 5)) - 0.8
-    rollback = next(e for e in rec.events if e["kind"] == "rollback")
-    assert rollback["data"]["to_step"] < rollback["step"]
+    # Every spike was rolled back, never applied: the run keeps learning, if slowly at a lowered rate.
+    assert max(r["loss"] for r in rec.rows if not r["skipped"]) < 6.0
+    assert _mean_loss(rec.rows, slice(-10, None)) < _mean_loss(rec.rows, slice(0, 5)) - 0.2
+    for rollback in (e for e in rec.events if e["kind"] == "rollback"):
+        assert rollback["data"]["to_step"] < rollback["step"]
 
 
 def merge_stab(base: dict, stab: dict) -> dict:
@@ -314,3 +316,36 @@ def test_every_architecture_trains_checkpoints_and_samples(tmp_path, model, toke
     assert isinstance(text, str) and len(text) > 0
     state = load_checkpoint(Path(result.checkpoint["path"]))
     assert state["tokenizer"]["kind"] == tokenizer
+
+
+def test_deferred_host_reads_give_the_same_run_as_per_step_reads(tmp_path):
+    """The GPU mode (host reads every k steps) changes when the host looks, not what is trained."""
+    s = spec(training={"max_steps": 12, "eval_every": 6}, stabilization={"on_explosion": "skip"})
+    eager = Trainer(s, corpus(), tmp_path / "eager", sync_every=1)
+    deferred_rec = Recorder()
+    deferred = Trainer(s, corpus(), tmp_path / "deferred", deferred_rec, sync_every=5)
+    assert eager.run().status == deferred.run().status == "succeeded"
+    for a, b in zip(eager.model.parameters(), deferred.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["step"] for r in deferred_rec.rows] == list(range(1, 13))
+    assert [r["loss"] for r in deferred_rec.rows] == [r["loss"] for r in eager.history.step_rows()]
+
+
+def test_a_bad_step_is_skipped_on_the_device_without_touching_weights(tmp_path):
+    s = spec(**{**EXPLODING_RNN, "stabilization": {"clip": {"mode": "none"}, "nonfinite": "skip",
+                                                   "max_consecutive_skips": 50}})
+    rec = Recorder()
+    tr = Trainer(s, corpus(), tmp_path, rec, sync_every=8)
+    weights_before_bad = None
+    while tr.step < 40:
+        before = [p.detach().clone() for p in tr.params]
+        tr.train_step()
+        tr.flush()
+        if rec.rows[-1]["skipped"]:
+            weights_before_bad = before
+            break
+    assert weights_before_bad is not None, "the run never produced a bad step"
+    assert rec.rows[-1]["nonfinite"]
+    for old, p in zip(weights_before_bad, tr.params, strict=True):
+        assert torch.equal(old, p.detach())
+    assert "nonfinite" in rec.kinds() and "step_skipped" in rec.kinds()

@@ -8,7 +8,6 @@ device: nothing here reads a value back to the host.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 
 from .config import ClipConfig
 
-# How many past grad norms the adaptive clipper and the explosion detector remember.
+# How many past grad norms the adaptive clipper remembers.
 HISTORY = 1000
 
 
@@ -146,40 +145,64 @@ def apply_weight_max_norm(weights: list[torch.Tensor], max_norm: float) -> None:
         torch.renorm(w, p=2, dim=0, maxnorm=max_norm, out=w)
 
 
-class ExplosionDetector:
-    """Flags a step whose grad norm or loss jumps far above the recent median."""
+class SpikeGuard:
+    """Judges each step on the device: 0 healthy, 1 non-finite, 2 explosion.
+
+    An explosion is a grad norm `grad_factor` times, or a loss LOSS_FACTOR
+    times, the median of the last WINDOW healthy steps. The history lives in
+    NaN-padded device buffers (nanmedian skips the padding), so judging a
+    step never waits for the host.
+    """
 
     WINDOW = 50
     MIN_HISTORY = 5
     LOSS_FACTOR = 1.5
+    HEALTHY, NONFINITE, EXPLOSION = 0, 1, 2
 
-    def __init__(self, grad_factor: float):
+    def __init__(self, grad_factor: float, detect_explosions: bool, device: torch.device) -> None:
         self.grad_factor = grad_factor
-        self.norms: deque[float] = deque(maxlen=self.WINDOW)
-        self.losses: deque[float] = deque(maxlen=self.WINDOW)
+        self.detect_explosions = detect_explosions
+        self.norms = torch.full((self.WINDOW,), math.nan, device=device)
+        self.losses = torch.full((self.WINDOW,), math.nan, device=device)
+        self.position = 0
 
-    def check(self, loss: float, grad_norm: float) -> str | None:
-        """Reason in words when this step looks like an explosion, else None."""
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return "non-finite loss or gradient"
-        if len(self.norms) < self.MIN_HISTORY:
-            return None
-        norm_median = statistics.median(self.norms)
-        if grad_norm > self.grad_factor * norm_median:
-            return f"grad norm {grad_norm:.3g} is {grad_norm / norm_median:.0f}x the recent median {norm_median:.3g}"
-        loss_median = statistics.median(self.losses)
-        if loss > self.LOSS_FACTOR * loss_median:
-            return f"loss {loss:.4g} jumped above {self.LOSS_FACTOR}x the recent median {loss_median:.4g}"
-        return None
+    @torch.no_grad()
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(verdict, median grad norm, median loss) of this step, as device tensors."""
+        loss, grad_norm = loss.float(), grad_norm.float()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        norm_median = torch.nanmedian(self.norms)
+        loss_median = torch.nanmedian(self.losses)
+        verdict = torch.where(finite, self.HEALTHY, self.NONFINITE)
+        if self.detect_explosions:
+            enough = (~torch.isnan(self.norms)).sum() >= self.MIN_HISTORY
+            spike = (grad_norm > self.grad_factor * norm_median) | (loss > self.LOSS_FACTOR * loss_median)
+            verdict = torch.where(finite & enough & spike, self.EXPLOSION, verdict)
+        return verdict, norm_median, loss_median
 
-    def observe(self, loss: float, grad_norm: float) -> None:
-        """Remember a healthy step."""
-        self.norms.append(grad_norm)
-        self.losses.append(loss)
+    @torch.no_grad()
+    def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor, verdict: torch.Tensor) -> None:
+        """Remember the step in the history when it was healthy (on the device)."""
+        slot = self.position % self.WINDOW
+        healthy = verdict == self.HEALTHY
+        self.norms[slot] = torch.where(healthy, grad_norm.float(), self.norms[slot])
+        self.losses[slot] = torch.where(healthy, loss.float(), self.losses[slot])
+        self.position += 1
+
+    @staticmethod
+    def explain(verdict: int, loss: float, grad_norm: float, norm_median: float, loss_median: float) -> str:
+        """The verdict in words, for events and errors."""
+        if verdict == SpikeGuard.NONFINITE:
+            return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+        if grad_norm > 0 and norm_median > 0 and grad_norm / norm_median >= loss / max(loss_median, 1e-12):
+            return (f"grad norm {grad_norm:.3g} is {grad_norm / norm_median:.0f}x "
+                    f"the recent median {norm_median:.3g}")
+        return f"loss {loss:.4g} jumped above {SpikeGuard.LOSS_FACTOR}x the recent median {loss_median:.4g}"
 
     def state_dict(self) -> dict:
-        return {"norms": list(self.norms), "losses": list(self.losses)}
+        return {"norms": self.norms.cpu(), "losses": self.losses.cpu(), "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.norms = deque(state["norms"], maxlen=self.WINDOW)
-        self.losses = deque(state["losses"], maxlen=self.WINDOW)
+        self.norms.copy_(state["norms"])
+        self.losses.copy_(state["losses"])
+        self.position = state["position"]

@@ -1,9 +1,14 @@
 """The training loop: one optimizer step at a time, with stabilizers and monitoring.
 
 `Trainer` knows nothing of the service: the worker plugs in through
-`Callbacks` (metrics, layer stats, events, checkpoints, cancellation). Every
-step reads one packed tensor back to the host (loss, norms, loss scale) to
-decide skip/rollback; everything else stays on the device until a flush.
+`Callbacks` (metrics, layer stats, events, checkpoints, cancellation).
+
+Each step is judged on the device (healthy, non-finite, explosion) and a bad
+step is skipped there too, through the fused optimizers' `found_inf` input
+(the mechanism torch's GradScaler uses). The host reads the step values back
+in one packed tensor every `sync_every` steps (1 on CPU, where a read is
+free; more on a GPU, so the loop never waits on the host) and only then
+counts skips, writes events, rolls back or fails the run.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import copy
 import logging
 import math
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +40,7 @@ from .monitor import (
     layer_update_stats,
     snapshot,
 )
-from .stabilizers import ExplosionDetector, GradClipper, apply_weight_max_norm
+from .stabilizers import GradClipper, SpikeGuard, apply_weight_max_norm
 from .tokenizers import build_tokenizer, tokenizer_from_state
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,8 @@ FLUSH_EVERY = 25
 FLUSH_SECONDS = 2.0
 # Under on_explosion=rollback, a state counts as healthy after this many calm steps in a row.
 HEALTHY_AFTER = 10
+# Steps between host reads of the step values on a GPU.
+GPU_SYNC_EVERY = 16
 
 
 class Callbacks:
@@ -101,7 +109,11 @@ def lr_at(step: int, cfg: TrainingConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """Optimizer with weight decay on weight matrices only (not biases, norms)."""
+    """Fused optimizer with weight decay on weight matrices only (not biases, norms).
+
+    Fused kernels take a `found_inf` tensor and skip the update on the device,
+    which is how a bad step is skipped without a host sync.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
@@ -109,10 +121,16 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimi
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+        if cfg.momentum:
+            # A skipped first step would leave fused SGD an uninitialized buffer; zeros give the
+            # same first update (buf = 0 * m + grad) and make skipping safe from step one.
+            for p in decay + no_decay:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return optimizer
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -129,6 +147,17 @@ def _check_device_support(spec: JobSpec, device: torch.device) -> None:
         raise ValueError("stabilization.precision: fp16 recurrent layers need a GPU; use bf16 or fp32 on CPU")
 
 
+@dataclass
+class PendingStep:
+    """A step that ran on the device and waits for the host to review it."""
+
+    step: int
+    lr: float
+    values: torch.Tensor  # loss, grad norm pre/post clip, verdict, median norm, median loss, loss scale
+    val_loss: float | None
+    layers: PendingLayerStats | None
+
+
 class Trainer:
     """Trains one job spec on one text, reporting through callbacks."""
 
@@ -140,6 +169,7 @@ class Trainer:
         callbacks: Callbacks | None = None,
         device: str = "cpu",
         resume_from: Path | None = None,
+        sync_every: int | None = None,
     ) -> None:
         self.spec = spec
         self.cb = callbacks or Callbacks()
@@ -164,7 +194,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=stab.precision == "fp16")
         # AGC leaves the output layer alone (Brock et al. 2021).
         self.clipper = GradClipper(stab.clip, self.params, self.weights[:-1] or self.weights)
-        self.detector = ExplosionDetector(stab.explosion_factor)
+        self.guard = SpikeGuard(stab.explosion_factor, stab.on_explosion != "none", self.device)
+        self.sync_every = sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
+        self.pending_steps: list[PendingStep] = []
+        self.last_sync = time.perf_counter()
         self.health = HealthTracker()
         self.history = RunHistory()
         self.data_gen = torch.Generator().manual_seed(t.seed)
@@ -174,7 +207,9 @@ class Trainer:
         self.consecutive_skips = 0
         self.rollbacks = 0
         self.calm_steps = 0
-        self.healthy_state: dict[str, Any] | None = None
+        # The last two calm states; a rollback goes to the older one, since the newer one may
+        # already carry the trajectory that led to the spike.
+        self.healthy_states: deque[dict[str, Any]] = deque(maxlen=2)
         self.pending_rows: list[dict[str, Any]] = []
         self.pending_layers: list[PendingLayerStats] = []
         self.last_flush = time.monotonic()
@@ -192,7 +227,7 @@ class Trainer:
         self._event("resumed" if self.step else "started",
                     f"{'resumed at' if self.step else 'started'} step {self.step} of {max_steps} on {self.device}",
                     {"params": sum(p.numel() for p in self.params), "device": str(self.device)})
-        if self.spec.stabilization.on_explosion == "rollback" and self.healthy_state is None:
+        if self.spec.stabilization.on_explosion == "rollback" and not self.healthy_states:
             self._keep_healthy_state()  # the starting point is the first known-good state
         try:
             while self.step < max_steps:
@@ -205,54 +240,37 @@ class Trainer:
         except TrainingFailed as exc:
             return self._finish_failed(str(exc))
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum_steps micro-batches; returns its row."""
+    def train_step(self) -> None:
+        """One optimizer step over grad_accum_steps micro-batches, judged and applied on the device."""
         t = self.spec.training
-        stab = self.spec.stabilization
         step = self.step + 1
-        started = time.perf_counter()
         lr = lr_at(step, t) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         loss = self._forward_backward()
-        self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)  # no-op unless fp16: norms and clipping see true gradients
         want_layers = step % self.spec.monitoring.layer_stats_every == 0
         grad_norms = layer_grad_norms(self.weights) if want_layers else None
         clip = self.clipper.clip()
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        # The one host sync of the step: everything the skip/rollback decision needs.
-        loss_v, pre, post = torch.stack([loss.float(), clip.pre_norm.float(), clip.post_norm.float()]).tolist()
-        finite = math.isfinite(loss_v) and math.isfinite(pre)
-        reason = self._trouble(finite, loss_v, pre, step)
-        before = snapshot(self.weights) if want_layers and reason is None else None
-        skipped = reason is not None
-        failure: TrainingFailed | None = None
-        if skipped:
-            try:
-                self._skip_step(step, reason, finite, loss_v)
-            except TrainingFailed as exc:
-                failure = exc  # the failing step is still recorded below
-        else:
-            self._apply_step(loss_v, pre, post)
+        verdict, norm_median, loss_median = self.guard.judge(loss, clip.pre_norm)
+        before = snapshot(self.weights) if want_layers else None
+        self._apply_or_skip(verdict)
+        self.guard.observe(loss, clip.pre_norm, verdict)
         self.step = step
         self.tokens_seen += self.tokens_per_step
-        clipped = finite and not skipped and post < pre * (1 - 1e-6)
-        if grad_norms is not None:
-            self._record_layers(step, grad_norms, before)
-        row = {
-            "step": step, "loss": loss_v, "lr": lr, "grad_norm": pre, "grad_norm_clipped": post,
-            "clipped": clipped, "nonfinite": not finite and not self._is_scale_overflow(finite, loss_v),
-            "skipped": skipped, "loss_scale": scale,
-            "tokens_per_s": self.tokens_per_step / max(time.perf_counter() - started, 1e-9),
-            "tokens_seen": self.tokens_seen, "val_loss": None, "time": time.time(),
-        }
-        if failure is None and (step % t.eval_every == 0 or step == t.max_steps):
-            row["val_loss"] = self.last_val_loss = self.evaluate()
-        self._after_step(row, stab.clip.mode != "none")
-        if failure is not None:
-            raise failure
-        return row
+        layers = None
+        if want_layers:
+            layers = PendingLayerStats(step, grad_norms, *layer_update_stats(self.weights, before))
+        scale = self.scaler._get_scale_async() if self.scaler.is_enabled() else torch.ones((), device=self.device)
+        values = torch.stack([loss.float(), clip.pre_norm.float(), clip.post_norm.float(), verdict.float(),
+                              norm_median, loss_median, scale.float()])
+        val_loss = self.evaluate() if step % t.eval_every == 0 or step == t.max_steps else None
+        if val_loss is not None:
+            self.last_val_loss = val_loss
+        self.pending_steps.append(PendingStep(step, lr, values, val_loss, layers))
+        if len(self.pending_steps) >= self.sync_every:
+            self.sync()
 
     def _forward_backward(self) -> torch.Tensor:
         """Accumulate gradients over the window; loss normalized over all its tokens."""
@@ -269,120 +287,148 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def _is_scale_overflow(self, finite: bool, loss: float) -> bool:
-        # fp16 dynamic loss scaling overflows on purpose now and then; the loss itself is fine.
-        return not finite and self.scaler.is_enabled() and math.isfinite(loss)
-
-    def _trouble(self, finite: bool, loss: float, grad_norm: float, step: int) -> str | None:
-        """Why this step must not be applied, or None."""
-        stab = self.spec.stabilization
-        if not finite:
-            if self._is_scale_overflow(finite, loss):
-                return "fp16 loss scale overflow"
-            return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step}"
-        if stab.on_explosion == "none":
-            return None
-        return self.detector.check(loss, grad_norm)
-
-    def _skip_step(self, step: int, reason: str, finite: bool, loss: float) -> None:
-        stab = self.spec.stabilization
-        # GradScaler must still update (it lowers the scale on overflow); step() skips by itself.
-        if self.scaler.is_enabled():
-            if not finite:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
+    def _apply_or_skip(self, verdict: torch.Tensor) -> None:
+        """Optimizer step that the fused kernel skips on the device when the verdict is bad."""
+        # fp16 overflow makes the norm infinite, so the verdict covers the scaler's skip as well.
+        self.optimizer.found_inf = (verdict != SpikeGuard.HEALTHY).float()
+        self.optimizer.step()
+        self.scaler.update()  # lowers the fp16 scale after an overflow; no-op otherwise
         self.optimizer.zero_grad(set_to_none=True)
-        scale_overflow = self._is_scale_overflow(finite, loss)
-        if not finite and not scale_overflow:
+        if self.spec.stabilization.weight_max_norm is not None:
+            # Idempotent on a skipped step: the weights already satisfy the constraint.
+            apply_weight_max_norm(self.weights, self.spec.stabilization.weight_max_norm)
+
+    # ---- host review ------------------------------------------------------------------
+
+    def sync(self, deliver: bool = False) -> None:
+        """Read pending steps back (one host read), review them in order, deliver when due."""
+        batch, self.pending_steps = self.pending_steps, []
+        failure: TrainingFailed | None = None
+        if batch:
+            values = torch.stack([p.values for p in batch]).cpu().tolist()
+            now = time.perf_counter()
+            tokens_per_s = self.tokens_per_step * len(batch) / max(now - self.last_sync, 1e-9)
+            self.last_sync = now
+            for pending, vals in zip(batch, values, strict=True):
+                failure = self._review(pending, vals, tokens_per_s, failure)
+            self._maybe_keep_healthy_state()
+        due = len(self.pending_rows) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
+        if deliver or due or failure is not None:
+            self._deliver()
+        if failure is not None:
+            raise failure
+
+    def _review(self, pending: PendingStep, vals: list[float], tokens_per_s: float,
+                failure: TrainingFailed | None) -> TrainingFailed | None:
+        """Act on one step's verdict and record its row; returns the run's failure, if any."""
+        loss, pre, post, verdict, norm_median, loss_median, scale = vals
+        verdict = int(verdict)
+        overflow = verdict == SpikeGuard.NONFINITE and self.scaler.is_enabled() and math.isfinite(loss)
+        if failure is None:  # after a failure, later steps are recorded but not acted on
+            try:
+                if verdict == SpikeGuard.HEALTHY:
+                    self._healthy(pre, post)
+                else:
+                    reason = ("fp16 loss scale overflow" if overflow else
+                              SpikeGuard.explain(verdict, loss, pre, norm_median, loss_median))
+                    self._troubled(pending.step, verdict, overflow, f"{reason} at step {pending.step}")
+            except TrainingFailed as exc:
+                failure = exc
+        skipped = verdict != SpikeGuard.HEALTHY
+        row = {
+            "step": pending.step, "loss": loss, "lr": pending.lr, "grad_norm": pre, "grad_norm_clipped": post,
+            "clipped": not skipped and post < pre * (1 - 1e-6),
+            "nonfinite": verdict == SpikeGuard.NONFINITE and not overflow, "skipped": skipped,
+            "loss_scale": scale, "tokens_per_s": tokens_per_s,
+            "tokens_seen": pending.step * self.tokens_per_step, "val_loss": pending.val_loss, "time": time.time(),
+        }
+        if pending.layers is not None:
+            self.pending_layers.append(pending.layers)
+        self._record_row(row)
+        return failure
+
+    def _healthy(self, pre: float, post: float) -> None:
+        self.consecutive_skips = 0
+        self.calm_steps += 1
+        self.clipper.observe(pre, post)
+
+    def _troubled(self, step: int, verdict: int, overflow: bool, reason: str) -> None:
+        """A step the device skipped: count it, say why, and stop or roll back per the policies."""
+        stab = self.spec.stabilization
+        self.calm_steps = 0
+        if verdict == SpikeGuard.NONFINITE and not overflow:
             self.health.alarm(step)
-            self._event("nonfinite", f"{reason}; step skipped", {"policy": stab.nonfinite})
+            self._event("nonfinite", f"{reason}; step skipped", {"policy": stab.nonfinite}, step)
             if stab.nonfinite == "stop":
                 raise TrainingFailed(
                     f"{reason} (stabilization.nonfinite is 'stop'); enable clipping or lower training.lr")
-            if stab.on_explosion == "rollback":
-                self._rollback(step, reason)
-                return
-        elif finite:
+        elif verdict == SpikeGuard.EXPLOSION:
             self.health.warn(step)
-            self._event("loss_spike", reason, {"policy": stab.on_explosion})
-            if stab.on_explosion == "rollback":
-                self._rollback(step, reason)
-                return
+            self._event("loss_spike", reason, {"policy": stab.on_explosion}, step)
+        if not overflow and stab.on_explosion == "rollback":
+            self._rollback(step, reason)
+            return
         self.consecutive_skips += 1
-        self._event("step_skipped", f"step {step} skipped: {reason}", {"consecutive": self.consecutive_skips})
+        self._event("step_skipped", f"step {step} skipped: {reason}", {"consecutive": self.consecutive_skips}, step)
         if self.consecutive_skips >= stab.max_consecutive_skips:
             raise TrainingFailed(
                 f"{self.consecutive_skips} steps in a row skipped, last at step {step} ({reason}); "
                 "the run is diverging: enable clipping, lower training.lr or use bf16")
 
-    def _apply_step(self, loss: float, pre: float, post: float) -> None:
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.spec.stabilization.weight_max_norm is not None:
-            apply_weight_max_norm(self.weights, self.spec.stabilization.weight_max_norm)
-        self.consecutive_skips = 0
-        self.clipper.observe(pre, post)
-        self.detector.observe(loss, pre)
-
     def _rollback(self, step: int, reason: str) -> None:
         """Return to the last healthy state and lower the learning rate."""
         stab = self.spec.stabilization
-        if self.healthy_state is None:
+        if not self.healthy_states:
             self.consecutive_skips += 1
-            self._event("step_skipped", f"step {step} skipped: {reason} (no healthy state yet)", {})
+            self._event("step_skipped", f"step {step} skipped: {reason} (no healthy state yet)", {}, step)
             return
         if self.rollbacks >= stab.max_rollbacks:
             raise TrainingFailed(
                 f"training kept exploding after {self.rollbacks} rollbacks (last at step {step}: {reason}); "
                 f"lower training.lr (now x{self.lr_scale:g}) or tighten clipping")
         self.rollbacks += 1
-        to_step = self.healthy_state["step"]
-        self.model.load_state_dict(self.healthy_state["model"])
-        self.optimizer.load_state_dict(self.healthy_state["optimizer"])
+        target = self.healthy_states[0]
+        to_step = target["step"]
+        self.model.load_state_dict(target["model"])
+        self.optimizer.load_state_dict(target["optimizer"])
+        self.healthy_states.clear()
+        self.healthy_states.append(target)  # newer states led here: only the restored one is trusted
         self.lr_scale *= stab.rollback_lr_factor
         self.health.alarm(step)
         self._event("rollback", f"rolled back to the state of step {to_step} after: {reason}",
-                    {"to_step": to_step, "rollbacks": self.rollbacks})
-        self._event("lr_lowered", f"learning rate scaled to x{self.lr_scale:g}", {"lr_scale": self.lr_scale})
+                    {"to_step": to_step, "rollbacks": self.rollbacks}, step)
+        self._event("lr_lowered", f"learning rate scaled to x{self.lr_scale:g}", {"lr_scale": self.lr_scale}, step)
 
     def _keep_healthy_state(self) -> None:
         """Remember a known-good state to roll back to (only under on_explosion: rollback)."""
-        self.healthy_state = {
+        self.healthy_states.append({
             "step": self.step,
             "model": copy.deepcopy(self.model.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-        }
+        })
 
-    def _record_layers(self, step: int, grad_norms: torch.Tensor, before: list[torch.Tensor] | None) -> None:
-        if before is None:  # skipped step: nothing moved
-            weight_norms = torch.stack(torch._foreach_norm([w.detach() for w in self.weights])).float()
-            ratios = torch.zeros_like(weight_norms)
-        else:
-            weight_norms, ratios = layer_update_stats(self.weights, before)
-        self.pending_layers.append(PendingLayerStats(step, grad_norms, weight_norms, ratios))
+    def _maybe_keep_healthy_state(self) -> None:
+        """After enough calm steps, the current state becomes the rollback target."""
+        if self.spec.stabilization.on_explosion != "rollback" or self.calm_steps < HEALTHY_AFTER:
+            return
+        if not self.healthy_states or self.step - self.healthy_states[-1]["step"] >= HEALTHY_AFTER:
+            self._keep_healthy_state()
 
-    def _after_step(self, row: dict[str, Any], clipping: bool) -> None:
-        if self.health.observe(row["clipped"]) and clipping:
+    def _record_row(self, row: dict[str, Any]) -> None:
+        if self.health.observe(row["clipped"]) and self.spec.stabilization.clip.mode != "none":
             self._event("clip_burst", f"{self.health.clip_streak} consecutive steps clipped up to step {row['step']}",
-                        {"grad_norm": row["grad_norm"]})
+                        {"grad_norm": row["grad_norm"]}, row["step"])
         row["health"] = self.health.state(row["step"])
         self.history.add_step(row)
         self.pending_rows.append(row)
-        self.calm_steps = 0 if row["skipped"] or row["nonfinite"] else self.calm_steps + 1
-        if (self.spec.stabilization.on_explosion == "rollback" and self.calm_steps >= HEALTHY_AFTER
-                and row["step"] % HEALTHY_AFTER == 0):
-            self._keep_healthy_state()
-        if len(self.pending_rows) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS:
-            self.flush()
 
     # ---- reporting ---------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Hand pending step rows and layer stats to the callbacks (one device read)."""
+        """Review every pending step and hand all rows and layer stats to the callbacks now."""
+        self.sync(deliver=True)
+
+    def _deliver(self) -> None:
         if self.pending_rows:
             rows, self.pending_rows = self.pending_rows, []
             self.cb.on_metrics(rows)
@@ -394,8 +440,8 @@ class Trainer:
         self.pending_layers = []
         self.last_flush = time.monotonic()
 
-    def _event(self, kind: str, message: str, data: dict[str, Any]) -> None:
-        event = {"step": self.step, "kind": kind, "message": message, "data": data}
+    def _event(self, kind: str, message: str, data: dict[str, Any], step: int | None = None) -> None:
+        event = {"step": self.step if step is None else step, "kind": kind, "message": message, "data": data}
         self.history.events.append(event)
         log.info("%s: %s", kind, message)
         self.cb.on_event(event)
@@ -443,7 +489,7 @@ class Trainer:
             "monitor": {
                 "history": self.history.state_dict(),
                 "clipper": self.clipper.state_dict(),
-                "detector": self.detector.state_dict(),
+                "guard": self.guard.state_dict(),
                 "consecutive_skips": self.consecutive_skips,
                 "rollbacks": self.rollbacks,
                 "calm_steps": self.calm_steps,
@@ -451,8 +497,8 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "health": self.health.state(self.step),
         }
-        if self.healthy_state is not None:
-            state["healthy_state"] = self.healthy_state
+        if self.healthy_states:
+            state["healthy_states"] = list(self.healthy_states)
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -470,12 +516,12 @@ class Trainer:
         self.history.load_state_dict(monitor["history"])
         self.history.truncate_after(self.step)
         self.clipper.load_state_dict(monitor["clipper"])
-        self.detector.load_state_dict(monitor["detector"])
+        self.guard.load_state_dict(monitor["guard"])
         self.consecutive_skips = monitor["consecutive_skips"]
         self.rollbacks = monitor["rollbacks"]
         self.calm_steps = monitor["calm_steps"]
         self.last_val_loss = state["val_loss"]
-        self.healthy_state = state.get("healthy_state")
+        self.healthy_states.extend(state.get("healthy_states", []))
 
     def save(self) -> dict[str, Any] | None:
         """Write a checkpoint of the current step; a storage failure is an event, not a crash."""
