@@ -1,10 +1,20 @@
-"""File locations under STORAGE_DIR; paths are built only from server-made values."""
+"""File locations under STORAGE_DIR; paths are built only from server-made values.
+
+The builders refuse anything else (a ValueError, so a 500 rather than a file outside storage): a
+dataset file is named by the sha256 the server computed, a checkpoint by a job id the server made and
+an int step. Request values never get here unchecked (see services.common.get_owned).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from flask import current_app
+
+from app.models import is_server_id
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def storage_dir() -> Path:
@@ -14,11 +24,15 @@ def storage_dir() -> Path:
 
 def dataset_path(sha256: str) -> Path:
     """Content-addressed dataset file."""
+    if not (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256)):
+        raise ValueError(f"not a sha256 hex digest: {sha256!r:.80}")
     return storage_dir() / "datasets" / f"{sha256}.txt"
 
 
 def checkpoint_path(job_id: str, step: int) -> Path:
     """Checkpoint file of a job at a step."""
+    if not is_server_id(job_id, "job") or isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"not a server-made job id and step: {job_id!r:.80}, {step!r:.20}")
     return storage_dir() / "checkpoints" / job_id / f"step_{int(step)}.pt"
 
 
