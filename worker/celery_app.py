@@ -9,6 +9,7 @@ lives in the database.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -16,6 +17,7 @@ from flask import Flask
 from kombu import Exchange, Queue
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import create_app
 from app.extensions import db
@@ -110,6 +112,36 @@ def _warm_up(**_: Any) -> None:
     import torch
 
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
+def declare_embedded_queues(celery_app: Celery, attempts: int = 10) -> None:
+    """Create the embedded broker's tables and queue rows before the consumer starts.
+
+    kombu's SQLAlchemy transport creates them on first use with a check-then-insert that is
+    guarded by an in-process lock only: two workers starting together on a fresh broker file
+    race, and the loser dies at start with an IntegrityError (or "table already exists").
+    Here the loser retries and then finds what the winner made.
+    """
+    if not str(celery_app.conf.broker_url).startswith("sqlalchemy+"):
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            with celery_app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for queue in celery_app.conf.task_queues:
+                    queue.bind(channel).declare()
+            return
+        except SQLAlchemyError as exc:
+            if attempt == attempts:
+                raise
+            log.info("declaring the embedded broker's queues raced another process (%s); retrying",
+                     type(exc).__name__)
+            time.sleep(0.05 * attempt)
+
+
+@signals.worker_init.connect
+def _declare_queues(**_: Any) -> None:
+    declare_embedded_queues(celery)
 
 
 @signals.worker_ready.connect
