@@ -70,6 +70,8 @@ class DbReporter(Callbacks):
         self._stop = stop
         # True once another worker owns the job: then our writes would fight theirs
         self._fenced = fenced
+        # message of the last checkpoint the engine could not write (storage full, read-only, ...)
+        self.checkpoint_error: str | None = None
 
     def _write(self, what: str, work: Callable[[Connection], None]) -> None:
         if self._fenced():
@@ -102,6 +104,8 @@ class DbReporter(Callbacks):
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Append one event."""
+        if event.get("kind") == "checkpoint_failed":
+            self.checkpoint_error = str(event.get("message") or "checkpoint not written")
         record = {
             "job_id": self.job_id,
             "step": event.get("step"),

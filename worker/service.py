@@ -177,17 +177,34 @@ def _train_claimed(engine: Engine, job_id: str, settings: WorkerSettings) -> str
         except DataError as exc:
             raise JobInputError(f"cannot train on this dataset: {exc}") from exc
         result = trainer.run()
-    return _record_result(engine, job_id, settings, result, stop, hb)
+    return _record_result(engine, job_id, settings, result, stop, hb, reporter.checkpoint_error)
+
+
+def final_checkpoint_missing(result: Any, checkpoint_error: str | None) -> str | None:
+    """The error of a run that trained to the end but could not store its final checkpoint, else None."""
+    if result.status != "succeeded":
+        return None
+    if result.checkpoint is not None and int(result.checkpoint["step"]) == int(result.step):
+        return None
+    kept = f"the last stored checkpoint is at step {result.checkpoint['step']}" if result.checkpoint else (
+        "no checkpoint was stored")
+    return (f"trained {result.step} steps but the final checkpoint could not be stored "
+            f"({checkpoint_error or 'checkpoint not written'}); {kept}. Free space in the storage folder "
+            "(or make it writable) and submit the job again")
 
 
 def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result: Any,
-                   stop: StopFlags, hb: Heartbeat) -> str:
+                   stop: StopFlags, hb: Heartbeat, checkpoint_error: str | None = None) -> str:
     """Map the trainer's ending onto the job's final state."""
     worker_id = settings.worker_id
     diagnosis = json_safe({"findings": result.diagnosis, "summary": result.summary})
     if hb.lost.is_set():
         return "lost"
     status, error = result.status, result.error
+    missing = final_checkpoint_missing(result, checkpoint_error)
+    if missing:  # a "succeeded" job must have its result stored and downloadable
+        status, error = "failed", missing
+        add_event(engine, job_id, "failed", error, step=result.step)
     if status == "cancelled" and not hb.cancel.is_set():
         if stop.timed_out:
             status, error = "failed", f"time limit of {format_seconds(settings.job_time_limit_s)} s exceeded"
