@@ -14,17 +14,32 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import hypothesis
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
 
 from tests.fuzz.conftest import Seeded
 
 PATH_PARAM = re.compile(r"{(\w+)}")
+
+# A dictionary of values that break things below the schema (drivers, column types, parsers, paths):
+# one of them replaces one generated value (a path or query parameter, a JSON leaf or key, the
+# Idempotency-Key) in a third of the cases. Schema-driven generation alone rarely produces them.
+HOSTILE: list[Any] = [
+    "\x00", "a\x00b", "\ud800", "x\udfffy", "é\x00", "../../../../etc/passwd", "..%2F..%2F", "%00", "/etc/passwd",
+    "C:\\Windows\\win.ini", "\u202e\u0000", "\U0001f4a5" * 300, "a" * 10_000, "", " ", "null", "NaN",
+    2**31, 2**31 - 1, 2**63, 2**63 - 1, 2**64, -(2**63) - 1, 10**30, -1, 1e308, -0.0, 1e-320, True, None,
+    [], {}, [[[[[[[[[[[]]]]]]]]]]],
+]
+# schemathesis encodes URLs, headers and JSON bodies as UTF-8, which cannot carry an unpaired
+# surrogate; tests/security/test_named_cases.py sends those as raw JSON escapes instead
+UNENCODABLE = re.compile("[\ud800-\udfff]")
 
 
 class EnvelopeError(AssertionError):
@@ -103,6 +118,60 @@ def _make_check(seeded: Seeded, report: FuzzReport, operation: Any, strategy: An
     return check
 
 
+def _slots(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Paths of every leaf and every key in JSON-like data (a key slot ends with a `None` marker)."""
+    if isinstance(value, dict):
+        out: list[tuple[Any, ...]] = []
+        for key, child in value.items():
+            out.append((*path, key, None))
+            out.extend(_slots(child, (*path, key)))
+        return out or [path]
+    if isinstance(value, list):
+        return [p for i, child in enumerate(value) for p in _slots(child, (*path, i))] or [path]
+    return [path]
+
+
+def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    if path[-1] is None and len(path) >= 2 and isinstance(value, dict) and len(path) == 2:
+        return {(str(new) if k == path[0] else k): v for k, v in value.items()}
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        return {k: (_replace(v, rest, new) if k == head else v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [(_replace(v, rest, new) if i == head else v) for i, v in enumerate(value)]
+    return value
+
+
+def _hostile(case: Any, choice: int, value: Any, slot: int) -> Any:
+    """In a third of the cases, put one HOSTILE value into one slot of the request."""
+    if choice % 3:
+        return case
+    slots: list[tuple[str, Any]] = [("path", k) for k in case.path_parameters or {}]
+    slots += [("query", k) for k in case.query or {}]
+    if isinstance(case.body, (dict, list)):
+        slots += [("body", p) for p in _slots(case.body)]
+    if case.operation.method.upper() == "POST":
+        slots.append(("header", "Idempotency-Key"))
+    if not slots:
+        return case
+    where, key = slots[slot % len(slots)]
+    if isinstance(value, str):
+        value = UNENCODABLE.sub("?", value)
+    if where == "body":
+        case.body = _replace(case.body, key, value)
+        return case
+    text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if where == "path":  # schemathesis sends path parameters as given: quote them like a client would
+        case.path_parameters = {**case.path_parameters, key: quote(text, safe="") or "x"}
+    elif where == "query":
+        case.query = {**case.query, key: text}
+    elif text and text == text.strip() and text.isascii() and text.isprintable():
+        case.headers = {**(case.headers or {}), key: text[:500]}
+    return case
+
+
 def run_fuzz(seeded: Seeded, examples: int, seed: int = 0,
              log: Callable[[str], None] = lambda _line: None) -> FuzzReport:
     """Fuzz every operation in both modes with `examples` generated requests each (hypothesis may stop
@@ -117,12 +186,14 @@ def run_fuzz(seeded: Seeded, examples: int, seed: int = 0,
             if operation.method.upper() == "POST" and operation.path == "/v1/jobs":
                 strategy = st.tuples(strategy, st.booleans()).map(lambda t: _real_dataset(t[0], t[1], dataset_id))
             strategy = st.tuples(strategy, st.integers(0, 9)).map(lambda t: _authorized(t[0], t[1], seeded.auth))
+            strategy = st.tuples(strategy, st.integers(0, 2), st.sampled_from(HOSTILE), st.integers(0, 50)).map(
+                lambda t: _hostile(*t))
 
             check = _make_check(seeded, report, operation, strategy, examples, seed)
             label = f"{operation.label} [{mode.value}]"
             try:
                 check()
-            except Exception as exc:  # collect and go on: one run reports every failing operation
+            except (Exception, FailureGroup) as exc:  # collect and go on: report every failing operation
                 if "Cannot generate" in str(exc) or type(exc).__name__ == "Unsatisfiable":
                     log(f"skip {label}: {str(exc).splitlines()[0]}")
                     continue
