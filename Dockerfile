@@ -18,6 +18,7 @@ COPY pyproject.toml ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
+COPY gunicorn.conf.py ./
 RUN pip install --no-deps -e . \
     && useradd --create-home --uid 1000 stabletrain \
     && mkdir -p /data/storage \
