@@ -138,6 +138,12 @@ class DbReporter(Callbacks):
         stmt = delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == int(info["step"]))
         self._write("checkpoint removal", lambda conn: conn.execute(stmt))
 
+    def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
+        """Keep a running job's diagnosis current (the final one is written with the result)."""
+        diagnosis = json_safe({"findings": findings, "summary": summary})
+        stmt = update(Job).where(Job.id == self.job_id).values(diagnosis=diagnosis)
+        self._write("diagnosis", lambda conn: conn.execute(stmt))
+
     def should_stop(self) -> bool:
         """Cancel, time limit, shutdown or lost lease: all in-memory flags."""
         return self._stop()

@@ -50,6 +50,7 @@ class Recorder(Callbacks):
         self.events: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
         self.removed: list[dict[str, Any]] = []
+        self.diagnoses: list[tuple[int, str]] = []
         self.stop_at = stop_at
 
     def on_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -66,6 +67,9 @@ class Recorder(Callbacks):
 
     def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
         self.removed.append(info)
+
+    def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
+        self.diagnoses.append((self.rows[-1]["step"], summary))
 
     def should_stop(self) -> bool:
         return self.stop_at is not None and bool(self.rows) and self.rows[-1]["step"] >= self.stop_at

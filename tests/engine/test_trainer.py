@@ -222,6 +222,8 @@ def test_rows_layer_stats_events_and_checkpoints_are_reported(tmp_path, monkeypa
     assert all(r["update_ratio"] > 0 and r["weight_norm"] > 0 for r in rec.layers)
     assert [c["step"] for c in rec.checkpoints] == [5, 10, 15, 20]
     assert [c["step"] for c in rec.removed] == [5, 10]
+    assert [step for step, _ in rec.diagnoses] == [5, 10, 15]  # live diagnosis while running
+    assert all(summary.startswith(("healthy", "[")) for _, summary in rec.diagnoses)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_15.pt", "step_20.pt"]
     assert rec.kinds()[0] == "started" and rec.kinds()[-1] == "finished"
     state = load_checkpoint(tmp_path / "ckpt" / "step_20.pt")

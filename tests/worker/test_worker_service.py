@@ -196,3 +196,17 @@ def test_crash_descriptions() -> None:
     assert service.describe_crash(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
                                   ).startswith("out of device memory: lower training.batch_size")
     assert service.describe_crash(KeyError("x")) == "internal error in the worker: KeyError: 'x'"
+
+
+def test_a_running_job_has_a_current_diagnosis(engine: Engine, settings: WorkerSettings) -> None:
+    spec = {**spec_with(max_steps=1_000_000), "checkpointing": {"every_steps": 5, "keep_last": 2}}
+    job_id = make_job(engine, settings.storage_dir, spec=spec)
+    thread, result = run_in_thread(engine, job_id, settings)
+    wait_for(lambda: job(engine, job_id).diagnosis is not None, 60, "a diagnosis while running")
+    row = job(engine, job_id)
+    assert row.status == "running"
+    assert set(row.diagnosis) == {"findings", "summary"}
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(status="cancelling", cancel_requested=True))
+    thread.join(timeout=30)
+    assert result == ["cancelled"]

@@ -54,6 +54,9 @@ class FileCallbacks:
     def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
         pass
 
+    def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
+        pass
+
     def should_stop(self) -> bool:
         return self.stop_requested
 

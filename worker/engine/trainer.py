@@ -72,6 +72,9 @@ class Callbacks:
     def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
         """keep_last is about to delete this checkpoint file."""
 
+    def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
+        """The diagnosis so far, at each checkpoint of a running job."""
+
     def should_stop(self) -> bool:
         """Polled every step; True stops the run with a final checkpoint."""
         return False
@@ -540,6 +543,9 @@ class Trainer:
                     {"bytes": written["bytes"], "sha256": written["sha256"]})
         self.cb.on_checkpoint(info)
         self._prune_checkpoints()
+        if self.step < self.spec.training.max_steps:  # the final diagnosis comes with the result
+            findings = self.diagnose()
+            self.cb.on_diagnosis(findings, summarize(findings))
         return info
 
     def _prune_checkpoints(self) -> None:
