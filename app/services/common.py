@@ -9,10 +9,10 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from flask_smorest import abort
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, or_, update
 
 from app.extensions import db
-from app.models import is_server_id
+from app.models import ApiKey, is_server_id
 
 T = TypeVar("T")
 
@@ -47,6 +47,17 @@ def newest_first_page(stmt: Any, model: Any, limit: int, cursor: str | None) -> 
         return rows, None
     rows = rows[:limit]
     return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+
+
+def lock_owner(owner_id: str) -> None:
+    """Serialize one key's quota checks until the next commit or rollback.
+
+    An UPDATE of the key's own row takes its row lock on PostgreSQL and the database write lock on
+    SQLite, so a concurrent request of the same key waits here and then counts this one's committed
+    rows: check-then-insert cannot overshoot a per-key limit. Other keys are not held up on PostgreSQL.
+    """
+    db.session.execute(update(ApiKey).where(ApiKey.id == owner_id).values(name=ApiKey.name)
+                       .execution_options(synchronize_session=False))
 
 
 def get_owned(model: type[T], record_id: str, owner_id: str, what: str) -> T:

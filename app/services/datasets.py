@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from app.extensions import db
 from app.inputs import BAD_TEXT
 from app.models import LIVE_STATUSES, Dataset, Job
-from app.services.common import get_owned, newest_first_page
+from app.services.common import get_owned, lock_owner, newest_first_page
 from app.services.storage import dataset_path, tmp_dir
 
 CHUNK = 1 << 20
@@ -79,6 +79,7 @@ def create_dataset(owner_id: str, stream: IO[bytes], name: str | None) -> Datase
     """Validate, store content-addressed, and record an upload."""
     stored = _spool(stream, int(current_app.config["MAX_DATASET_BYTES"]))
     try:
+        lock_owner(owner_id)  # after the upload, until the commit below: concurrent uploads queue here
         _check_quota(owner_id, stored.size)
         target = dataset_path(stored.sha256)
         if target.exists():

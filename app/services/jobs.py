@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from app.extensions import db
 from app.models import LIVE_STATUSES, TERMINAL_STATUSES, Dataset, Event, Job, StepMetric, is_server_id, utcnow
 from app.schemas.spec import spec_to_json
-from app.services.common import clean_row, get_owned, newest_first_page
+from app.services.common import clean_row, get_owned, lock_owner, newest_first_page
 from app.services.metrics import STEP_COLUMNS
 from app.services.params import estimate_params
 from app.services.queue import TRAIN_QUEUE, TRAIN_TASK, publish
@@ -83,6 +83,7 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None)
         return existing, False
     check_limits(spec)
     check_dataset(owner_id, spec)
+    lock_owner(owner_id)  # held until the commit below: concurrent submits cannot pass the check together
     _check_live_jobs(owner_id)
     # enqueued_at is stamped with the record, before the publish: a reconciler pass that runs
     # between this commit and the publish must not send the job a second time
