@@ -6,8 +6,9 @@ the trainer flushes a batch, so measuring never adds a host sync of its own.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,19 +58,38 @@ class PendingLayerStats:
 
 
 STEP_KEYS = ("step", "loss", "grad_norm", "clipped", "nonfinite", "skipped")
+LAYER_KEYS = ("grad_norm", "weight_norm", "update_ratio")
+# Bounds that keep a million-step run's history small: layer records are thinned by half
+# past MAX_LAYER_RECORDS (diagnosis reads medians, which survive thinning); events keep the newest.
+MAX_LAYER_RECORDS = 4096
+MAX_EVENTS = 10_000
 
 
-@dataclass
 class RunHistory:
-    """Compact host-side record of the run, for diagnosis and checkpoints."""
+    """Compact host-side record of the run, for diagnosis and checkpoints.
 
-    steps: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in STEP_KEYS})
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    Step values live in float64 arrays (8 bytes each, not a Python object),
+    layer statistics in one row of numbers per recorded step.
+    """
+
+    def __init__(self) -> None:
+        self.steps: dict[str, array] = {k: array("d") for k in STEP_KEYS}
+        self.layer_names: list[str] = []
+        self.layer_steps: list[int] = []
+        self.layer_values: list[list[float]] = []  # per recorded step: LAYER_KEYS x layers, flat
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
 
     def add_step(self, row: dict[str, Any]) -> None:
         for key in STEP_KEYS:
             self.steps[key].append(float(row[key]))
+
+    def add_layers(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.layer_names = [r["layer"] for r in rows]
+        self.layer_steps.append(step)
+        self.layer_values.append([r[k] for r in rows for k in LAYER_KEYS])
+        if len(self.layer_steps) > MAX_LAYER_RECORDS:
+            self.layer_steps = self.layer_steps[::2]
+            self.layer_values = self.layer_values[::2]
 
     def step_rows(self) -> list[dict[str, Any]]:
         columns = [self.steps[k] for k in STEP_KEYS]
@@ -78,26 +98,42 @@ class RunHistory:
             for s, loss, g, c, n, k in zip(*columns, strict=True)
         ]
 
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """Layer rows {step, layer, grad_norm, weight_norm, update_ratio} in step then depth order."""
+        width = len(LAYER_KEYS)
+        return [
+            {"step": step, "layer": name, **dict(zip(LAYER_KEYS, values[i * width:(i + 1) * width], strict=True))}
+            for step, values in zip(self.layer_steps, self.layer_values, strict=True)
+            for i, name in enumerate(self.layer_names)
+        ]
+
     def state_dict(self) -> dict[str, Any]:
         # Tensors keep long runs compact and loadable with weights_only=True.
         return {
             "steps": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.steps.items()},
-            "layers": self.layers,
-            "events": self.events,
+            "layer_names": list(self.layer_names),
+            "layer_steps": torch.tensor(self.layer_steps, dtype=torch.int64),
+            "layer_values": torch.tensor(self.layer_values, dtype=torch.float64),
+            "events": list(self.events),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = {k: state["steps"][k].tolist() for k in STEP_KEYS}
-        self.layers = list(state["layers"])
-        self.events = list(state["events"])
+        self.steps = {k: array("d", state["steps"][k].tolist()) for k in STEP_KEYS}
+        self.layer_names = list(state["layer_names"])
+        self.layer_steps = state["layer_steps"].tolist()
+        self.layer_values = state["layer_values"].tolist()
+        self.events = deque(state["events"], maxlen=MAX_EVENTS)
 
     def truncate_after(self, step: int) -> None:
         """Forget everything recorded after `step` (used when resuming)."""
         keep = sum(1 for s in self.steps["step"] if s <= step)
         for key in STEP_KEYS:
             del self.steps[key][keep:]
-        self.layers = [r for r in self.layers if r["step"] <= step]
-        self.events = [e for e in self.events if (e.get("step") or 0) <= step]
+        keep_layers = sum(1 for s in self.layer_steps if s <= step)
+        del self.layer_steps[keep_layers:]
+        del self.layer_values[keep_layers:]
+        self.events = deque((e for e in self.events if (e.get("step") or 0) <= step), maxlen=MAX_EVENTS)
 
 
 class HealthTracker:

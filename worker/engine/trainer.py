@@ -52,6 +52,8 @@ FLUSH_SECONDS = 2.0
 HEALTHY_AFTER = 10
 # Steps between host reads of the step values on a GPU.
 GPU_SYNC_EVERY = 16
+# A live diagnosis waits this many times its own cost since the last one (long runs diagnose less often).
+LIVE_DIAGNOSIS_COST_RATIO = 20
 
 
 class Callbacks:
@@ -200,6 +202,8 @@ class Trainer:
         self.guard = SpikeGuard(stab.explosion_factor, stab.on_explosion != "none", self.device)
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
         self.pending_steps: list[PendingStep] = []
+        self.last_diagnosis_at = -math.inf
+        self.diagnosis_cost_s = 0.0
         self.last_sync = time.perf_counter()
         self.health = HealthTracker()
         self.history = RunHistory()
@@ -437,8 +441,7 @@ class Trainer:
             self.cb.on_metrics(rows)
         for pending in self.pending_layers:
             rows = pending.rows(self.layer_names)
-            for r in rows:
-                self.history.layers.append({"step": pending.step, **r})
+            self.history.add_layers(pending.step, rows)
             self.cb.on_layer_stats(pending.step, rows)
         self.pending_layers = []
         self.last_flush = time.monotonic()
@@ -468,7 +471,7 @@ class Trainer:
 
     def diagnose(self) -> list[dict[str, Any]]:
         """Findings over the whole run so far."""
-        return diagnose(self.history.step_rows(), self.history.layers, self.history.events,
+        return diagnose(self.history.step_rows(), self.history.layers, list(self.history.events),
                         spec_to_dict(self.spec))
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -544,9 +547,18 @@ class Trainer:
         self.cb.on_checkpoint(info)
         self._prune_checkpoints()
         if self.step < self.spec.training.max_steps:  # the final diagnosis comes with the result
-            findings = self.diagnose()
-            self.cb.on_diagnosis(findings, summarize(findings))
+            self._live_diagnosis()
         return info
+
+    def _live_diagnosis(self) -> None:
+        """Report the diagnosis so far, spending at most ~5% of the run's time on it."""
+        now = time.perf_counter()
+        if now - self.last_diagnosis_at < LIVE_DIAGNOSIS_COST_RATIO * self.diagnosis_cost_s:
+            return
+        findings = self.diagnose()
+        self.last_diagnosis_at = time.perf_counter()
+        self.diagnosis_cost_s = self.last_diagnosis_at - now
+        self.cb.on_diagnosis(findings, summarize(findings))
 
     def _prune_checkpoints(self) -> None:
         keep = self.spec.checkpointing.keep_last
