@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from http import HTTPStatus
 from typing import Any
 
+from apispec import BasePlugin
 from celery import Celery
 from flask import Flask, current_app, request
 from flask_limiter import Limiter
@@ -84,10 +86,35 @@ class CeleryClient:
         )
 
 
+# Errors every authenticated operation can answer, in the envelope. flask-smorest registers a response
+# component per HTTP status (ErrorSchema) and keeps those an operation references; it documents 422 only.
+ALWAYS = (HTTPStatus.UNAUTHORIZED, HTTPStatus.TOO_MANY_REQUESTS)
+WITH_ID = (HTTPStatus.NOT_FOUND,)
+WITH_BODY = (HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+
+
+class ErrorResponsesPlugin(BasePlugin):
+    """Declares 401 and 429 on every operation, 404 where the path has an id, 400/413/415 with a body
+    (409 and 416 are declared by the operations that answer them)."""
+
+    def operation_helper(self, path: str | None = None, operations: dict[str, Any] | None = None,
+                         **_kwargs: Any) -> None:
+        for method, operation in (operations or {}).items():
+            wanted = list(ALWAYS) + (list(WITH_ID) if "{" in (path or "") else [])
+            if "requestBody" in operation or method in ("put", "patch"):
+                wanted += WITH_BODY
+            responses = operation.setdefault("responses", {})
+            for status in wanted:
+                responses.setdefault(str(status.value), status.name)
+
+
 class StableTrainApi(Api):
     """flask-smorest Api whose documented error responses use our envelope."""
 
     ERROR_SCHEMA = ErrorSchema
+
+    def __init__(self) -> None:
+        super().__init__(spec_kwargs={"extra_plugins": [ErrorResponsesPlugin()]})
 
 
 db = SQLAlchemy(model_class=Base)

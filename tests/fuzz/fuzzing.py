@@ -23,6 +23,11 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.fuzz.conftest import Seeded
 
@@ -61,6 +66,11 @@ def error_envelope(ctx: Any, response: Any, case: Any) -> bool | None:
             and isinstance(error["message"], str) and error["message"] and isinstance(error["details"], dict)):
         raise EnvelopeError(f"{response.status_code} body is not the error envelope: {body!r}")
     return None
+
+
+# no 5xx; every error in the envelope; and every answer as documented (status, content type, body schema)
+CHECKS = [not_a_server_error, error_envelope, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
 
 
 @dataclass
@@ -113,7 +123,7 @@ def _make_check(seeded: Seeded, report: FuzzReport, operation: Any, strategy: An
         report.requests += 1
         report.by_status[response.status_code] += 1
         report.by_operation[operation.label] += 1
-        case.validate_response(response, checks=[not_a_server_error, error_envelope])
+        case.validate_response(response, checks=CHECKS)
 
     return check
 

@@ -37,3 +37,31 @@ def test_fuzz_whole_api(seeded: Seeded, no_sample_wait: None, capsys: pytest.Cap
     assert len(report.by_operation) >= 20, report.by_operation
     assert report.requests >= EXAMPLES * 20, report.summary()
     assert any(code < 300 for code in report.by_status), "no request ever succeeded: the fuzzer only saw errors"
+
+
+def test_openapi_declares_errors_and_security(seeded: Seeded) -> None:
+    """What the fuzzer checks answers against: bearer security on every operation, 401 and 429 everywhere,
+    404 on every path with an id, 400/413/415 with every body, and all of them in the envelope."""
+    spec = seeded.app.test_client().get("/v1/openapi.json").json
+    assert spec["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    envelope = spec["components"]["schemas"]["Error"]["properties"]["error"]
+    assert envelope == {"$ref": "#/components/schemas/ErrorBody"}
+    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {"code", "message", "details"}
+    operations = 0
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            operations += 1
+            assert "security" not in operation, (method, path)  # nothing in /v1 opts out
+            responses = operation["responses"]
+            wanted = {"401", "429", "default"} | ({"404"} if "{" in path else set())
+            wanted |= {"400", "413", "415"} if "requestBody" in operation else set()
+            assert wanted <= set(responses), (method, path, sorted(responses))
+            for status in wanted:
+                response = responses[status]
+                if "$ref" in response:
+                    response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert operations >= 20

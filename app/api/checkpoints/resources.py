@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from http import HTTPStatus
 from typing import Any
 
 from flask import Response, request, send_file, url_for
@@ -48,6 +49,7 @@ class CheckpointFile(MethodView):
     @blp.doc(responses={"200": {"description": "The checkpoint file (ETag = sha256; Range supported)",
                                 "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                     "format": "binary"}}}}})
+    @blp.alt_response(416, response=HTTPStatus(416).name, description="Range outside the file")
     def get(self, job_id: str, step: int) -> Response:
         """Download a checkpoint file (streamed; ETag and Range)."""
         job = jobs_service.get_job(current_owner_id(), job_id)

@@ -71,6 +71,7 @@ class DatasetById(MethodView):
         return service.get_dataset(current_owner_id(), dataset_id)
 
     @blp.response(204)
+    @blp.alt_response(409, response="CONFLICT", description="A live job uses the dataset")
     def delete(self, dataset_id: str) -> None:
         """Delete a dataset (409 while a live job uses it)."""
         service.delete_dataset(current_owner_id(), dataset_id)

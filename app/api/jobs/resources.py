@@ -59,6 +59,8 @@ class JobById(MethodView):
 @blp.route("/<string:job_id>/cancel")
 class JobCancel(MethodView):
     @blp.response(202, JobSchema)
+    @blp.alt_response(200, schema=JobSchema, description="A queued job: cancelled at once")
+    @blp.alt_response(409, response="CONFLICT", description="The job has already finished")
     def post(self, job_id: str) -> Any:
         """Cancel: queued jobs at once (200), running ones at the next step (202); 409 when finished."""
         job = service.cancel_job(current_owner_id(), job_id)

@@ -24,6 +24,7 @@ class Samples(MethodView):
     @blp.arguments(SampleRequestSchema)
     @blp.response(201, SampleSchema)
     @blp.alt_response(202, schema=SampleSchema, description="Still queued or running after `wait` seconds")
+    @blp.alt_response(409, response="CONFLICT", description="The job has no checkpoint yet")
     def post(self, query: dict[str, Any], args: dict[str, Any], job_id: str) -> Any:
         """Generate text from a checkpoint; 201 with text when done within `wait` s, else 202."""
         owner = current_owner_id()
