@@ -268,3 +268,14 @@ def postgres_server() -> Iterator[PostgresServer]:
             server.stop("immediate")
         finally:
             server.remove()
+
+
+@pytest.fixture(params=["embedded", "servers"])
+def any_cluster(request: pytest.FixtureRequest) -> Cluster:
+    """A Cluster on the embedded defaults, then on PostgreSQL + Redis (private servers, as in production)."""
+    if request.param == "embedded":
+        return request.getfixturevalue("make_cluster")()
+    # servers first: fixtures are torn down in reverse, so the workers stop before their servers do
+    pg = request.getfixturevalue("postgres_server")
+    broker = request.getfixturevalue("redis_server")
+    return request.getfixturevalue("make_cluster")(database_url=pg.url, broker_url=broker.url)

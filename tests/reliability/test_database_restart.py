@@ -14,7 +14,14 @@ from sqlalchemy import func, select
 
 from app.models import LayerMetric
 from tests.reliability.conftest import Cluster, PostgresServer
-from tests.reliability.helpers import assert_checkpoints_served, assert_steps_once, events, job_spec, submit, upload
+from tests.reliability.helpers import (
+    assert_checkpoints_served,
+    assert_steps_once,
+    events,
+    job_spec,
+    submit,
+    upload,
+)
 from worker.testing import wait_for
 
 pytestmark = pytest.mark.integration

@@ -6,14 +6,20 @@ once; the other deliveries are dropped by the atomic claim.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from app.extensions import celery_client
 from app.services.queue import TRAIN_QUEUE, TRAIN_TASK
 from tests.reliability.conftest import Cluster
-from tests.reliability.helpers import assert_steps_once, events, get_job, job_spec, submit, upload, wait_status
+from tests.reliability.helpers import (
+    assert_steps_once,
+    events,
+    get_job,
+    job_spec,
+    submit,
+    upload,
+    wait_status,
+)
 from worker.testing import wait_for
 
 pytestmark = pytest.mark.integration
@@ -21,8 +27,8 @@ pytestmark = pytest.mark.integration
 MAX_STEPS = 300
 
 
-def test_same_job_delivered_to_two_workers_is_trained_once(make_cluster: Any, corpus: bytes) -> None:
-    cluster: Cluster = make_cluster()
+def test_same_job_delivered_to_two_workers_is_trained_once(any_cluster: Cluster, corpus: bytes) -> None:
+    cluster = any_cluster
     cluster.start_workers("a", "b")
     job_id = submit(cluster, upload(cluster, corpus), spec=job_spec(MAX_STEPS, 100))
 

@@ -20,7 +20,15 @@ import pytest
 
 from tests.reliability.conftest import Cluster, need
 from tests.reliability.helpers import (
-    assert_checkpoints_served, checkpoints, download, events, get_job, job_spec, submit, upload, wait_status,
+    assert_checkpoints_served,
+    checkpoints,
+    download,
+    events,
+    get_job,
+    job_spec,
+    submit,
+    upload,
+    wait_status,
 )
 from worker.testing import wait_for
 

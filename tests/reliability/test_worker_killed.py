@@ -19,8 +19,16 @@ import torch
 
 from tests.reliability.conftest import Cluster
 from tests.reliability.helpers import (
-    assert_checkpoints_served, assert_steps_once, checkpoints, download, events, get_job, job_spec, submit,
-    upload, wait_status,
+    assert_checkpoints_served,
+    assert_steps_once,
+    checkpoints,
+    download,
+    events,
+    get_job,
+    job_spec,
+    submit,
+    upload,
+    wait_status,
 )
 from worker.engine.config import parse_spec
 from worker.engine.trainer import Callbacks, Trainer
@@ -53,9 +61,9 @@ def uninterrupted_run(spec: dict[str, Any], text: str, out_dir: Path) -> tuple[d
         torch.set_num_threads(threads)
 
 
-def test_sigkill_mid_job_other_worker_finishes_bit_identical(make_cluster: Any, corpus: bytes,
+def test_sigkill_mid_job_other_worker_finishes_bit_identical(any_cluster: Cluster, corpus: bytes,
                                                                tmp_path: Path) -> None:
-    cluster: Cluster = make_cluster()
+    cluster = any_cluster
     cluster.start_workers("a", "b", LEASE_S=3)  # a killed worker's job is requeued within ~4 s
     job_id = submit(cluster, upload(cluster, corpus),
                     spec=job_spec(MAX_STEPS, EVERY, keep_last=2, dropout=0.2, seed=11))
