@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from http import HTTPStatus
 from typing import Any
 
 from apispec import BasePlugin
 from celery import Celery
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
@@ -36,10 +35,12 @@ class Base(DeclarativeBase):
 
 
 def rate_limit_key() -> str:
-    """Rate-limit bucket: the API key (hashed) when one is sent, else the client address."""
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        return "key:" + hashlib.sha256(header[7:].strip().encode()).hexdigest()[:32]
+    """Rate-limit bucket: the authenticated key's id (auth runs first), else the client address.
+
+    The id, not the header: however a client spells the scheme or pads the secret, one key has one budget."""
+    key = g.get("api_key")
+    if key is not None:
+        return "key:" + key.id
     return "ip:" + (get_remote_address() or "unknown")
 
 

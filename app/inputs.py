@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Flask, current_app, request
 from flask_smorest import abort
+from werkzeug.exceptions import RequestEntityTooLarge
 
 BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
 BAD_TEXT_MESSAGE = "must not contain NUL characters or unpaired surrogates"
@@ -52,8 +53,10 @@ def _check_json_body() -> None:
     limit = int(current_app.config["MAX_JSON_BYTES"])
     if request.content_length is not None and request.content_length > limit:
         abort(413, message=f"JSON body exceeds the {limit} byte limit.")
-    raw = request.get_data(cache=True)  # kept for webargs, which parses it again
-    if len(raw) > limit:
+    request.max_content_length = limit  # a chunked body stops being read past the limit
+    try:
+        raw = request.get_data(cache=True)  # kept for webargs, which parses it again
+    except RequestEntityTooLarge:
         abort(413, message=f"JSON body exceeds the {limit} byte limit.")
     try:
         data = json.loads(raw.decode("utf-8"))

@@ -129,3 +129,12 @@ def test_production_compose_keeps_limits_in_redis() -> None:
     compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
     env = compose["services"]["api"]["environment"]
     assert str(env["STABLETRAIN_RATELIMIT_STORAGE_URI"]).startswith("redis://"), env
+
+
+@pytest.mark.app_config(RATELIMIT_DEFAULT="4/minute")
+def test_one_budget_per_key_however_the_header_is_spelled(client: Any, runner: Any) -> None:
+    secret = create_key(runner, "spelling")[1]
+    spellings = [f"Bearer {secret}", f"bearer {secret}", f"BEARER {secret}", f"Bearer   {secret}  "]
+    for header in spellings:
+        assert client.get("/v1/jobs", headers={"Authorization": header}).status_code == 200, header
+    _assert_429(client.get("/v1/jobs", headers={"Authorization": f"bEaReR {secret}"}))
