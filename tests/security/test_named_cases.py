@@ -8,9 +8,12 @@ has the parameter limit as `model` and a dataset too short for seq_len as `datas
 the size limit 413 (test_api_datasets::test_upload_too_large_is_413), non-UTF-8 422
 (test_api_datasets::test_bad_uploads_are_422_or_415), unknown checkpoint step 404 and Range out of
 bounds 416 (test_api_checkpoints). The rows here add what those leave out: the same cases on the
-other routes and body kinds, the full envelope, and the hostile inputs the fuzzer found (NUL and
-unpaired surrogates, which PostgreSQL cannot store; JSON nested past the parser's recursion limit;
-integers past what a database column holds), each of which used to answer 500.
+other routes and body kinds, the full envelope, and the hostile inputs found while fuzzing: NUL and
+unpaired surrogates (PostgreSQL cannot store NUL, no driver encodes a lone surrogate), JSON nested
+past the parser's recursion limit or with a number past Python's digit limit, integers past what a
+column holds (SQLite overflows past int64), a cursor naming a non-id. Before the fixes in app/inputs.py,
+services/common.py and the schemas, these answered 500 on SQLite, PostgreSQL or both (the int64 spec
+value was stored as given).
 """
 
 from __future__ import annotations
