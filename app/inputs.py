@@ -4,8 +4,8 @@ PostgreSQL cannot store NUL in text, and no driver can encode an unpaired UTF-16
 JSON `\\ud800` escape produces), so such strings would fail deep in a query as a 500. They are
 answered here instead, with the field path: 422 for a JSON field, a query parameter or the
 Idempotency-Key header. A JSON body nested too deeply for the parser, or with a number too long to
-convert, is malformed (400), like any body that is not JSON. JSON bodies are small (job specs, sample prompts): over MAX_JSON_BYTES
-they answer 413.
+convert, is malformed (400), like any body that is not JSON. JSON bodies are small (job specs, sample
+prompts): over MAX_JSON_BYTES they answer 413.
 """
 
 from __future__ import annotations
