@@ -202,6 +202,8 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
         return "lost"
     status, error = result.status, result.error
     missing = final_checkpoint_missing(result, checkpoint_error)
+    if missing and find_resume_point(engine, job_id, settings.storage_dir)[1] == result.step:
+        missing = None  # resumed at its last step: the stored final checkpoint is the one it resumed from
     if missing:  # a "succeeded" job must have its result stored and downloadable
         status, error = "failed", missing
         add_event(engine, job_id, "failed", error, step=result.step)
