@@ -75,10 +75,12 @@ def finalize_config(config: dict[str, Any]) -> None:
     config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
     # multipart framing needs a little room above the largest file
     config.setdefault("MAX_CONTENT_LENGTH", int(config["MAX_DATASET_BYTES"]) + 64 * 1024)
+    options = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    # A pooled connection that a database restart closed is replaced before use, not answered with a 500.
+    options.setdefault("pool_pre_ping", True)
     if str(config["DATABASE_URL"]).startswith("sqlite"):
-        options = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
         options.setdefault("connect_args", {"timeout": 30})
-        config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    config["SQLALCHEMY_ENGINE_OPTIONS"] = options
 
 
 def ensure_dirs(config: dict[str, Any]) -> None:
