@@ -341,7 +341,8 @@ class Client:
 
     def layer_metrics(self, job_id: str, after_step: int = 0, limit: int = 1000,
                       layer: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every per-layer row (step, layer, grad_norm, weight_norm, update_ratio)."""
+        """Every per-layer row (step, layer, position, grad_norm, weight_norm, update_ratio), in depth order
+        within a step (`position`: 0 = first layer; null for rows recorded before positions existed)."""
         return self._pages(f"/v1/jobs/{job_id}/metrics/layers", {"limit": limit, "layer": layer},
                            "after_step", "next_after_step", start=after_step)
 

@@ -47,9 +47,10 @@ def step_record(job_id: str, row: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def layer_record(job_id: str, step: int, row: dict[str, Any]) -> dict[str, Any]:
-    """One layer_metrics row from an engine layer row."""
-    return {"job_id": job_id, "step": step, **{c: row.get(c) for c in LAYER_COLUMNS}}
+def layer_record(job_id: str, step: int, row: dict[str, Any], position: int) -> dict[str, Any]:
+    """One layer_metrics row from an engine layer row; `position` is the row's index in the engine's list,
+    which is depth order (`model.layer_names()`: embedding first, head last)."""
+    return {"job_id": job_id, "step": step, **{c: row.get(c) for c in LAYER_COLUMNS}, "position": position}
 
 
 class DbReporter(Callbacks):
@@ -98,8 +99,8 @@ class DbReporter(Callbacks):
         self._write("metrics", work)
 
     def on_layer_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """Upsert the per-layer rows of one step."""
-        records = [layer_record(self.job_id, step, r) for r in rows]
+        """Upsert the per-layer rows of one step, each with its depth position (its index in `rows`)."""
+        records = [layer_record(self.job_id, step, r, i) for i, r in enumerate(rows)]
         self._write("layer stats", lambda conn: upsert(conn, LayerMetric.__table__, records, ("job_id", "step", "layer")))
 
     def on_event(self, event: dict[str, Any]) -> None:

@@ -1,15 +1,20 @@
-"""Depth order of layer names.
+"""Depth order of layers.
 
-The API returns layer rows sorted by name, which is not depth order ("head" < "layers", "blocks.10" <
-"blocks.2", "weight_hh" < "weight_ih"). The engine names weight matrices after PyTorch modules
-(`embed.weight`, `layers.0.rnn.weight_ih_l0`, `blocks.3.attn.qkv.weight`, `head.weight`), so a key
-that puts embeddings first and the output head last, compares numbers as numbers and knows the usual
-order inside a block recovers depth order. app/ui/static/dashboard.js mirrors this function.
+Layer rows carry `position`, the depth index the worker recorded from the engine's own order
+(`model.layer_names()`); `layer_order` uses it. Rows written before positions were recorded have none,
+and for those jobs the order is guessed from the names: name order is not depth order ("head" <
+"layers", "blocks.10" < "blocks.2", "weight_hh" < "weight_ih"), but the engine names weight matrices
+after PyTorch modules (`embed.weight`, `layers.0.rnn.weight_ih_l0`, `blocks.3.attn.qkv.weight`,
+`head.weight`), so a key that puts embeddings first and the output head last, compares numbers as
+numbers and knows the usual order inside a block recovers it (`depth_key`, the fallback).
+app/ui/static/dashboard.js mirrors these functions.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 _FIRST = ("emb", "wte", "wpe")
 _LAST = ("head", "lm_head", "output", "out", "decoder", "fc_out", "proj_out")
@@ -40,3 +45,23 @@ def depth_key(name: str) -> tuple[object, ...]:
 def depth_order(names: list[str] | set[str]) -> list[str]:
     """Names sorted from the input layer to the output layer."""
     return sorted(set(names), key=depth_key)
+
+
+def _position(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def layer_order(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Layer names of `rows` ({layer, position?, ...}) from the input layer to the output layer.
+
+    By recorded `position` when every layer has one (from any of its rows; ties by the heuristic), else by the
+    name heuristic for all of them (a job recorded before positions existed): one rule for the whole
+    set, never a mix of the two."""
+    positions: dict[str, int | None] = {}
+    for row in rows:
+        name, position = row["layer"], _position(row.get("position"))
+        if position is not None or name not in positions:
+            positions[name] = position
+    if positions and all(p is not None for p in positions.values()):
+        return sorted(positions, key=lambda n: (positions[n], depth_key(n), n))
+    return depth_order(positions)

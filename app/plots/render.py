@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.plots.order import depth_order
+from app.plots.order import layer_order
 
 PLOT_NAMES = ("loss", "grad_norm", "lr", "layers")
 WIDTH_PX, HEIGHT_PX, DPI = 960, 420, 100
@@ -127,9 +127,11 @@ def heatmap_matrix(layers: list[dict[str, Any]], max_columns: int = MAX_HEATMAP_
                    ) -> tuple[list[str], list[int], list[list[float | None]], list[list[bool]]]:
     """(layer names in depth order, column steps, log10 grad norm [layer][col], non-finite mask).
 
+    Depth order is the rows' recorded `position`, or the name heuristic for rows without one (old jobs).
+
     A cell is None where the layer has no row at that step. Columns are merged into at most
     `max_columns` buckets keeping each bucket's largest value (so exploding steps survive)."""
-    names = depth_order({r["layer"] for r in layers})
+    names = layer_order(layers)
     steps = sorted({r["step"] for r in layers})
     size = max(1, math.ceil(len(steps) / max_columns))
     col_of = {s: i // size for i, s in enumerate(steps)}

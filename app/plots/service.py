@@ -78,12 +78,12 @@ def _step_rows(job: Job, last: int) -> list[dict[str, Any]]:
 
 def _layer_rows(job: Job) -> list[dict[str, Any]]:
     count = db.session.execute(select(func.count()).where(_LAYERS.job_id == job.id)).scalar_one()
-    stmt = select(_LAYERS.step, _LAYERS.layer, _LAYERS.grad_norm).where(_LAYERS.job_id == job.id)
+    stmt = select(_LAYERS.step, _LAYERS.layer, _LAYERS.position, _LAYERS.grad_norm).where(_LAYERS.job_id == job.id)
     if count > MAX_LAYER_ROWS:
         every = int(((job.spec or {}).get("monitoring") or {}).get("layer_stats_every") or 1)
         stride = every * math.ceil(count / MAX_LAYER_ROWS)
         stmt = stmt.where((_LAYERS.step % stride) == 0)
-    return [{"step": s, "layer": layer, "grad_norm": g} for s, layer, g in db.session.execute(stmt)]
+    return [{"step": s, "layer": layer, "position": p, "grad_norm": g} for s, layer, p, g in db.session.execute(stmt)]
 
 
 def load(job: Job, name: str, last: int) -> PlotData:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from app.extensions import db
 from app.models import LayerMetric, StepMetric
 
 STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "grad_norm_clipped", "clipped", "nonfinite", "skipped",
                 "loss_scale", "tokens_per_s", "tokens_seen", "val_loss", "time")
-LAYER_COLUMNS = ("step", "layer", "grad_norm", "weight_norm", "update_ratio")
+LAYER_COLUMNS = ("step", "layer", "position", "grad_norm", "weight_norm", "update_ratio")
 # Core table columns: rows come back as plain tuples without the ORM loading layer
 _STEP_SELECT = [StepMetric.__table__.c[c] for c in STEP_COLUMNS]
 _LAYER_SELECT = [LayerMetric.__table__.c[c] for c in LAYER_COLUMNS]
@@ -83,12 +83,20 @@ def downsample(rows: list[dict[str, Any]], max_points: int) -> list[dict[str, An
     return [kept[s] for s in sorted(kept)]
 
 
-def layer_page(job_id: str, after_step: int, limit: int, layer: str | None) -> dict[str, Any]:
-    """Per-layer rows with step > after_step; a page never ends inside a step (unless one step overflows it)."""
+def layer_query(job_id: str, after_step: int, limit: int, layer: str | None = None) -> Select[Any]:
+    """Up to `limit` per-layer rows with step > after_step in depth order: (step, position, layer), the
+    key of ix_layer_metrics_job_step_position, so it is one index range scan without a sort. Rows
+    written before positions were recorded have a null position and come in name order."""
     stmt = select(*_LAYER_SELECT).where(_LAYERS.job_id == job_id, _LAYERS.step > after_step)
     if layer:
         stmt = stmt.where(_LAYERS.layer == layer)
-    stmt = stmt.order_by(_LAYERS.step, _LAYERS.layer).limit(limit + 1)
+    return stmt.order_by(_LAYERS.step, _LAYERS.position, _LAYERS.layer).limit(limit)
+
+
+def layer_page(job_id: str, after_step: int, limit: int, layer: str | None) -> dict[str, Any]:
+    """Per-layer rows with step > after_step in depth order (see layer_query); a page never ends
+    inside a step (unless one step overflows it)."""
+    stmt = layer_query(job_id, after_step, limit + 1, layer)
     rows = _to_dicts(db.session.connection().execute(stmt).all(), LAYER_COLUMNS)
     if len(rows) <= limit:
         return {"items": rows, "next_after_step": None}

@@ -8,10 +8,11 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from app.extensions import db
 from app.models import Event, Job, LayerMetric, StepMetric
+from app.services import metrics as metrics_service
 
 N_STEPS = 10_000
 SPIKE_LOSS_STEP, SPIKE_GRAD_STEP, NAN_STEP, SKIP_STEP = 3333, 7777, 5000, 6001
@@ -97,6 +98,67 @@ def test_layer_metrics(app: Flask, client: FlaskClient, auth: dict[str, str], jo
     assert len(rest["items"]) == 24 and rest["next_after_step"] is None
     one = client.get(f"{url}?layer=head.weight", headers=auth).json["items"]
     assert len(one) == 10 and {r["layer"] for r in one} == {"head.weight"}
+
+
+DEPTH = (["tok_emb.weight", "pos_emb.weight"] + [f"blocks.{i}.{p}.weight" for i in range(12) for p in ("attn.qkv", "mlp.fc")]
+         + ["head.weight"])
+
+
+def test_layer_rows_come_in_depth_order_with_position(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                                      job: dict[str, Any]) -> None:
+    assert sorted(DEPTH) != DEPTH  # name order ("blocks.10" < "blocks.2", "head" < "pos_emb") is not depth order
+    with app.app_context():
+        rows = [{"job_id": job["id"], "step": s, "layer": name, "position": i, "grad_norm": 10.0 ** -i,
+                 "weight_norm": 1.0, "update_ratio": 1e-3}
+                for s in (30, 10, 20) for i, name in reversed(list(enumerate(DEPTH)))]
+        db.session.execute(insert(LayerMetric), rows)
+        db.session.commit()
+    url = f"/v1/jobs/{job['id']}/metrics/layers"
+    whole = client.get(f"{url}?limit=5000", headers=auth).json
+    assert whole["next_after_step"] is None
+    assert [(r["step"], r["position"], r["layer"]) for r in whole["items"]] == [
+        (s, i, name) for s in (10, 20, 30) for i, name in enumerate(DEPTH)]
+    assert set(whole["items"][0]) == {"step", "layer", "position", "grad_norm", "weight_norm", "update_ratio"}
+    assert whole["items"][0]["grad_norm"] == 1.0 and whole["items"][-1]["layer"] == "head.weight"
+
+    # paging still never ends inside a step, and the pages join up to the same depth-ordered list
+    n = len(DEPTH)
+    first = client.get(f"{url}?limit={n + 5}", headers=auth).json
+    assert [r["layer"] for r in first["items"]] == DEPTH and first["next_after_step"] == 10
+    pages, after = [], 0
+    while after is not None:
+        page = client.get(f"{url}?limit={n + 1}&after_step={after}", headers=auth).json
+        pages += page["items"]
+        after = page["next_after_step"]
+    assert pages == whole["items"]
+    one = client.get(f"{url}?layer=blocks.10.mlp.fc.weight", headers=auth).json["items"]
+    assert [(r["step"], r["position"]) for r in one] == [(s, DEPTH.index("blocks.10.mlp.fc.weight")) for s in (10, 20, 30)]
+
+
+def test_layer_rows_without_position_come_in_name_order(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                                        job: dict[str, Any]) -> None:
+    """Rows recorded before positions existed: position null, name order within a step (clients fall back)."""
+    with app.app_context():
+        db.session.execute(insert(LayerMetric), [
+            {"job_id": job["id"], "step": 5, "layer": name, "grad_norm": 1.0} for name in DEPTH])
+        db.session.commit()
+    items = client.get(f"/v1/jobs/{job['id']}/metrics/layers", headers=auth).json["items"]
+    assert [r["layer"] for r in items] == sorted(DEPTH) and {r["position"] for r in items} == {None}
+
+
+def test_layer_page_reads_the_depth_index_without_sorting(app: Flask, job: dict[str, Any]) -> None:
+    """The (job_id, step, position, layer) index covers the page order: no sort step in the plan."""
+    stmt = metrics_service.layer_query(job["id"], 0, 1001)
+    with app.app_context():
+        conn = db.session.connection()
+        sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+        if conn.dialect.name == "sqlite":
+            plan = " ".join(str(r[-1]) for r in conn.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+            assert "ix_layer_metrics_job_step_position" in plan and "TEMP B-TREE" not in plan, plan
+        else:
+            conn.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = " ".join(r[0] for r in conn.execute(text(f"EXPLAIN {sql}")))
+            assert "ix_layer_metrics_job_step_position" in plan and "Sort" not in plan, plan
 
 
 def test_latest_from_metrics(app: Flask, client: FlaskClient, auth: dict[str, str], job: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""The Alembic revision builds the models' schema on SQLite and PostgreSQL with no diff."""
+"""The Alembic revisions build the models' schema on SQLite and PostgreSQL with no diff, and each step
+goes down and up again keeping the data (0001 -> 0002 -> 0001 -> 0002)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,93 @@ import flask_migrate
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from flask import Flask
+from sqlalchemy import inspect, text
 
 from app import create_app
 from app.extensions import db
 
 TABLES = {"api_keys", "datasets", "jobs", "step_metrics", "layer_metrics", "events", "checkpoints", "samples"}
+POSITION_INDEX = "ix_layer_metrics_job_step_position"
 
 
-def _upgrade_and_compare(database_url: str, tmp_path: Path) -> None:
-    app = create_app({
+def _app(database_url: str, tmp_path: Path) -> Flask:
+    return create_app({
         "DATABASE_URL": database_url,
         "BROKER_URL": f"sqlalchemy+sqlite:///{tmp_path / 'broker.db'}",
         "STORAGE_DIR": str(tmp_path / "storage"),
     })
+
+
+def _assert_no_diff() -> None:
+    with db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, db.metadata)
+    assert diff == [], f"models and migration differ: {diff}"
+
+
+def _layer_columns() -> set[str]:
+    with db.engine.connect() as conn:
+        return {c["name"] for c in inspect(conn).get_columns("layer_metrics")}
+
+
+def _layer_indexes() -> set[str]:
+    with db.engine.connect() as conn:
+        return {i["name"] for i in inspect(conn).get_indexes("layer_metrics")}
+
+
+def _round_trip_layer_position(database_url: str, tmp_path: Path) -> None:
+    """0001 with a layer row -> 0002 (row kept, position null) -> write a position -> back to 0001
+    (column and index gone, rows kept) -> 0002 again (no diff against the models)."""
+    app = _app(database_url, tmp_path)
+    with app.app_context():
+        flask_migrate.upgrade(revision="0001")
+        assert "position" not in _layer_columns()
+        with db.engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                              "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
+            conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, created_at, updated_at, step, "
+                              "max_steps, tokens_seen, health, attempts, cancel_requested) VALUES ('job_1', "
+                              "'key_1', 'j', '{}', 'succeeded', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 10, 10, 0, "
+                              "'ok', 1, false)"))
+            conn.execute(text("INSERT INTO layer_metrics (job_id, step, layer, grad_norm) VALUES "
+                              "('job_1', 10, 'head.weight', 0.5), ('job_1', 10, 'embed.weight', 0.25)"))
+
+        flask_migrate.upgrade(revision="0002")
+        assert "position" in _layer_columns() and POSITION_INDEX in _layer_indexes()
+        with db.engine.begin() as conn:
+            rows = conn.execute(text("SELECT layer, grad_norm, position FROM layer_metrics ORDER BY layer")).all()
+            assert [tuple(r) for r in rows] == [("embed.weight", 0.25, None), ("head.weight", 0.5, None)]
+            conn.execute(text("INSERT INTO layer_metrics (job_id, step, layer, grad_norm, position) VALUES "
+                              "('job_1', 20, 'embed.weight', 0.125, 0)"))
+        _assert_no_diff()
+
+        flask_migrate.downgrade(revision="0001")
+        assert "position" not in _layer_columns() and POSITION_INDEX not in _layer_indexes()
+        with db.engine.connect() as conn:
+            rows = conn.execute(text("SELECT step, layer, grad_norm FROM layer_metrics ORDER BY step, layer")).all()
+        assert [tuple(r) for r in rows] == [(10, "embed.weight", 0.25), (10, "head.weight", 0.5),
+                                            (20, "embed.weight", 0.125)]
+
+        flask_migrate.upgrade()
+        assert "position" in _layer_columns() and POSITION_INDEX in _layer_indexes()
+        _assert_no_diff()
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM layer_metrics WHERE position IS NULL")).scalar_one() == 3
+            fks = inspect(conn).get_foreign_keys("layer_metrics")
+        assert [(f["referred_table"], f["options"].get("ondelete")) for f in fks] == [("jobs", "CASCADE")]
+        flask_migrate.downgrade(revision="base")
+        db.engine.dispose()
+
+
+def _upgrade_and_compare(database_url: str, tmp_path: Path) -> None:
+    app = _app(database_url, tmp_path)
     with app.app_context():
         flask_migrate.upgrade()
         with db.engine.connect() as conn:
             assert TABLES <= set(inspect(conn).get_table_names())
             assert inspect(conn).get_unique_constraints("jobs")[0]["column_names"] == ["owner_id", "idempotency_key"]
-            context = MigrationContext.configure(conn, opts={"compare_type": True})
-            diff = compare_metadata(context, db.metadata)
-        assert diff == [], f"models and migration differ: {diff}"
+        _assert_no_diff()
         flask_migrate.downgrade(revision="base")
         with db.engine.connect() as conn:
             assert not TABLES & set(inspect(conn).get_table_names())
@@ -43,3 +109,12 @@ def test_migration_on_sqlite(tmp_path: Path) -> None:
 def test_migration_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     url = request.getfixturevalue("fresh_postgres_url")
     _upgrade_and_compare(url, tmp_path)
+
+
+def test_layer_position_round_trip_on_sqlite(tmp_path: Path) -> None:
+    _round_trip_layer_position(f"sqlite:///{tmp_path / 'round.db'}", tmp_path)
+
+
+def test_layer_position_round_trip_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url = request.getfixturevalue("fresh_postgres_url")
+    _round_trip_layer_position(url, tmp_path)

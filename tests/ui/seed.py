@@ -1,6 +1,7 @@
 """Records of a job inserted straight through the models (no worker): steps with a loss/grad spike and
-a non-finite step, per-layer rows whose early layers get vanishing gradients, a diagnosis, events and
-a checkpoint file."""
+a non-finite step, per-layer rows whose early layers get vanishing gradients (with their depth
+`position`, as the worker records them, or without for a job recorded before positions existed),
+a diagnosis, events and a checkpoint file."""
 
 from __future__ import annotations
 
@@ -57,25 +58,28 @@ def step_row(step: int, max_steps: int = 200) -> dict[str, Any]:
     return row
 
 
-def layer_rows(step: int) -> list[dict[str, Any]]:
-    """Per-layer rows at one step: the first two layers ~1e-7, the rest 1e-2..1; x100 at the spike."""
+def layer_rows(step: int, layers: list[str] = LAYERS, positions: bool = True) -> list[dict[str, Any]]:
+    """Per-layer rows at one step (`layers` in depth order): the first two ~1e-7, the rest 1e-2..1; x100
+    at the spike. Each row has its index in `layers` as `position` unless positions=False (an old job)."""
     rows = []
-    for i, name in enumerate(LAYERS):
+    for i, name in enumerate(layers):
         grad = 3e-7 * (1 + 0.2 * math.sin(step)) if i < 2 else 10 ** (-2 + i / 3)
         if step == SPIKE_STEP:
             grad *= 100
-        if step == NAN_STEP and i == len(LAYERS) - 1:
+        if step == NAN_STEP and i == len(layers) - 1:
             grad = None
-        rows.append({"step": step, "layer": name, "grad_norm": grad, "weight_norm": 10.0, "update_ratio": 1e-3})
+        rows.append({"step": step, "layer": name, "position": i if positions else None, "grad_norm": grad,
+                     "weight_norm": 10.0, "update_ratio": 1e-3})
     return rows
 
 
-def add_steps(job_id: str, first: int, last: int, layers: bool = True) -> None:
+def add_steps(job_id: str, first: int, last: int, layers: bool = True, layer_names: list[str] = LAYERS,
+              positions: bool = True) -> None:
     """Insert step rows first..last (and layer rows every 10 steps) and move the job's progress."""
     for step in range(first, last + 1):
         db.session.add(StepMetric(job_id=job_id, **step_row(step)))
         if layers and step % 10 == 0:
-            for row in layer_rows(step):
+            for row in layer_rows(step, layer_names, positions):
                 db.session.add(LayerMetric(job_id=job_id, **row))
     job = db.session.get(Job, job_id)
     job.step = last
@@ -84,8 +88,10 @@ def add_steps(job_id: str, first: int, last: int, layers: bool = True) -> None:
     db.session.commit()
 
 
-def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: str = "seeded-lstm") -> str:
-    """A job with `steps` steps of records; a finished one also gets its diagnosis, events and a checkpoint."""
+def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: str = "seeded-lstm",
+             layer_names: list[str] = LAYERS, positions: bool = True) -> str:
+    """A job with `steps` steps of records (layer rows of `layer_names`, in depth order, with or without
+    positions); a finished one also gets its diagnosis, events and a checkpoint."""
     now = utcnow()
     job = Job(owner_id=owner_id, dataset_id=None, name=name, spec={**SPEC, "name": name}, status=status,
               max_steps=200, started_at=now - timedelta(minutes=5), attempts=1,
@@ -94,7 +100,7 @@ def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: s
     db.session.commit()
     db.session.add(Event(job_id=job.id, step=0, kind="started", message="training started on cpu"))
     if steps:
-        add_steps(job.id, 1, steps)
+        add_steps(job.id, 1, steps, layer_names=layer_names, positions=positions)
     if status in ("succeeded", "failed", "cancelled"):
         job.finished_at = now
         job.diagnosis = {"findings": FINDINGS, "summary": "; ".join(f["summary"] for f in FINDINGS)}

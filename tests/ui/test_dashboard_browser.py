@@ -18,7 +18,7 @@ from flask import Flask
 from app import create_app
 from app.extensions import db
 from app.models import Event, Job, StepMetric
-from app.plots.order import depth_order
+from app.plots.order import depth_order, layer_order
 from tests.conftest import create_key
 from tests.ui import seed
 from tests.ui.browser import canvas_stats, points, require_browser, screenshot, serve, wait_until
@@ -83,7 +83,7 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     assert "clip max_norm 1" in series["grad"] and series["clip"] == 1.0
     assert series["distr"] == 3  # log scale
 
-    # layer rows in depth order, the same order as the PNG heatmap (app/plots/order.py)
+    # layer rows in depth order (recorded positions), the same order as the PNG heatmap (app/plots/order.py)
     assert page.evaluate("window.stDashboard.heatmap.layers") == seed.LAYERS
     names = ["head.weight", "blocks.10.mlp.proj.weight", "blocks.2.attn.proj.weight", "pos_emb.weight",
              "blocks.2.attn.qkv.weight", "tok_emb.weight", "blocks.10.attn.qkv.weight", "blocks.2.mlp.fc.weight"]
@@ -128,6 +128,30 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     assert "succeeded" in row.inner_text()
     assert row.locator(f"a[href='/ui/jobs/{job_id}']").count() == 1
     screenshot(page, "dashboard-jobs.png")
+
+
+CUSTOM = ["stem.weight", "body.0.weight", "body.1.weight", "readout.weight"]  # names the heuristic misorders
+
+
+def test_heatmap_rows_follow_recorded_positions_and_fall_back_to_names(served: Served, page: Any) -> None:
+    assert depth_order(CUSTOM) != CUSTOM
+    for positions, expected in ((True, CUSTOM), (False, depth_order(CUSTOM))):
+        job_id = in_app(served, lambda p=positions: seed.make_job(served.owner_id, name=f"custom-{p}",
+                                                                  layer_names=CUSTOM, positions=p))
+        page.goto(f"{served.base_url}/ui/jobs/{job_id}?key={served.secret}")
+        page.wait_for_selector("body[data-loaded=true]")
+        assert page.evaluate("window.stDashboard.heatmap.layers") == expected, positions
+        assert page.get_attribute("#heatmap", "data-layers") == str(len(CUSTOM))
+    # the dashboard's rule is app/plots/order.py's layer_order: positions when every layer has one
+    cases = [
+        [["readout.weight", 3], ["stem.weight", 0], ["body.1.weight", 2], ["body.0.weight", 1]],
+        [["readout.weight", 3], ["stem.weight", None], ["body.1.weight", 2], ["body.0.weight", 1]],
+        [["b", 1], ["a", 1], ["head.weight", 0]],
+    ]
+    for case in cases:
+        got = page.evaluate("""(c) => window.stDashboard.layerOrder(c.map((x) => x[0]),
+            new Map(c.filter((x) => x[1] !== null).map((x) => [x[0], x[1]])))""", case)
+        assert got == layer_order([{"layer": n, "position": p} for n, p in case]), case
 
 
 def test_running_job_dashboard_grows_while_steps_arrive_and_stops_when_it_ends(served: Served, page: Any) -> None:

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 
 from app.extensions import db
 from app.plots import service as plots_service
-from app.plots.order import depth_order
+from app.plots.order import depth_order, layer_order
 from app.plots.render import HEIGHT_PX, PLOT_NAMES, WIDTH_PX, heatmap_matrix
 from tests.conftest import create_key
 from tests.ui import seed
@@ -125,6 +125,34 @@ def test_depth_order_of_engine_layer_names() -> None:
                    + ["head.weight"])
     assert depth_order(sorted(transformer)) == transformer
     assert depth_order(sorted(seed.LAYERS)) == seed.LAYERS
+
+
+# a model whose names the heuristic cannot order: it would put "body" first and "stem" last
+CUSTOM = ["stem.weight", "body.0.weight", "body.1.weight", "readout.weight"]
+
+
+def test_layer_order_uses_positions_and_falls_back_to_names() -> None:
+    assert depth_order(CUSTOM) != CUSTOM
+    rows = [{"layer": n, "position": i} for i, n in reversed(list(enumerate(CUSTOM)))]
+    assert layer_order(rows) == CUSTOM
+    # old rows (no position) of the same layers next to new ones: the recorded positions win
+    assert layer_order([{"layer": n, "position": None} for n in CUSTOM] + rows) == CUSTOM
+    # a job recorded before positions existed: the name heuristic, for every layer
+    old = [{"layer": n} for n in sorted(seed.LAYERS)] + [{"layer": "head.weight", "position": None}]
+    assert layer_order(old) == seed.LAYERS
+    # a layer without any position: the heuristic for all, never a mix of the two orders
+    assert layer_order(rows[1:] + [{"layer": CUSTOM[-1], "position": None}]) == depth_order(CUSTOM)
+    assert layer_order([]) == []
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_heatmap_rows_follow_recorded_positions(app: Flask, owner: Any, positions: bool) -> None:
+    with app.app_context():
+        job_id = seed.make_job(owner[0], layer_names=CUSTOM, positions=positions)
+        rows = plots_service.load(db.session.get(seed.Job, job_id), "layers", 200).layers
+    assert {r["position"] for r in rows} == ({0, 1, 2, 3} if positions else {None})
+    names = heatmap_matrix(rows)[0]
+    assert names == (CUSTOM if positions else depth_order(CUSTOM))
 
 
 def test_plots_are_in_the_openapi_document(client: FlaskClient) -> None:

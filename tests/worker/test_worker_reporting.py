@@ -76,6 +76,28 @@ def test_layer_stats_are_idempotent(engine: Engine) -> None:
     assert [tuple(r) for r in stored] == [(f"layers.{i}.weight", 9.0) for i in range(3)]
 
 
+def test_layer_positions_follow_the_engine_order(engine: Engine) -> None:
+    """position = index in the engine's list (its depth order), not name order; a resent step keeps them."""
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+    engine_order = (["tok_emb.weight", "pos_emb.weight"] + [f"blocks.{i}.attn.qkv.weight" for i in (0, 1, 2, 10, 11)]
+                    + ["head.weight"])
+    assert sorted(engine_order) != engine_order  # name order would not be depth order
+    rows = [{"layer": name, "grad_norm": 1.0 + i, "weight_norm": 1.0, "update_ratio": 1e-3}
+            for i, name in enumerate(engine_order)]
+    reporter.on_layer_stats(5, rows)
+    reporter.on_layer_stats(10, rows)
+    reporter.on_layer_stats(10, rows)  # the same step again (resumed run): same positions, one row each
+    with engine.connect() as conn:
+        stored = conn.execute(select(LayerMetric.step, LayerMetric.position, LayerMetric.layer, LayerMetric.grad_norm)
+                              .where(LayerMetric.job_id == job_id)
+                              .order_by(LayerMetric.step, LayerMetric.position)).all()
+    for step in (5, 10):
+        assert [(p, name, g) for s, p, name, g in stored if s == step] == [
+            (i, name, 1.0 + i) for i, name in enumerate(engine_order)]
+    assert len(stored) == 2 * len(engine_order)
+
+
 def test_events_are_appended_in_order(engine: Engine) -> None:
     job_id = make_job(engine)
     reporter = DbReporter(engine, job_id)

@@ -43,8 +43,13 @@ class StepPageSchema(Schema):
 
 
 class LayerRowSchema(Schema):
+    """Rows come in depth order within a step (by `position`, then `layer`)."""
+
     step = fields.Integer()
     layer = fields.String()
+    position = fields.Integer(allow_none=True, metadata={
+        "description": "Depth index of the weight matrix (0 = nearest the input, the head last); "
+                       "null for rows recorded before positions existed."})
     grad_norm = fields.Float(allow_none=True)
     weight_norm = fields.Float(allow_none=True)
     update_ratio = fields.Float(allow_none=True)

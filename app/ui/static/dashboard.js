@@ -137,7 +137,8 @@
   }
   const badge = (kind, value) => el("span", { class: "badge", ["data-" + kind]: value || "", text: value || "" });
 
-  /* Same depth order as app/plots/order.py (the API sorts layer rows by name, not by depth). */
+  /* Same depth order as app/plots/order.py: layerOrder uses the rows' recorded `position`; depthOrder is
+     the name heuristic it falls back to for jobs recorded before positions existed. */
   const FIRST = ["emb", "wte", "wpe"], LAST = new Set(["head", "lm_head", "output", "out", "decoder", "fc_out", "proj_out"]);
   const PART_RANK = { tok: 0, pos: 1, ih: 0, hh: 1, q: 0, k: 1, v: 2, qkv: 0, attn: 0, in: 0, fc: 1, proj: 2, mlp: 1, ffn: 1 };
   function depthKey(name) {
@@ -161,6 +162,15 @@
     const keyed = names.map((n) => [depthKey(n), n]);
     keyed.sort((x, y) => (x[0][0] - y[0][0]) || cmpParts(x[0][1], y[0][1]));
     return keyed.map((k) => k[1]);
+  }
+  /* names: distinct layer names; positions: Map name -> depth index. By position when every name has
+     one (ties by the name heuristic, then name), else the name heuristic for all (like layer_order). */
+  function layerOrder(names, positions) {
+    if (!names.length || !names.every((n) => positions && positions.has(n))) return depthOrder(names);
+    const keyed = names.map((n) => [positions.get(n), depthKey(n), n]);
+    keyed.sort((x, y) => (x[0] - y[0]) || (x[1][0] - y[1][0]) || cmpParts(x[1][1], y[1][1]) ||
+      (x[2] < y[2] ? -1 : x[2] > y[2] ? 1 : 0));
+    return keyed.map((k) => k[2]);
   }
 
   // ---------------------------------------------------------------- jobs list
@@ -231,8 +241,8 @@
       job: null, afterStep: 0, afterLayerStep: 0, afterEventId: 0, timer: null, loadedOnce: false,
       x: [], loss: [], val: [], gn: [], gnc: [], lr: [], bad: [], clip: null, charts: {},
     };
-    const heatmap = new window.StHeatmap($("heatmap"), depthOrder);
-    window.stDashboard = { state: s, heatmap: heatmap, depthOrder: depthOrder };
+    const heatmap = new window.StHeatmap($("heatmap"), layerOrder);
+    window.stDashboard = { state: s, heatmap: heatmap, depthOrder: depthOrder, layerOrder: layerOrder };
 
     function resetSeries() {
       s.afterStep = 0; s.afterLayerStep = 0;

@@ -37,7 +37,8 @@
   }
 
   class Heatmap {
-    /* container: element to fill; order: function(names) -> names in depth order */
+    /* container: element to fill; order: function(names, positions) -> names in depth order, where
+       positions maps a name to its recorded depth index (absent for rows recorded before positions) */
     constructor(container, order) {
       this.container = container;
       this.order = order;
@@ -48,6 +49,7 @@
       container.append(this.canvas, this.tip);
       this.steps = [];        // sorted distinct steps
       this.layers = [];       // depth-ordered names
+      this.positions = new Map(); // name -> recorded depth index (rows without one add nothing)
       this.values = new Map(); // "step|layer" -> grad norm (null = non-finite)
       this.layout = null;
       this.canvas.addEventListener("mousemove", (e) => this.hover(e));
@@ -60,19 +62,20 @@
       }
     }
 
-    reset() { this.steps = []; this.layers = []; this.values.clear(); }
+    reset() { this.steps = []; this.layers = []; this.positions.clear(); this.values.clear(); }
 
-    /* rows: [{step, layer, grad_norm}] from GET /v1/jobs/{id}/metrics/layers */
+    /* rows: [{step, layer, position, grad_norm}] from GET /v1/jobs/{id}/metrics/layers */
     add(rows) {
       if (!rows.length) return;
       const names = new Set(this.layers), steps = new Set(this.steps);
       for (const r of rows) {
         names.add(r.layer);
+        if (Number.isInteger(r.position)) this.positions.set(r.layer, r.position);
         steps.add(r.step);
         const g = r.grad_norm;
         this.values.set(r.step + "|" + r.layer, (typeof g === "number" && isFinite(g)) ? g : null);
       }
-      this.layers = this.order(Array.from(names));
+      this.layers = this.order(Array.from(names), this.positions);
       this.steps = Array.from(steps).sort((a, b) => a - b);
       this.draw();
     }
