@@ -6,7 +6,6 @@ to the queue; an unexpected exception marks it failed, never leaves it running.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from sqlalchemy import Engine, delete, select, update
 
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
 from worker.db import utcnow
+from worker.engine.checkpoint import file_sha256
 from worker.leases import Heartbeat, add_event, claim_job, finish_job, release_job
 from worker.reporting import DbReporter, json_safe
 from worker.settings import WorkerSettings, pick_device
@@ -61,15 +61,6 @@ def checkpoint_dir(storage: Path, job_id: str) -> Path:
     return storage / "checkpoints" / job_id
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 hex of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def find_resume_point(engine: Engine, job_id: str, storage: Path) -> tuple[Path | None, int]:
     """Newest recorded checkpoint whose file exists and matches its sha256, and its step (0: none)."""
     with engine.connect() as conn:
@@ -78,7 +69,7 @@ def find_resume_point(engine: Engine, job_id: str, storage: Path) -> tuple[Path 
         ).all()
     for step, sha in rows:
         path = checkpoint_dir(storage, job_id) / f"step_{step}.pt"
-        if path.is_file() and sha256_file(path) == sha:
+        if path.is_file() and file_sha256(path) == sha:
             return path, step
         log.warning("job %s: checkpoint at step %s is missing or corrupt; trying an older one", job_id, step)
     return None, 0
