@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import create_app
 from app.extensions import db
+from worker import logs as worker_logs
 from worker.db import utcnow
 from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile
 from worker.service import SHUTDOWN
@@ -103,6 +104,13 @@ def reconcile_now() -> ReconcileReport:
 
 
 _reconciler: list[ReconcilerThread] = []
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _job_tagged_logs(logger: logging.Logger, **_: Any) -> None:
+    # every line a job's run writes carries its id; JSON lines when STABLETRAIN_LOG_JSON is set
+    worker_logs.configure(logger.handlers, json_lines=str(flask_app.config.get("LOG_JSON")).lower() in ("1", "true"))
 
 
 @signals.worker_init.connect

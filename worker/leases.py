@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.models import Event, Job
 from worker.db import utcnow
+from worker.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -140,5 +141,6 @@ class Heartbeat:
             self.lost.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.beat()
+        with log_context(job_id=self.job_id):  # a new thread starts with no log context
+            while not self._stop.wait(self.every_s):
+                self.beat()

@@ -8,6 +8,7 @@ from flask import current_app
 from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
+from worker.logs import log_context
 from worker.service import SHUTDOWN, run_sample, run_train_job
 from worker.settings import load_settings
 
@@ -21,7 +22,8 @@ def train_job(job_id: str) -> str:
     """Claim and train one job, reporting into its records."""
     if SHUTDOWN.is_set():  # delivered while this worker exits: leave it to another worker
         raise Reject("worker shutting down", requeue=True)
-    return run_train_job(db.engine, job_id, load_settings(current_app.config))
+    with log_context(job_id=job_id):
+        return run_train_job(db.engine, job_id, load_settings(current_app.config))
 
 
 @shared_task(name="stabletrain.sample", ignore_result=True, **RETRY)
@@ -29,4 +31,5 @@ def sample(sample_id: str) -> str:
     """Generate text for one sample request."""
     if SHUTDOWN.is_set():
         raise Reject("worker shutting down", requeue=True)
-    return run_sample(db.engine, sample_id, load_settings(current_app.config))
+    with log_context(sample_id=sample_id):
+        return run_sample(db.engine, sample_id, load_settings(current_app.config))
