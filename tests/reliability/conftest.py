@@ -218,6 +218,11 @@ def _pg_bin() -> Path | None:
     return versions[-1].parent if versions else None
 
 
+def _runuser() -> str | None:
+    # util-linux installs it in /sbin, which a minimal PATH (cron, CI) may lack
+    return shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+
+
 class PostgresServer:
     """A throwaway PostgreSQL cluster (initdb) on a free port under a temp folder (as user postgres when root)."""
 
@@ -233,7 +238,7 @@ class PostgresServer:
     def _run(self, *args: str, timeout_s: float = 120) -> None:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = [str(_runuser()), "-u", "postgres", "--", *cmd]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         assert out.returncode == 0, f"{' '.join(cmd)}: {out.stdout}\n{out.stderr}"
 
@@ -256,7 +261,8 @@ class PostgresServer:
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
     bindir = _pg_bin()
-    need(bindir is not None and shutil.which("runuser") is not None, "PostgreSQL server binaries are not installed")
+    need(bindir is not None, "PostgreSQL server binaries (pg_ctl, initdb) are not installed")
+    need(os.geteuid() != 0 or _runuser() is not None, "runuser is not on PATH (needed to run PostgreSQL as root)")
     assert bindir is not None
     server = PostgresServer(bindir)
     try:
