@@ -7,7 +7,7 @@ and device; blocks of steps alternate between the two so machine noise hits
 both alike. Prints tokens/s per arch and, last, `ratio: X` = the worse of
 engine/bare over the archs (target >= 0.97).
 
-    python bench/engine_overhead.py [--device cuda] [--precision bf16] [--rounds 12] [--steps 10]
+    python bench/engine_overhead.py [--device cuda] [--precision bf16] [--rounds 20] [--steps 10]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
