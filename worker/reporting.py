@@ -145,6 +145,10 @@ class DbReporter(Callbacks):
         stmt = update(Job).where(Job.id == self.job_id).values(diagnosis=diagnosis)
         self._write("diagnosis", lambda conn: conn.execute(stmt))
 
+    def may_write_checkpoints(self) -> bool:
+        """Once another worker owns the job, its checkpoint folder is theirs: write and prune nothing."""
+        return not self._fenced()
+
     def should_stop(self) -> bool:
         """Cancel, time limit, shutdown or lost lease: all in-memory flags."""
         return self._stop()

@@ -123,7 +123,8 @@ def test_spike_guard_judges_on_the_device_against_the_recent_median():
     # A bad step never enters the history.
     guard.observe(torch.tensor(2.0), torch.tensor(1e6), torch.tensor(SpikeGuard.EXPLOSION))
     assert torch.nanmedian(guard.norms).item() == 1.0
-    assert "50x" in SpikeGuard.explain(SpikeGuard.EXPLOSION, 2.0, 50.0, 1.0, 2.0)
+    assert "50x" in guard.explain(SpikeGuard.EXPLOSION, 2.0, 50.0, 1.0, 2.0)
+    assert "loss 4 jumped" in guard.explain(SpikeGuard.EXPLOSION, 4.0, 4.0, 1.0, 2.0)  # the rule that fired
 
 
 def test_spike_guard_without_explosion_detection_only_flags_nonfinite():
@@ -132,3 +133,11 @@ def test_spike_guard_without_explosion_detection_only_flags_nonfinite():
         guard.observe(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(SpikeGuard.HEALTHY))
     assert _judge(guard, 2.0, 1e6) == SpikeGuard.HEALTHY
     assert _judge(guard, float("inf"), 1.0) == SpikeGuard.NONFINITE
+
+
+def test_noise_at_a_tiny_loss_is_not_a_spike():
+    guard = SpikeGuard(grad_factor=10.0, detect_explosions=True, device=torch.device("cpu"))
+    for _ in range(10):
+        guard.observe(torch.tensor(0.03), torch.tensor(1.0), torch.tensor(SpikeGuard.HEALTHY))
+    assert _judge(guard, 0.05, 1.0) == SpikeGuard.HEALTHY  # 1.7x, but 0.02 nats
+    assert _judge(guard, 0.9, 1.0) == SpikeGuard.EXPLOSION

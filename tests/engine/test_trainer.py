@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections import Counter
@@ -153,7 +154,7 @@ def test_resume_from_step_k_is_bit_identical_to_an_uninterrupted_run(tmp_path, p
 def test_rollback_recovers_a_run_that_spikes(tmp_path):
     plain_spec = spec(**EXPLODING_RNN)
     guarded = spec(**merge_stab(EXPLODING_RNN, {"nonfinite": "skip", "on_explosion": "rollback",
-                                                "rollback_lr_factor": 0.3, "explosion_factor": 20.0}))
+                                                "rollback_lr_factor": 0.1, "explosion_factor": 20.0}))
     _, _, plain = _run(plain_spec, tmp_path / "plain")
     _, rec, result = _run(guarded, tmp_path / "guarded")
     assert plain.status == "failed"  # the unguarded run dies of its spike
@@ -351,3 +352,35 @@ def test_a_bad_step_is_skipped_on_the_device_without_touching_weights(tmp_path):
     for old, p in zip(weights_before_bad, tr.params, strict=True):
         assert torch.equal(old, p.detach())
     assert "nonfinite" in rec.kinds() and "step_skipped" in rec.kinds()
+
+
+def test_a_rollback_target_is_not_changed_by_the_steps_after_it(tmp_path):
+    s = spec(training={"optimizer": "adamw"}, stabilization={"on_explosion": "rollback"})
+    tr = Trainer(s, corpus(), tmp_path)
+    for _ in range(2):
+        tr.train_step()
+    tr._keep_healthy_state()
+    saved = copy.deepcopy(tr.healthy_states[-1]["optimizer"])
+    for attempt in range(2):
+        for _ in range(3):
+            tr.train_step()
+        tr._rollback(tr.step, f"test rollback {attempt}")
+        target = tr.healthy_states[0]["optimizer"]["state"]
+        for key, state in saved["state"].items():
+            for name, value in state.items():
+                assert torch.equal(target[key][name], value), (attempt, key, name)
+
+
+class _NoFiles(Recorder):
+    def may_write_checkpoints(self) -> bool:
+        return False
+
+
+def test_a_run_that_lost_its_checkpoint_folder_writes_and_prunes_nothing(tmp_path):
+    s = spec(training={"max_steps": 10}, checkpointing={"every_steps": 2, "keep_last": 1})
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "step_1.pt").write_bytes(b"the new owner's checkpoint")
+    result = Trainer(s, corpus(), folder, _NoFiles()).run()
+    assert result.step == 10 and result.checkpoint is None
+    assert [p.name for p in folder.iterdir()] == ["step_1.pt"]

@@ -57,6 +57,9 @@ class FileCallbacks:
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
         pass
 
+    def may_write_checkpoints(self) -> bool:
+        return True
+
     def should_stop(self) -> bool:
         return self.stop_requested
 

@@ -21,6 +21,7 @@ VANISHING_ABS = 1e-7
 EXPLODING_RATIO = 50.0
 # Loss this many times the median of the preceding window is a spike.
 SPIKE_RATIO = 1.5
+SPIKE_MIN_JUMP = 0.5  # nats: noise at a tiny loss is not a spike
 SPIKE_WINDOW = 20
 # Healthy update-to-weight ratio is around 1e-3 (Karpathy); far outside means trouble.
 UPDATE_RATIO_HIGH = 1e-1
@@ -228,7 +229,7 @@ def _loss_spikes(steps: list[dict[str, Any]], spec: dict[str, Any]) -> list[Find
         window = [loss for _, loss in losses[i - SPIKE_WINDOW:i]]
         median = statistics.median(window)
         step, loss = losses[i]
-        if median > 0 and loss > SPIKE_RATIO * median:
+        if median > 0 and loss > SPIKE_RATIO * median and loss - median > SPIKE_MIN_JUMP:
             spikes.append((step, loss, median))
     if not spikes:
         return []

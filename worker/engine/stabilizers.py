@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,6 +158,7 @@ class SpikeGuard:
     WINDOW = 50
     MIN_HISTORY = 5
     LOSS_FACTOR = 1.5
+    LOSS_JUMP = 0.5  # nats
     HEALTHY, NONFINITE, EXPLOSION = 0, 1, 2
 
     def __init__(self, grad_factor: float, detect_explosions: bool, device: torch.device) -> None:
@@ -176,7 +178,7 @@ class SpikeGuard:
         verdict = torch.where(finite, self.HEALTHY, self.NONFINITE)
         if self.detect_explosions:
             enough = (~torch.isnan(self.norms)).sum() >= self.MIN_HISTORY
-            spike = (grad_norm > self.grad_factor * norm_median) | (loss > self.LOSS_FACTOR * loss_median)
+            spike = (grad_norm > self.grad_factor * norm_median) | self.loss_jumped(loss, loss_median)
             verdict = torch.where(finite & enough & spike, self.EXPLOSION, verdict)
         return verdict, norm_median, loss_median
 
@@ -189,15 +191,23 @@ class SpikeGuard:
         self.losses[slot] = torch.where(healthy, loss.float(), self.losses[slot])
         self.position += 1
 
-    @staticmethod
-    def explain(verdict: int, loss: float, grad_norm: float, norm_median: float, loss_median: float) -> str:
-        """The verdict in words, for events and errors."""
+    @classmethod
+    def loss_jumped(cls, loss: Any, median: Any) -> Any:
+        """A loss spike: LOSS_FACTOR times the median AND at least LOSS_JUMP nats above it.
+
+        The absolute part keeps ordinary noise at a tiny loss (0.05 against a median of
+        0.03) from counting as a spike. Works on tensors and on floats.
+        """
+        return (loss > cls.LOSS_FACTOR * median) & (loss - median > cls.LOSS_JUMP)
+
+    def explain(self, verdict: int, loss: float, grad_norm: float, norm_median: float, loss_median: float) -> str:
+        """The verdict in words (the rule that fired), for events and errors."""
         if verdict == SpikeGuard.NONFINITE:
             return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-        if grad_norm > 0 and norm_median > 0 and grad_norm / norm_median >= loss / max(loss_median, 1e-12):
+        if grad_norm > self.grad_factor * norm_median:
             return (f"grad norm {grad_norm:.3g} is {grad_norm / norm_median:.0f}x "
                     f"the recent median {norm_median:.3g}")
-        return f"loss {loss:.4g} jumped above {SpikeGuard.LOSS_FACTOR}x the recent median {loss_median:.4g}"
+        return f"loss {loss:.4g} jumped above {self.LOSS_FACTOR}x the recent median {loss_median:.4g}"
 
     def state_dict(self) -> dict:
         return {"norms": self.norms.cpu(), "losses": self.losses.cpu(), "position": self.position}

@@ -77,6 +77,10 @@ class Callbacks:
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
         """The diagnosis so far, at each checkpoint of a running job."""
 
+    def may_write_checkpoints(self) -> bool:
+        """False once this run no longer owns its checkpoint folder (e.g. a lost lease)."""
+        return True
+
     def should_stop(self) -> bool:
         """Polled every step; True stops the run with a final checkpoint."""
         return False
@@ -197,8 +201,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         stab = spec.stabilization
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=stab.precision == "fp16")
-        # AGC leaves the output layer alone (Brock et al. 2021).
-        self.clipper = GradClipper(stab.clip, self.params, self.weights[:-1] or self.weights)
+        # AGC leaves the output layer alone (Brock et al. 2021); with tied embeddings that is the embedding.
+        head = getattr(getattr(self.model, "head", None), "weight", None)
+        agc_weights = [w for w in self.weights if w is not head] or self.weights
+        self.clipper = GradClipper(stab.clip, self.params, agc_weights)
         self.guard = SpikeGuard(stab.explosion_factor, stab.on_explosion != "none", self.device)
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
         self.pending_steps: list[PendingStep] = []
@@ -316,8 +322,11 @@ class Trainer:
             now = time.perf_counter()
             tokens_per_s = self.tokens_per_step * len(batch) / max(now - self.last_sync, 1e-9)
             self.last_sync = now
+            rollbacks_before = self.rollbacks
             for pending, vals in zip(batch, values, strict=True):
-                failure = self._review(pending, vals, tokens_per_s, failure)
+                # Steps run after a rolled-back one trained weights that no longer exist: record, don't act.
+                discarded = self.rollbacks != rollbacks_before
+                failure = self._review(pending, vals, tokens_per_s, failure, discarded)
             self._maybe_keep_healthy_state()
         due = len(self.pending_rows) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
         if deliver or due or failure is not None:
@@ -326,26 +335,26 @@ class Trainer:
             raise failure
 
     def _review(self, pending: PendingStep, vals: list[float], tokens_per_s: float,
-                failure: TrainingFailed | None) -> TrainingFailed | None:
+                failure: TrainingFailed | None, discarded: bool = False) -> TrainingFailed | None:
         """Act on one step's verdict and record its row; returns the run's failure, if any."""
         loss, pre, post, verdict, norm_median, loss_median, scale = vals
         verdict = int(verdict)
         overflow = verdict == SpikeGuard.NONFINITE and self.scaler.is_enabled() and math.isfinite(loss)
-        if failure is None:  # after a failure, later steps are recorded but not acted on
+        if failure is None and not discarded:  # after a failure, later steps are recorded but not acted on
             try:
                 if verdict == SpikeGuard.HEALTHY:
                     self._healthy(pre, post)
                 else:
                     reason = ("fp16 loss scale overflow" if overflow else
-                              SpikeGuard.explain(verdict, loss, pre, norm_median, loss_median))
+                              self.guard.explain(verdict, loss, pre, norm_median, loss_median))
                     self._troubled(pending.step, verdict, overflow, f"{reason} at step {pending.step}")
             except TrainingFailed as exc:
                 failure = exc
-        skipped = verdict != SpikeGuard.HEALTHY
+        skipped = verdict != SpikeGuard.HEALTHY or discarded
         row = {
             "step": pending.step, "loss": loss, "lr": pending.lr, "grad_norm": pre, "grad_norm_clipped": post,
             "clipped": not skipped and post < pre * (1 - 1e-6),
-            "nonfinite": verdict == SpikeGuard.NONFINITE and not overflow, "skipped": skipped,
+            "nonfinite": verdict == SpikeGuard.NONFINITE and not overflow and not discarded, "skipped": skipped,
             "loss_scale": scale, "tokens_per_s": tokens_per_s,
             "tokens_seen": pending.step * self.tokens_per_step, "val_loss": pending.val_loss, "time": time.time(),
         }
@@ -396,8 +405,9 @@ class Trainer:
         self.rollbacks += 1
         target = self.healthy_states[0]
         to_step = target["step"]
-        self.model.load_state_dict(target["model"])
-        self.optimizer.load_state_dict(target["optimizer"])
+        self.model.load_state_dict(target["model"])  # copies into the parameters
+        # load_state_dict adopts matching tensors as they are: copy, or later steps edit the target
+        self.optimizer.load_state_dict(copy.deepcopy(target["optimizer"]))
         self.healthy_states.clear()
         self.healthy_states.append(target)  # newer states led here: only the restored one is trusted
         self.lr_scale *= stab.rollback_lr_factor
@@ -532,6 +542,8 @@ class Trainer:
     def save(self) -> dict[str, Any] | None:
         """Write a checkpoint of the current step; a storage failure is an event, not a crash."""
         self.flush()  # every row up to this step reaches the callbacks before the checkpoint
+        if not self.cb.may_write_checkpoints():
+            return None  # another owner writes this folder now (lost lease): touch nothing
         path = checkpoint_path(self.out_dir, self.step)
         try:
             written = save_checkpoint(path, self.state_dict())
