@@ -2,6 +2,10 @@
 
 import gc
 
+# The default access line prints the query string and the referrer, and the dashboard's
+# one-time `/ui/?key=...` link would put an API key in the log: log the path only.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s"'
+
 
 def post_worker_init(worker):
     """Move everything loaded at start-up out of the garbage collector's reach.

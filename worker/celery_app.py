@@ -100,7 +100,7 @@ def send(task: str, record_id: str, queue: str) -> None:
 def reconcile_now() -> ReconcileReport:
     """One reconciler pass with this process's settings."""
     return reconcile(utcnow(), engine=engine(), send=send, resend_after_s=settings.resend_after_s,
-                     sample_timeout_s=settings.sample_timeout_s)
+                     sample_timeout_s=settings.sample_timeout_s, max_attempts=settings.max_attempts)
 
 
 _reconciler: list[ReconcilerThread] = []

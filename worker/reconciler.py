@@ -44,25 +44,37 @@ class ReconcileReport:
     samples_failed: int = 0
 
 
-def requeue_expired(engine: Engine, now: datetime) -> list[str]:
-    """Running jobs whose lease expired -> queued (attempts kept); returns their ids."""
+def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> list[str]:
+    """Running jobs whose lease expired -> queued (attempts kept); returns their ids.
+
+    A job whose workers died `max_attempts` times is failed instead: something in it
+    (memory, a driver crash) kills the worker, and requeueing it would take the next one down too.
+    """
     with engine.connect() as conn:
-        ids = conn.execute(
-            select(Job.id).where(Job.status == "running", Job.lease_expires_at < now).limit(BATCH)
-        ).scalars().all()
+        rows = conn.execute(
+            select(Job.id, Job.attempts).where(Job.status == "running", Job.lease_expires_at < now).limit(BATCH)
+        ).all()
     done = []
-    for job_id in ids:
+    for job_id, attempts in rows:
+        expired = (Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
+        if attempts >= max_attempts:
+            error = (f"the worker running this job died {attempts} times (its lease expired each time); "
+                     "it may run out of memory: lower model size, batch_size or seq_len")
+            values: dict[str, object] = {"status": "failed", "error": error, "finished_at": now}
+            kind, message = "failed", error
+        else:
+            values = {"status": "queued", "enqueued_at": None}
+            kind, message = "requeued", "worker lease expired; the job resumes from its checkpoint"
         with engine.begin() as conn:
             changed = conn.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
-                .values(status="queued", worker_id=None, lease_expires_at=None, enqueued_at=None, updated_at=now)
+                update(Job).where(*expired)
+                .values(worker_id=None, lease_expires_at=None, updated_at=now, **values)
             ).rowcount
             if changed:
                 conn.execute(Event.__table__.insert().values(
-                    job_id=job_id, kind="requeued", message="worker lease expired; the job resumes from its checkpoint",
-                    data=None, created_at=now))
-                done.append(job_id)
+                    job_id=job_id, kind=kind, message=message, data=None, created_at=now))
+                if kind == "requeued":
+                    done.append(job_id)
     return done
 
 
@@ -134,10 +146,11 @@ def reconcile(
     send: Send,
     resend_after_s: float = 600.0,
     sample_timeout_s: float = 600.0,
+    max_attempts: int = 5,
 ) -> ReconcileReport:
     """One pass: requeue expired leases, finish orphaned cancels, re-send what looks lost."""
     report = ReconcileReport()
-    report.requeued = len(requeue_expired(engine, now))
+    report.requeued = len(requeue_expired(engine, now, max_attempts))
     report.cancelled = cancel_orphaned(engine, now)
     report.resent = resend_queued(engine, now, resend_after_s, send)
     report.samples_resent, report.samples_failed = reconcile_samples(

@@ -167,6 +167,8 @@ def _train_claimed(engine: Engine, job_id: str, settings: WorkerSettings) -> str
                               device=device, resume_from=resume_from)
         except DataError as exc:
             raise JobInputError(f"cannot train on this dataset: {exc}") from exc
+        except ValueError as exc:  # a spec this device cannot run (e.g. fp16 recurrent layers on CPU)
+            raise JobInputError(f"cannot train this spec here: {exc}") from exc
         result = trainer.run()
     return _record_result(engine, job_id, settings, result, stop, hb, reporter.checkpoint_error)
 
@@ -221,7 +223,8 @@ def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str |
     """Store the generated text or the error."""
     values = {"status": "failed" if error else "succeeded", "text": text, "error": error, "finished_at": utcnow()}
     with engine.begin() as conn:
-        conn.execute(update(Sample).where(Sample.id == sample_id).values(**values))
+        # only a running sample: one the reconciler already timed out stays failed
+        conn.execute(update(Sample).where(Sample.id == sample_id, Sample.status == "running").values(**values))
 
 
 def run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:

@@ -9,6 +9,7 @@ Worker-only environment variables (all optional):
 - STABLETRAIN_RESEND_AFTER_S      re-send a queued job whose last enqueue is older than this (default 600)
 - STABLETRAIN_SAMPLE_TIMEOUT_S    a running sample older than this is marked failed (default 600)
 - STABLETRAIN_DB_RETRY_S          how long the reporter retries a failing database write (default 300)
+- STABLETRAIN_MAX_ATTEMPTS        worker deaths (expired leases) after which a job fails instead of requeueing (default 5)
 - STABLETRAIN_DEVICE              torch device override (cpu, cuda, cuda:1, ...)
 - STABLETRAIN_WORKER_ID           name written to jobs.worker_id (default <host>:<pid>)
 """
@@ -34,6 +35,7 @@ WORKER_DEFAULTS: dict[str, float] = {
     "RESEND_AFTER_S": 600,
     "SAMPLE_TIMEOUT_S": 600,
     "DB_RETRY_S": 300,
+    "MAX_ATTEMPTS": 5,
 }
 
 # Redis redelivers an unacked message after visibility_timeout; keep it above the
@@ -55,6 +57,7 @@ class WorkerSettings:
     resend_after_s: float
     sample_timeout_s: float
     db_retry_s: float
+    max_attempts: int
     device: str | None
     worker_id: str
 
@@ -88,6 +91,7 @@ def load_settings(config: Mapping[str, Any] | None = None, env: Mapping[str, str
         resend_after_s=float(value("RESEND_AFTER_S")),
         sample_timeout_s=float(value("SAMPLE_TIMEOUT_S")),
         db_retry_s=float(value("DB_RETRY_S")),
+        max_attempts=int(value("MAX_ATTEMPTS")),
         device=str(value("DEVICE")) if value("DEVICE") else None,
         worker_id=str(value("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"),
     )

@@ -141,3 +141,16 @@ def test_noise_at_a_tiny_loss_is_not_a_spike():
         guard.observe(torch.tensor(0.03), torch.tensor(1.0), torch.tensor(SpikeGuard.HEALTHY))
     assert _judge(guard, 0.05, 1.0) == SpikeGuard.HEALTHY  # 1.7x, but 0.02 nats
     assert _judge(guard, 0.9, 1.0) == SpikeGuard.EXPLOSION
+
+
+def test_percentile_history_stays_sorted_as_old_norms_leave_the_window():
+    from worker.engine import stabilizers
+
+    params = _params([[1.0]])
+    clipper = GradClipper(ClipConfig(mode="adaptive", percentile=100.0, adaptive_warmup=1), params, params)
+    clipper.history = stabilizers.deque(maxlen=3)
+    for norm in (9.0, 1.0, 5.0, 2.0, 3.0):
+        clipper.observe(norm, norm)
+    assert list(clipper.history) == [5.0, 2.0, 3.0]
+    assert clipper.sorted_history == [2.0, 3.0, 5.0]
+    assert clipper.adaptive_threshold() == 5.0  # 9.0 left the window

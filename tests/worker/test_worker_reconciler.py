@@ -172,3 +172,14 @@ def test_cli_once_resends_through_the_configured_broker(engine: Engine, broker: 
     assert broker.drain("train") == [("stabletrain.train_job", [job_id])]
     with engine.begin() as conn:  # leave nothing claimable for later tests of this session
         conn.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
+
+
+def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(engine: Engine, broker: Broker) -> None:
+    now = utcnow()
+    job_id = make_job(engine, status="running", worker_id="dead", attempts=3, started_at=now,
+                      lease_expires_at=now - timedelta(seconds=1), enqueued_at=now - timedelta(seconds=5))
+    report = reconcile(now, engine=engine, send=broker.send, resend_after_s=600, max_attempts=3)
+    assert report.requeued == 0
+    row = job(engine, job_id)
+    assert row.status == "failed" and "died 3 times" in row.error and row.lease_expires_at is None
+    assert broker.drain("train") == []

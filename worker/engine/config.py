@@ -289,9 +289,3 @@ def _check_consistency(spec: JobSpec) -> None:
         raise SpecError("model.norm", "batchnorm is only supported for mlp; use layernorm or rmsnorm")
     if spec.training.warmup_steps > spec.training.max_steps:
         raise SpecError("training.warmup_steps", "must not exceed training.max_steps")
-
-
-def count_tokens_per_step(spec: JobSpec) -> int:
-    """Tokens consumed by one optimizer step."""
-    t = spec.training
-    return t.batch_size * t.seq_len * t.grad_accum_steps

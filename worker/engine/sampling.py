@@ -80,7 +80,8 @@ def sample_from_checkpoint(
     device: str = "cpu",
 ) -> str:
     """Load a checkpoint file (spec, tokenizer, model) and generate from it."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    # Read to the CPU: the file also holds optimizer (and rollback) state; only the model goes to `device`.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     spec = parse_spec(ckpt["spec"])
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     model = build_model(spec.model, tokenizer.vocab_size, spec.training.seq_len)

@@ -7,6 +7,7 @@ device: nothing here reads a value back to the host.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class GradClipper:
         self.params = params
         self.agc_params = agc_params
         self.history: deque[float] = deque(maxlen=HISTORY)
+        self.sorted_history: list[float] = []  # the same values kept sorted: a percentile is an index
         self.ema_mean: float | None = None
         self.ema_var = 0.0
         self.seen = 0
@@ -74,7 +76,7 @@ class GradClipper:
             return None
         if self.cfg.adaptive_method == "percentile":
             # AutoClip (Seetharaman et al. 2020): p-th percentile of past norms.
-            return _percentile(self.history, self.cfg.percentile)
+            return _percentile(self.sorted_history, self.cfg.percentile)
         # ZClip: EMA mean + z * EMA std of the (clipped) norms.
         assert self.ema_mean is not None
         return self.ema_mean + self.cfg.z_thresh * math.sqrt(self.ema_var)
@@ -84,7 +86,10 @@ class GradClipper:
         if not (math.isfinite(pre_norm) and math.isfinite(post_norm)):
             return
         self.seen += 1
+        if len(self.history) == self.history.maxlen:
+            del self.sorted_history[bisect.bisect_left(self.sorted_history, self.history[0])]
         self.history.append(pre_norm)
+        bisect.insort(self.sorted_history, pre_norm)
         alpha = self.cfg.ema_alpha
         if self.ema_mean is None:
             self.ema_mean = post_norm
@@ -103,6 +108,7 @@ class GradClipper:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=HISTORY)
+        self.sorted_history = sorted(self.history)
         self.ema_mean = state["ema_mean"]
         self.ema_var = state["ema_var"]
         self.seen = state["seen"]
@@ -113,8 +119,7 @@ def _clipped_norm(pre: torch.Tensor, max_norm: float) -> torch.Tensor:
     return pre * torch.clamp(max_norm / (pre + 1e-6), max=1.0)
 
 
-def _percentile(values: deque[float], pct: float) -> float:
-    ordered = sorted(values)
+def _percentile(ordered: list[float], pct: float) -> float:
     rank = (len(ordered) - 1) * pct / 100.0
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
