@@ -109,6 +109,7 @@ def get_dataset(owner_id: str, dataset_id: str) -> Dataset:
 def delete_dataset(owner_id: str, dataset_id: str) -> None:
     """Delete unless a live job uses it; remove the file when no other row shares it."""
     dataset = get_dataset(owner_id, dataset_id)
+    lock_owner(owner_id)  # a concurrent submit of this key either commits first (409 here) or sees it gone
     live = db.session.execute(
         select(Job.id).where(Job.dataset_id == dataset.id, Job.status.in_(LIVE_STATUSES)).limit(1)
     ).scalar_one_or_none()

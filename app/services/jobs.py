@@ -82,8 +82,8 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None)
     if existing is not None:
         return existing, False
     check_limits(spec)
-    check_dataset(owner_id, spec)
-    lock_owner(owner_id)  # held until the commit below: concurrent submits cannot pass the check together
+    lock_owner(owner_id)  # held until the commit below: concurrent submits (or a delete) cannot interleave
+    check_dataset(owner_id, spec)  # under the lock: the dataset cannot be deleted before the job commits
     _check_live_jobs(owner_id)
     # enqueued_at is stamped with the record, before the publish: a reconciler pass that runs
     # between this commit and the publish must not send the job a second time
