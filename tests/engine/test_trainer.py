@@ -149,6 +149,7 @@ def test_resume_from_step_k_is_bit_identical_to_an_uninterrupted_run(tmp_path, p
     for sa, sb in zip(straight.optimizer.state.values(), resumed.optimizer.state.values(), strict=True):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     assert [r["step"] for r in resumed.history.step_rows()] == list(range(1, 13))
+    assert resumed.health.state_dict() == straight.health.state_dict()
 
 
 def test_rollback_recovers_a_run_that_spikes(tmp_path):

@@ -159,6 +159,16 @@ class HealthTracker:
         """Something worth a look (a spike) happened at `step`."""
         self.last_warning_step = step
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent_clipped": list(self.recent_clipped), "last_critical_step": self.last_critical_step,
+                "last_warning_step": self.last_warning_step, "clip_streak": self.clip_streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent_clipped = deque(state["recent_clipped"], maxlen=HEALTH_WINDOW)
+        self.last_critical_step = state["last_critical_step"]
+        self.last_warning_step = state["last_warning_step"]
+        self.clip_streak = state["clip_streak"]
+
     def state(self, step: int) -> str:
         if step - self.last_critical_step < HEALTH_WINDOW:
             return "critical"

@@ -506,6 +506,7 @@ class Trainer:
                 "history": self.history.state_dict(),
                 "clipper": self.clipper.state_dict(),
                 "guard": self.guard.state_dict(),
+                "health": self.health.state_dict(),
                 "consecutive_skips": self.consecutive_skips,
                 "rollbacks": self.rollbacks,
                 "calm_steps": self.calm_steps,
@@ -533,6 +534,7 @@ class Trainer:
         self.history.truncate_after(self.step)
         self.clipper.load_state_dict(monitor["clipper"])
         self.guard.load_state_dict(monitor["guard"])
+        self.health.load_state_dict(monitor["health"])
         self.consecutive_skips = monitor["consecutive_skips"]
         self.rollbacks = monitor["rollbacks"]
         self.calm_steps = monitor["calm_steps"]
