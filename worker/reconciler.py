@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, and_, or_, select, update
 
@@ -89,54 +90,54 @@ def cancel_orphaned(engine: Engine, now: datetime) -> int:
 
 
 def resend_queued(engine: Engine, now: datetime, resend_after_s: float, send: Send) -> int:
-    """Re-send queued jobs never enqueued or enqueued before the cutoff; stamp first so only one reconciler sends."""
+    """Re-send queued jobs never enqueued or enqueued before the cutoff."""
+    # updated_at stays: re-sending is bookkeeping, not a change a client can see
+    return resend_stale(engine, now, resend_after_s, send, Job, TRAIN_TASK, TRAIN_QUEUE,
+                        keep={"updated_at": Job.updated_at})
+
+
+def resend_stale(engine: Engine, now: datetime, resend_after_s: float, send: Send, model: Any,
+                 task: str, queue: str, keep: dict[str, Any] | None = None) -> int:
+    """Re-send queued records (jobs, samples) never enqueued or enqueued before the cutoff.
+
+    The stamp comes first, conditionally, so only one reconciler sends each record per period.
+    """
+    keep = keep or {}
     cutoff = now - timedelta(seconds=resend_after_s)
-    stale = and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff))
+    stale = and_(model.status == "queued", or_(model.enqueued_at.is_(None), model.enqueued_at < cutoff))
     with engine.connect() as conn:
-        ids = conn.execute(select(Job.id).where(stale).order_by(Job.created_at).limit(BATCH)).scalars().all()
+        ids = conn.execute(select(model.id).where(stale).order_by(model.created_at).limit(BATCH)).scalars().all()
     sent = 0
-    for job_id in ids:
+    for record_id in ids:
         with engine.begin() as conn:
-            won = conn.execute(
-                # updated_at stays: re-sending is bookkeeping, not a change a client can see
-                update(Job).where(Job.id == job_id, stale).values(enqueued_at=now, updated_at=Job.updated_at)
-            ).rowcount
+            won = conn.execute(update(model).where(model.id == record_id, stale).values(enqueued_at=now, **keep)).rowcount
         if not won:
             continue
         try:
-            send(TRAIN_TASK, job_id, TRAIN_QUEUE)
+            send(task, record_id, queue)
             sent += 1
         except Exception as exc:  # broker down: clear the stamp so the next pass tries again at once
-            log.warning("re-sending job %s failed: %s", job_id, exc)
+            log.warning("re-sending %s failed: %s", record_id, exc)
             with engine.begin() as conn:
-                conn.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == now)
-                             .values(enqueued_at=None, updated_at=Job.updated_at))
+                conn.execute(update(model).where(model.id == record_id, model.status == "queued",
+                                                 model.enqueued_at == now).values(enqueued_at=None, **keep))
             break
     return sent
 
 
 def reconcile_samples(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
                       send: Send) -> tuple[int, int]:
-    """Re-send old queued samples; fail running samples older than the timeout."""
+    """Re-send stale queued samples; fail running samples whose worker took longer than the timeout."""
+    cutoff = now - timedelta(seconds=timeout_s)
+    # rows from before started_at existed count from created_at (plain comparisons keep the column type)
+    too_old = or_(Sample.started_at < cutoff, and_(Sample.started_at.is_(None), Sample.created_at < cutoff))
     with engine.begin() as conn:
         failed = conn.execute(
             update(Sample)
-            .where(Sample.status == "running", Sample.created_at < now - timedelta(seconds=timeout_s))
+            .where(Sample.status == "running", too_old)
             .values(status="failed", error=f"sampling did not finish within {timeout_s:g} s", finished_at=now)
         ).rowcount
-        ids = conn.execute(
-            select(Sample.id).where(Sample.status == "queued",
-                                    Sample.created_at < now - timedelta(seconds=resend_after_s)).limit(BATCH)
-        ).scalars().all()
-    resent = 0
-    for sample_id in ids:  # no enqueued_at on samples: a duplicate is dropped by the sample claim
-        try:
-            send(SAMPLE_TASK, sample_id, SAMPLE_QUEUE)
-            resent += 1
-        except Exception as exc:
-            log.warning("re-sending sample %s failed: %s", sample_id, exc)
-            break
-    return resent, failed
+    return resend_stale(engine, now, resend_after_s, send, Sample, SAMPLE_TASK, SAMPLE_QUEUE), failed
 
 
 def reconcile(

@@ -215,7 +215,8 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
 def claim_sample(engine: Engine, sample_id: str) -> bool:
     """Take a queued sample request; False when it was already taken."""
     with engine.begin() as conn:
-        stmt = update(Sample).where(Sample.id == sample_id, Sample.status == "queued").values(status="running")
+        stmt = (update(Sample).where(Sample.id == sample_id, Sample.status == "queued")
+                .values(status="running", started_at=utcnow()))
         return conn.execute(stmt).rowcount == 1
 
 

@@ -30,4 +30,8 @@ class Sample(db.Model):
     text: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # stamped before each publish: the reconciler re-sends only when this is missing or old
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # the timeout of a running sample counts from here, not from a long wait in the queue
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

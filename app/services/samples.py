@@ -7,9 +7,10 @@ from typing import Any
 
 from flask import current_app
 from flask_smorest import abort
+from sqlalchemy import update
 
 from app.extensions import db
-from app.models import Job, Sample
+from app.models import Job, Sample, utcnow
 from app.services.checkpoints import get_checkpoint, newest_checkpoint
 from app.services.common import get_owned
 from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, publish
@@ -26,11 +27,16 @@ def create_sample(owner_id: str, job: Job, args: dict[str, Any]) -> Sample:
         if ckpt is None:
             abort(409, message=f"Job {job.id} has no checkpoint yet; sample after the first one is written.")
     params = {k: args[k] for k in ("max_new_tokens", "temperature", "top_k", "seed")}
+    # enqueued_at is stamped with the record, as for jobs: a reconciler pass between the commit and
+    # the publish must not send it twice; a failed publish clears it so the next pass sends it
     sample = Sample(job_id=job.id, owner_id=owner_id, checkpoint_step=ckpt.step, prompt=args["prompt"],
-                    params=params, status="queued")
+                    params=params, status="queued", enqueued_at=utcnow())
     db.session.add(sample)
     db.session.commit()
-    publish(SAMPLE_TASK, sample.id, SAMPLE_QUEUE)
+    if not publish(SAMPLE_TASK, sample.id, SAMPLE_QUEUE):
+        db.session.execute(update(Sample).where(Sample.id == sample.id).values(enqueued_at=None))
+        db.session.commit()
+        db.session.refresh(sample)
     return sample
 
 

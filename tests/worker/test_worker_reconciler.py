@@ -183,3 +183,25 @@ def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(engine: Engine,
     row = job(engine, job_id)
     assert row.status == "failed" and "died 3 times" in row.error and row.lease_expires_at is None
     assert broker.drain("train") == []
+
+
+def test_a_queued_sample_is_resent_once_per_period_and_times_out_from_its_start(engine: Engine,
+                                                                                broker: Broker) -> None:
+    job_id = make_job(engine, status="succeeded")
+    now = utcnow()
+    with engine.connect() as conn:
+        owner = conn.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one()
+    long_ago = now - timedelta(hours=2)
+    waiting = dict(id=new_id("smp"), job_id=job_id, owner_id=owner, checkpoint_step=10, prompt="a", params={},
+                   status="queued", created_at=long_ago, enqueued_at=None, started_at=None)
+    # waited two hours in the queue, started a minute ago: not timed out
+    started = dict(waiting, id=new_id("smp"), status="running", enqueued_at=long_ago,
+                   started_at=now - timedelta(seconds=60))
+    with engine.begin() as conn:
+        conn.execute(Sample.__table__.insert(), [waiting, started])
+    for seconds in (0, 5, 10):  # three passes within one resend period: one message, not three
+        reconcile(now + timedelta(seconds=seconds), engine=engine, send=broker.send, resend_after_s=600,
+                  sample_timeout_s=600)
+    assert broker.drain("samples") == [("stabletrain.sample", [waiting["id"]])]
+    with engine.connect() as conn:
+        assert conn.execute(select(Sample.status).where(Sample.id == started["id"])).scalar_one() == "running"
