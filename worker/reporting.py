@@ -75,10 +75,14 @@ class DbReporter(Callbacks):
         self.checkpoint_error: str | None = None
 
     def _write(self, what: str, work: Callable[[Connection], None]) -> None:
-        if self._fenced():
-            log.info("job %s: dropping %s write, lease lost", self.job_id, what)
-            return
-        with_retry(self.engine, work, deadline_s=self.retry_s, what=f"{what} of {self.job_id}")
+        def fenced_work(conn: Connection) -> None:
+            # checked on every try: a write held up by an outage may outlive the lease
+            if self._fenced():
+                log.info("job %s: dropping %s write, lease lost", self.job_id, what)
+                return
+            work(conn)
+
+        with_retry(self.engine, fenced_work, deadline_s=self.retry_s, what=f"{what} of {self.job_id}")
 
     def on_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Upsert a batch of step rows and move the job's progress to the last one."""
