@@ -24,11 +24,10 @@ from typing import Any
 from sqlalchemy import Engine, and_, or_, select, update
 
 from app.models import Event, Job, Sample
+from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, TRAIN_QUEUE, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK, TRAIN_QUEUE = "stabletrain.train_job", "train"
-SAMPLE_TASK, SAMPLE_QUEUE = "stabletrain.sample", "samples"
 BATCH = 100  # rows looked at per kind and pass; the next pass picks up the rest
 
 Send = Callable[[str, str, str], None]  # (task name, record id, queue)

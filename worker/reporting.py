@@ -9,7 +9,6 @@ failing the job; only after `retry_s` does the error reach the task.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, update
 
 from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
+from app.services.common import finite_or_none, without_nonfinite
 from worker.db import upsert, utcnow, with_retry
 from worker.engine.trainer import Callbacks
 
@@ -25,17 +25,6 @@ log = logging.getLogger(__name__)
 STEP_COLUMNS = tuple(c.name for c in StepMetric.__table__.columns if c.name != "job_id")
 LAYER_COLUMNS = ("layer", "grad_norm", "weight_norm", "update_ratio")
 HEALTH_STATES = ("ok", "warning", "critical")
-
-
-def json_safe(value: Any) -> Any:
-    """Copy of a JSON-like value with NaN/inf replaced by None (JSON has no such numbers)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def step_record(job_id: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +79,7 @@ class DbReporter(Callbacks):
             return
         records = [step_record(self.job_id, r) for r in rows]
         last = rows[-1]
-        progress: dict[str, Any] = {"step": int(last["step"]), "latest": json_safe(dict(last)), "updated_at": utcnow()}
+        progress: dict[str, Any] = {"step": int(last["step"]), "latest": without_nonfinite(dict(last)), "updated_at": utcnow()}
         if last.get("tokens_seen") is not None:
             progress["tokens_seen"] = int(last["tokens_seen"])
         if last.get("health") in HEALTH_STATES:
@@ -116,7 +105,7 @@ class DbReporter(Callbacks):
             "step": event.get("step"),
             "kind": str(event.get("kind", "event")),
             "message": str(event.get("message") or ""),
-            "data": json_safe(event.get("data")),
+            "data": without_nonfinite(event.get("data")),
             "created_at": utcnow(),
         }
         self._write("event", lambda conn: conn.execute(Event.__table__.insert().values(**record)))
@@ -132,7 +121,7 @@ class DbReporter(Callbacks):
             "step": int(info["step"]),
             "bytes": int(info["bytes"]),
             "sha256": str(info["sha256"]),
-            "val_loss": _finite_or_none(info.get("val_loss")),
+            "val_loss": None if info.get("val_loss") is None else finite_or_none(float(info["val_loss"])),
             "health": info.get("health"),
             "created_at": utcnow(),
         }
@@ -145,7 +134,7 @@ class DbReporter(Callbacks):
 
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
         """Keep a running job's diagnosis current (the final one is written with the result)."""
-        diagnosis = json_safe({"findings": findings, "summary": summary})
+        diagnosis = without_nonfinite({"findings": findings, "summary": summary})
         stmt = update(Job).where(Job.id == self.job_id).values(diagnosis=diagnosis)
         self._write("diagnosis", lambda conn: conn.execute(stmt))
 
@@ -156,10 +145,3 @@ class DbReporter(Callbacks):
     def should_stop(self) -> bool:
         """Cancel, time limit, shutdown or lost lease: all in-memory flags."""
         return self._stop()
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

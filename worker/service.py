@@ -16,10 +16,11 @@ from typing import Any
 from sqlalchemy import Engine, delete, select, update
 
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
+from app.services.common import without_nonfinite
 from worker.db import utcnow
-from worker.engine.checkpoint import file_sha256
+from worker.engine.checkpoint import checkpoint_path, file_sha256
 from worker.leases import Heartbeat, add_event, claim_job, finish_job, release_job
-from worker.reporting import DbReporter, json_safe
+from worker.reporting import DbReporter
 from worker.settings import WorkerSettings, pick_device
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def find_resume_point(engine: Engine, job_id: str, storage: Path) -> tuple[Path 
             select(Checkpoint.step, Checkpoint.sha256).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
         ).all()
     for step, sha in rows:
-        path = checkpoint_dir(storage, job_id) / f"step_{step}.pt"
+        path = checkpoint_path(checkpoint_dir(storage, job_id), step)
         if path.is_file() and file_sha256(path) == sha:
             return path, step
         log.warning("job %s: checkpoint at step %s is missing or corrupt; trying an older one", job_id, step)
@@ -190,7 +191,7 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
                    stop: StopFlags, hb: Heartbeat, checkpoint_error: str | None = None) -> str:
     """Map the trainer's ending onto the job's final state."""
     worker_id = settings.worker_id
-    diagnosis = json_safe({"findings": result.diagnosis, "summary": result.summary})
+    diagnosis = without_nonfinite({"findings": result.diagnosis, "summary": result.summary})
     if hb.lost.is_set():
         return "lost"
     status, error = result.status, result.error
@@ -235,7 +236,7 @@ def run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:
     try:
         with engine.connect() as conn:
             sample = conn.execute(select(Sample).where(Sample.id == sample_id)).one()
-        path = checkpoint_dir(settings.storage_dir, sample.job_id) / f"step_{sample.checkpoint_step}.pt"
+        path = checkpoint_path(checkpoint_dir(settings.storage_dir, sample.job_id), sample.checkpoint_step)
         if not path.is_file():
             finish_sample(engine, sample_id, None, f"checkpoint at step {sample.checkpoint_step} no longer exists")
             return "failed"

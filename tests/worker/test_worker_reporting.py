@@ -12,9 +12,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
+from app.services.common import without_nonfinite
 from tests.worker.jobfactory import make_job
 from worker.db import with_retry
-from worker.reporting import DbReporter, json_safe
+from worker.reporting import DbReporter
 
 
 def step_rows(steps: range, loss: float = 1.0) -> list[dict[str, Any]]:
@@ -167,5 +168,5 @@ def test_reporter_survives_dropped_postgres_connections(engine: Engine) -> None:
 
 
 def test_json_safe_replaces_nonfinite() -> None:
-    assert json_safe({"a": [1.0, math.inf, {"b": -math.inf}], "c": math.nan, "d": "x"}) == {
+    assert without_nonfinite({"a": [1.0, math.inf, {"b": -math.inf}], "c": math.nan, "d": "x"}) == {
         "a": [1.0, None, {"b": None}], "c": None, "d": "x"}

@@ -126,12 +126,7 @@ def _nonfinite(steps: list[dict[str, Any]], spec: dict[str, Any]) -> list[Findin
 def _exploding(steps: list[dict[str, Any]], spec: dict[str, Any]) -> list[Finding]:
     norms = [(r["step"], r["grad_norm"]) for r in steps if _finite(r.get("grad_norm"))]
     # Early steps have large norms by nature, so each step is judged against the steps before it.
-    spikes = []
-    for i in range(SPIKE_WINDOW, len(norms)):
-        median = statistics.median(n for _, n in norms[i - SPIKE_WINDOW:i])
-        step, norm = norms[i]
-        if median > 0 and norm > EXPLODING_RATIO * median:
-            spikes.append((step, norm, median))
+    spikes = _jumps(norms, EXPLODING_RATIO)
     nonfinite = any(r.get("nonfinite") for r in steps)
     if not spikes and not nonfinite:
         return []
@@ -222,15 +217,20 @@ def _vanishing(layers: list[dict[str, Any]], spec: dict[str, Any]) -> list[Findi
     )]
 
 
+def _jumps(points: list[tuple[int, float]], ratio: float, min_jump: float = 0.0) -> list[tuple[int, float, float]]:
+    """(step, value, median) where a value exceeds ratio x (and min_jump over) the median of the window before it."""
+    jumps = []
+    for i in range(SPIKE_WINDOW, len(points)):
+        median = statistics.median(v for _, v in points[i - SPIKE_WINDOW:i])
+        step, value = points[i]
+        if median > 0 and value > ratio * median and value - median > min_jump:
+            jumps.append((step, value, median))
+    return jumps
+
+
 def _loss_spikes(steps: list[dict[str, Any]], spec: dict[str, Any]) -> list[Finding]:
     losses = [(r["step"], r["loss"]) for r in steps if _finite(r.get("loss"))]
-    spikes = []
-    for i in range(SPIKE_WINDOW, len(losses)):
-        window = [loss for _, loss in losses[i - SPIKE_WINDOW:i]]
-        median = statistics.median(window)
-        step, loss = losses[i]
-        if median > 0 and loss > SPIKE_RATIO * median and loss - median > SPIKE_MIN_JUMP:
-            spikes.append((step, loss, median))
+    spikes = _jumps(losses, SPIKE_RATIO, SPIKE_MIN_JUMP)
     if not spikes:
         return []
     worst = max(spikes, key=lambda s: s[1] / s[2])
