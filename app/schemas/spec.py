@@ -145,6 +145,8 @@ class StabilizationSchema(StrictSchema):
 
 class MonitoringSchema(StrictSchema):
     layer_stats_every = _int(10, 1)
+    activation_stats = StrictBoolean(load_default=True)
+    attribution_top_k = _int(4, 0, 64)
 
 
 class CheckpointingSchema(StrictSchema):

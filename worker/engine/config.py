@@ -117,6 +117,11 @@ class StabilizationConfig:
 @dataclass
 class MonitoringConfig:
     layer_stats_every: int = 10
+    # forward-hook activation statistics (and, for rnn/gru/lstm, gradients through time)
+    # every layer_stats_every steps
+    activation_stats: bool = True
+    # rows of a spiking batch named by per-example loss in the spike's event (0: none)
+    attribution_top_k: int = 4
 
 
 @dataclass
@@ -179,6 +184,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "stabilization.max_rollbacks": (lambda v: v >= 0, "must be >= 0"),
     "stabilization.weight_max_norm": (lambda v: v is None or v > 0, "must be > 0 or null"),
     "monitoring.layer_stats_every": (lambda v: v >= 1, "must be >= 1"),
+    "monitoring.attribution_top_k": (lambda v: 0 <= v <= 64, "must be between 0 and 64"),
     "checkpointing.every_steps": (lambda v: v >= 1, "must be >= 1"),
     "checkpointing.keep_last": (lambda v: 1 <= v <= 100, "must be between 1 and 100"),
 }
