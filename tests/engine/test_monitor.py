@@ -19,7 +19,8 @@ def _filled(n_steps: int) -> RunHistory:
     history = RunHistory()
     for step in range(1, n_steps + 1):
         history.add_step({"step": step, "loss": 1.0 / step, "grad_norm": 0.5, "clipped": step % 2 == 0,
-                          "nonfinite": False, "skipped": False})
+                          "nonfinite": False, "skipped": False, "lr": 1e-3 / step,
+                          "val_loss": 2.0 / step if step % 5 == 0 else None})
         history.add_layers(step, _layer_rows(step))
         history.events.append({"step": step, "kind": "checkpoint", "message": "", "data": {}})
     return history

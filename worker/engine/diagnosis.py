@@ -36,6 +36,7 @@ def diagnose(
     layers: list[dict[str, Any]],
     events: list[dict[str, Any]] | None = None,
     spec: dict[str, Any] | None = None,
+    activations: list[dict[str, Any]] | None = None,
 ) -> list[Finding]:
     """Findings for a run, most severe first; empty when the run looks healthy."""
     spec = spec or {}
@@ -50,6 +51,15 @@ def diagnose(
     ]
     order = {"critical": 0, "warning": 1, "info": 2}
     return sorted(findings, key=lambda f: order[f["severity"]])
+
+
+HEALTH_OF_SEVERITY = {"critical": "critical", "warning": "warning", "info": "ok"}
+
+
+def health_of(findings: list[Finding]) -> str:
+    """A run's health: the worst severity among its findings (ok when there are none)."""
+    healths = {HEALTH_OF_SEVERITY.get(f["severity"], "ok") for f in findings}
+    return next((h for h in ("critical", "warning") if h in healths), "ok")
 
 
 def summarize(findings: list[Finding]) -> str:
