@@ -427,9 +427,14 @@ class Trainer:
         ranked = sorted(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf,
                         reverse=True)
         top = [{"offset": offsets[i], "loss": losses[i] if math.isfinite(losses[i]) else None,
-                "excerpt": self.tokenizer.decode(self.data.excerpt(offsets[i], EXCERPT_TOKENS))[:EXCERPT_CHARS]}
+                "excerpt": self._excerpt(offsets[i])}
                for i in ranked[:self.spec.monitoring.attribution_top_k]]
         return {"offsets": offsets, "top": top}
+
+    def _excerpt(self, offset: int) -> str:
+        # A byte window can start inside a UTF-8 character: drop the partial one.
+        text = self.tokenizer.decode(self.data.excerpt(offset, EXCERPT_TOKENS)).lstrip("\ufffd")
+        return text[:EXCERPT_CHARS]
 
     def _troubled(self, step: int, verdict: int, overflow: bool, reason: str,
                   spike: tuple[str, dict[str, Any]]) -> None:
