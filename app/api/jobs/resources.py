@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from flask import request
@@ -30,6 +32,17 @@ IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "schema": {"type":
 
 def _idempotency_key() -> str | None:
     return (request.headers.get("Idempotency-Key") or "").strip()[:200] or None
+
+
+def _job_found_first(view: Callable[..., Any]) -> Callable[..., Any]:
+    """404 for another key's (or no) job before the body is read: such ids look absent whatever is sent."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        service.get_job(current_owner_id(), kwargs["job_id"])
+        return view(*args, **kwargs)
+
+    return wrapper
 
 
 def _created_or_replayed(job: Any, created: bool) -> Any:
@@ -79,6 +92,7 @@ class JobCancel(MethodView):
 
 @blp.route("/<string:job_id>/retry")
 class JobRetry(MethodView):
+    @_job_found_first
     @json_body
     @blp.arguments(RetryRequestSchema)
     @blp.response(202, JobSchema, description="The new job, queued: parent_id and applied_patch say what changed")
