@@ -83,6 +83,23 @@ CONSISTENCY_CASES: list[tuple[dict[str, Any], str]] = [
     ({"model": {"arch": "lstm", "residual": True, "depth_scaled_init": True}}, "model.depth_scaled_init"),
     ({"model": {"arch": "mlp", "residual": False, "depth_scaled_init": True}}, "model.depth_scaled_init"),
     ({"model": {"arch": "transformer", "residual": False, "depth_scaled_init": True}}, "model.depth_scaled_init"),
+    ({"training": {"optimizer": "adamw", "momentum": 0.5}}, "training.momentum"),
+    ({"training": {"optimizer": "sgd", "betas": [0.8, 0.99]}}, "training.betas"),
+    ({"training": {"schedule": "constant", "min_lr_ratio": 0.5}}, "training.min_lr_ratio"),
+    ({"stabilization": {"clip": {"mode": "value", "max_norm": 2.0}}}, "stabilization.clip.max_norm"),
+    ({"stabilization": {"clip": {"mode": "none", "max_norm": 2.0}}}, "stabilization.clip.max_norm"),
+    ({"stabilization": {"clip": {"mode": "norm", "clip_value": 0.5}}}, "stabilization.clip.clip_value"),
+    ({"stabilization": {"clip": {"mode": "norm", "agc_factor": 0.1}}}, "stabilization.clip.agc_factor"),
+    ({"stabilization": {"clip": {"mode": "adaptive", "agc_eps": 0.1}}}, "stabilization.clip.agc_eps"),
+    ({"stabilization": {"clip": {"mode": "norm", "adaptive_method": "zscore"}}}, "stabilization.clip.adaptive_method"),
+    ({"stabilization": {"clip": {"mode": "agc", "adaptive_warmup": 5}}}, "stabilization.clip.adaptive_warmup"),
+    ({"stabilization": {"clip": {"mode": "norm", "percentile": 50.0}}}, "stabilization.clip.percentile"),
+    ({"stabilization": {"clip": {"mode": "adaptive", "adaptive_method": "zscore", "percentile": 50.0}}},
+     "stabilization.clip.percentile"),
+    ({"stabilization": {"clip": {"mode": "adaptive", "z_thresh": 3.0}}}, "stabilization.clip.z_thresh"),
+    ({"stabilization": {"clip": {"mode": "adaptive", "ema_alpha": 0.9}}}, "stabilization.clip.ema_alpha"),
+    ({"stabilization": {"on_explosion": "skip", "rollback_lr_factor": 0.1}}, "stabilization.rollback_lr_factor"),
+    ({"stabilization": {"on_explosion": "none", "max_rollbacks": 2}}, "stabilization.max_rollbacks"),
 ]
 
 # Type errors and unknown keys.

@@ -237,13 +237,32 @@ INITS = _choices(ModelConfig, "init")
 # Schemes that take a gain (model.init_gain); default and normal have none.
 GAINED_INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
 RECURRENT_ARCHS = ("rnn", "gru", "lstm")
-# Architecture-specific options: the archs where each changes the model.
-ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "context": ("mlp",),
-    "n_heads": ("transformer",),
-    "qk_norm": ("transformer",),
-    "recurrent_init": RECURRENT_ARCHS,
-    "forget_bias": ("lstm",),
+_CLIP_MODE = "stabilization.clip.mode"
+# Options that only act under some values of other fields (every condition must hold). Set to
+# anything but its default elsewhere, such an option is refused rather than silently ignored.
+APPLIES_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
+    "model.context": (("model.arch", ("mlp",)),),
+    "model.n_heads": (("model.arch", ("transformer",)),),
+    "model.qk_norm": (("model.arch", ("transformer",)),),
+    "model.recurrent_init": (("model.arch", RECURRENT_ARCHS),),
+    "model.forget_bias": (("model.arch", ("lstm",)),),
+    "model.norm_position": (("model.norm", ("batchnorm", "layernorm", "rmsnorm")),),
+    "model.init_std": (("model.init", ("normal",)),),
+    "model.init_gain": (("model.init", GAINED_INITS),),
+    "training.momentum": (("training.optimizer", ("sgd",)),),
+    "training.betas": (("training.optimizer", ("adam", "adamw")),),
+    "training.min_lr_ratio": (("training.schedule", ("linear", "cosine")),),
+    "stabilization.clip.max_norm": ((_CLIP_MODE, ("norm",)),),
+    "stabilization.clip.clip_value": ((_CLIP_MODE, ("value",)),),
+    "stabilization.clip.agc_factor": ((_CLIP_MODE, ("agc",)),),
+    "stabilization.clip.agc_eps": ((_CLIP_MODE, ("agc",)),),
+    "stabilization.clip.adaptive_method": ((_CLIP_MODE, ("adaptive",)),),
+    "stabilization.clip.adaptive_warmup": ((_CLIP_MODE, ("adaptive",)),),
+    "stabilization.clip.percentile": ((_CLIP_MODE, ("adaptive",)), ("stabilization.clip.adaptive_method", ("percentile",))),
+    "stabilization.clip.z_thresh": ((_CLIP_MODE, ("adaptive",)), ("stabilization.clip.adaptive_method", ("zscore",))),
+    "stabilization.clip.ema_alpha": ((_CLIP_MODE, ("adaptive",)), ("stabilization.clip.adaptive_method", ("zscore",))),
+    "stabilization.rollback_lr_factor": (("stabilization.on_explosion", ("rollback",)),),
+    "stabilization.max_rollbacks": (("stabilization.on_explosion", ("rollback",)),),
 }
 
 
@@ -356,14 +375,24 @@ def _check_rules(spec: JobSpec) -> None:
 def _check_consistency(spec: JobSpec) -> None:
     if spec.training.warmup_steps > spec.training.max_steps:
         raise SpecError("training.warmup_steps", "must not exceed training.max_steps")
+    _check_applicable(spec)
+
+
+def _check_applicable(spec: JobSpec) -> None:
+    """Refuse an option set away from its default where nothing reads it (APPLIES_WHEN)."""
+    defaults = JobSpec()
+    for path, conditions in APPLIES_WHEN.items():
+        if _get(spec, path) == _get(defaults, path):
+            continue
+        for control, values in conditions:
+            if _get(spec, control) not in values:
+                raise SpecError(
+                    path, f"only applies when {control} is {' or '.join(map(str, values))}; leave it unset otherwise"
+                )
 
 
 def _check_model(m: ModelConfig) -> None:
     """Refuse model options that the architecture cannot honour (none is silently ignored)."""
-    default = ModelConfig()
-    for name, archs in ONLY_FOR.items():
-        if m.arch not in archs and getattr(m, name) != getattr(default, name):
-            raise SpecError(f"model.{name}", f"only applies to arch {', '.join(archs)}; leave it unset for {m.arch}")
     if m.arch == "transformer" and m.d_model % m.n_heads:
         raise SpecError("model.n_heads", f"must divide model.d_model ({m.d_model})")
     if m.arch == "rnn" and m.activation not in ("tanh", "relu"):
@@ -372,12 +401,6 @@ def _check_model(m: ModelConfig) -> None:
         raise SpecError("model.activation", f"{m.arch} cells have fixed tanh/sigmoid nonlinearities; use tanh")
     if m.arch != "mlp" and m.norm == "batchnorm":
         raise SpecError("model.norm", "batchnorm is only supported for mlp; use layernorm or rmsnorm")
-    if m.norm == "none" and m.norm_position != default.norm_position:
-        raise SpecError("model.norm_position", "has no effect without a norm; set model.norm or leave it unset")
-    if m.init != "normal" and m.init_std != default.init_std:
-        raise SpecError("model.init_std", "only applies to init normal")
-    if m.init not in GAINED_INITS and m.init_gain != default.init_gain:
-        raise SpecError("model.init_gain", f"only applies to init {', '.join(GAINED_INITS)}")
     if m.tie_embeddings and m.arch != "transformer" and m.hidden != m.d_model:
         raise SpecError(
             "model.tie_embeddings",
