@@ -76,27 +76,17 @@ def _matrix_gain(module: nn.Module, name: str, cfg: ModelConfig) -> float:
     return cfg.init_gain * activation_gain(cfg.activation)
 
 
-def _embedding_and_head_params(model: nn.Module) -> set[int]:
-    """Parameters initialised by their own rules, not the hidden-matrix scheme."""
-    embeddings = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
-    return {id(p) for p in embeddings + list(model.get_submodule("head").parameters())}
-
-
-def _init_hidden(model: nn.Module, cfg: ModelConfig) -> None:
-    """cfg.init on every hidden weight matrix, zero biases, identity norms."""
-    skip = _embedding_and_head_params(model)
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in skip:
-                continue
-            if isinstance(module, _NORMS):
-                p.fill_(1.0 if name == "weight" else 0.0)
-            elif p.dim() >= 2:
-                gain = _matrix_gain(module, name, cfg)
-                for block in _blocks(module, name, p):
-                    init_matrix_(block, cfg.init, gain, cfg.init_std)
-            else:
-                p.zero_()
+def _init_hidden(module: nn.Module, cfg: ModelConfig) -> None:
+    """cfg.init on a module's own weight matrices, zero biases, identity norms."""
+    for name, p in module.named_parameters(recurse=False):
+        if isinstance(module, _NORMS):
+            p.fill_(1.0 if name == "weight" else 0.0)
+        elif p.dim() >= 2:
+            gain = _matrix_gain(module, name, cfg)
+            for block in _blocks(module, name, p):
+                init_matrix_(block, cfg.init, gain, cfg.init_std)
+        else:
+            p.zero_()
 
 
 def embedding_std(cfg: ModelConfig) -> float:
@@ -107,23 +97,37 @@ def embedding_std(cfg: ModelConfig) -> float:
     return 1.0 / math.sqrt(cfg.d_model) if cfg.tie_embeddings else 1.0
 
 
-def _init_embeddings(model: nn.Module, cfg: ModelConfig) -> None:
-    """Every embedding table (tokens, positions) at embedding_std: positions never drown tokens."""
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, embedding_std(cfg))
+def _init_embedding(embedding: nn.Embedding, cfg: ModelConfig) -> None:
+    """Every table (tokens, positions) at embedding_std: positions never drown the tokens.
+    N(0, 1) is what torch already drew, so that case is left as it is."""
+    std = embedding_std(cfg)
+    if std != 1.0:
+        nn.init.normal_(embedding.weight, 0.0, std)
 
 
-def _init_head(model: nn.Module, cfg: ModelConfig) -> None:
+def _init_head(head: nn.Module, cfg: ModelConfig) -> None:
     """An untied output head: fan-in scaled (std 1/sqrt(fan_in); init_std for normal), no activation
-    gain since no activation follows it; zero bias."""
-    head = model.get_submodule("head")
+    gain since no activation follows it; zero bias. A tied head is its embedding's."""
     if cfg.tie_embeddings or not isinstance(head, nn.Linear):
         return
     std = cfg.init_std if cfg.init == "normal" else 1.0 / math.sqrt(head.in_features)
     nn.init.normal_(head.weight, 0.0, std)
     if head.bias is not None:
         head.bias.zero_()
+
+
+def _init_modules(model: nn.Module, cfg: ModelConfig) -> None:
+    """Each module by its role, in depth order (so a scheme draws in the same order for every role)."""
+    head = model.get_submodule("head")
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            _init_embedding(module, cfg)
+        elif cfg.init == "default":  # torch's own init for the rest
+            continue
+        elif module is head:
+            _init_head(head, cfg)
+        else:
+            _init_hidden(module, cfg)
 
 
 def _recurrent_modules(model: nn.Module) -> list[nn.RNNBase]:
@@ -170,10 +174,7 @@ def initialize(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     (a tied table at 1/sqrt(d_model)), recurrent_init, forget_bias and depth_scaled_init apply
     under every scheme.
     """
-    if cfg.init != "default":
-        _init_hidden(model, cfg)
-        _init_head(model, cfg)
-    _init_embeddings(model, cfg)
+    _init_modules(model, cfg)
     if cfg.recurrent_init == "orthogonal":
         _orthogonal_recurrent(model)
     if cfg.forget_bias != 0.0:
