@@ -26,6 +26,8 @@ class Job(db.Model):
         Index("ix_jobs_owner_created", "owner_id", "created_at", "id"),
         Index("ix_jobs_status_enqueued", "status", "enqueued_at"),
         Index("ix_jobs_dataset_id", "dataset_id"),
+        # the fair pick reads each key's last claim
+        Index("ix_jobs_owner_claimed", "owner_id", "claimed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -51,3 +53,7 @@ class Job(db.Model):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # set at each claim; every worker write is conditional on it (a taken-over worker writes nothing)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    # the database's time of the last claim: the training queue serves the key served least recently
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
