@@ -26,7 +26,16 @@ from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
 from app.services.common import without_nonfinite
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
-from worker.leases import Heartbeat, Lease, add_event, claim_job, claim_next_job, finish_job, hold, release_job
+from worker.leases import (
+    Heartbeat,
+    Lease,
+    add_event,
+    claim_job,
+    claim_next_job,
+    finish_job,
+    hold,
+    release_job,
+)
 from worker.logs import log_context
 from worker.reporting import DbReporter
 from worker.settings import WorkerSettings, pick_device

@@ -18,8 +18,16 @@ from sqlalchemy import select
 
 from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
 from tests.reliability.conftest import Cluster
-from tests.reliability.helpers import assert_checkpoints_served, assert_steps_once, checkpoints, get_job, job_spec
-from tests.reliability.helpers import submit, upload, wait_status
+from tests.reliability.helpers import (
+    assert_checkpoints_served,
+    assert_steps_once,
+    checkpoints,
+    get_job,
+    job_spec,
+    submit,
+    upload,
+    wait_status,
+)
 from worker.testing import wait_for
 
 pytestmark = pytest.mark.integration
