@@ -27,6 +27,7 @@ from app import create_app
 from app.extensions import db
 from worker import logs as worker_logs
 from worker.db import utcnow
+from worker.leases import bound_idle_transactions
 from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile, relay
 from worker.service import ACTIVITY, SHUTDOWN
 from worker.settings import WorkerSettings, load_settings
@@ -104,6 +105,8 @@ def make_celery(flask_app: Flask, settings: WorkerSettings) -> Celery:
 flask_app = create_app()
 settings = load_settings(flask_app.config)
 celery = make_celery(flask_app, settings)
+with flask_app.app_context():
+    bound_idle_transactions(db.engine, max(settings.lease_s, 10.0))
 
 
 def engine() -> Engine:

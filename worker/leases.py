@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, event, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import aliased
 
@@ -41,6 +41,23 @@ class Lease:
     job_id: str
     token: str
     worker_id: str
+
+
+def bound_idle_transactions(engine: Engine, seconds: float) -> None:
+    """PostgreSQL ends a session left idle inside a transaction for `seconds` (a worker frozen mid-write).
+
+    `hold` keeps the job row locked until its transaction ends; without this bound, a worker
+    paused inside one (SIGSTOP, a suspended VM) would block the job's takeover, and the
+    reconciler pass that requeues it, until it woke. Its write then fails and is fenced on retry.
+    """
+    if engine.dialect.name != "postgresql":
+        return  # SQLite: writers wait busy_timeout for the lock, then the pass is retried
+
+    @event.listens_for(engine, "connect")
+    def _bound(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"SET idle_in_transaction_session_timeout = {int(seconds * 1000)}")
+        cursor.close()
 
 
 def claim_job(engine: Engine, job_id: str, worker_id: str, lease_s: float) -> Lease | None:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, create_engine, func, select, text, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.models.clock import db_now
@@ -18,9 +20,11 @@ from worker.leases import (
     Heartbeat,
     Lease,
     add_event,
+    bound_idle_transactions,
     claim_job,
     claim_next_job,
     finish_job,
+    hold,
     release_job,
     renew_lease,
 )
@@ -249,3 +253,29 @@ def test_a_stale_message_claims_the_fair_next_job_or_nothing(engine: Engine, set
     done = make_job(engine, status="succeeded")
     assert run_train_job(engine, done, settings) == "skipped"  # nothing queued: a no-op
     assert job_row(engine, done).status == "succeeded"
+
+
+def test_a_session_idle_inside_a_transaction_is_ended_on_postgresql(engine: Engine) -> None:
+    """A worker frozen mid-write must not hold the job row's lock (and block its takeover) for ever."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has no server sessions")
+    worker_engine = create_engine(engine.url, poolclass=NullPool)
+    bound_idle_transactions(worker_engine, 0.5)
+    job_id = make_job(engine)
+    lease = claim_job(engine, job_id, "frozen", lease_s=30)
+    assert lease is not None
+    frozen = worker_engine.connect()
+    try:
+        frozen.begin()
+        assert frozen.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one() == "500ms"
+        assert hold(frozen, lease)  # the job row is locked; then the worker freezes
+        with engine.begin() as conn:  # waits until the server ends the frozen session (fails after 5 s)
+            conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+            conn.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=db_now(-1)))
+        assert claim_job(engine, job_id, "taker", lease_s=30) is not None
+    finally:
+        try:
+            frozen.close()
+        except DBAPIError:  # the server already ended it
+            pass
+        worker_engine.dispose()
