@@ -2,6 +2,11 @@
 
 Every path out of `run_train_job` leaves the job in a final state or handed back
 to the queue; an unexpected exception marks it failed, never leaves it running.
+
+A train message is a "work available" token: the worker claims the fair next queued
+job (`worker.leases.next_fair_job`), not necessarily the one the message names, so
+one key's backlog cannot starve another key; a stale or duplicate message claims
+nothing. Every write after the claim is fenced by the claim's lease token.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +26,17 @@ from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
 from app.services.common import without_nonfinite
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
-from worker.leases import Heartbeat, add_event, claim_job, finish_job, release_job
+from worker.leases import (
+    Heartbeat,
+    Lease,
+    add_event,
+    claim_job,
+    claim_next_job,
+    finish_job,
+    hold,
+    release_job,
+)
+from worker.logs import log_context
 from worker.reporting import DbReporter
 from worker.settings import WorkerSettings, pick_device
 
@@ -31,8 +48,44 @@ SHUTDOWN = threading.Event()
 SAMPLE_PARAMS = ("max_new_tokens", "temperature", "top_k", "seed")
 
 
+class Activity:
+    """Whether this worker process is running a task, and since when it has been idle.
+
+    The reconciler of an idle worker re-sends queued jobs that waited longer than it has
+    been idle: their messages must be lost, or this worker would have received one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle_since = time.monotonic()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._idle_since = time.monotonic()
+
+    def idle_for_s(self) -> float:
+        """Seconds since the last task ended (or the process started); 0 while one runs."""
+        with self._lock:
+            return 0.0 if self._running else time.monotonic() - self._idle_since
+
+
+ACTIVITY = Activity()
+
+
 class JobInputError(Exception):
     """The job cannot start for a reason the user can act on (missing dataset, bad spec)."""
+
+
+class LeaseLost(Exception):
+    """Another worker claimed the job (our lease expired): stop, writing nothing more."""
 
 
 @dataclass
@@ -76,9 +129,12 @@ def find_resume_point(engine: Engine, job_id: str, storage: Path) -> tuple[Path 
     return None, 0
 
 
-def forget_after(engine: Engine, job_id: str, step: int, storage: Path) -> None:
+def forget_after(engine: Engine, lease: Lease, step: int, storage: Path) -> None:
     """Drop records and files past the resume point: the lost attempt's steps are re-run and rewritten."""
+    job_id = lease.job_id
     with engine.begin() as conn:
+        if not hold(conn, lease):
+            raise LeaseLost(job_id)
         conn.execute(delete(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step > step))
         conn.execute(delete(LayerMetric).where(LayerMetric.job_id == job_id, LayerMetric.step > step))
         conn.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step))
@@ -118,19 +174,36 @@ def format_seconds(value: float) -> str:
 
 
 def run_train_job(engine: Engine, job_id: str, settings: WorkerSettings) -> str:
-    """Claim and train one job; returns what happened (for logs and tests)."""
-    worker_id = settings.worker_id
-    if not claim_job(engine, job_id, worker_id, settings.lease_s):
-        log.info("job %s not claimable (another worker has it, or it is finished or cancelled)", job_id)
-        return "skipped"
+    """On a train message for `job_id`: claim the fair next queued job and train it.
+
+    Returns what happened (for logs and tests). The message's own job is claimed only when
+    nothing is queued and its lease expired (its worker died and no reconciler requeued it yet).
+    """
+    with ACTIVITY.busy():
+        lease = (claim_next_job(engine, settings.worker_id, settings.lease_s)
+                 or claim_job(engine, job_id, settings.worker_id, settings.lease_s))
+        if lease is None:
+            log.info("job %s not claimable and no job is queued (another worker has it, or it is finished "
+                     "or cancelled)", job_id)
+            return "skipped"
+        if lease.job_id != job_id:
+            log.info("message for job %s: claimed %s, the fair next job", job_id, lease.job_id)
+        with log_context(job_id=lease.job_id):
+            return _train(engine, lease, settings)
+
+
+def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     try:
-        return _train_claimed(engine, job_id, settings)
+        return _train_claimed(engine, lease, settings)
+    except LeaseLost:
+        log.warning("job %s was taken over by another worker; stopped without writing", lease.job_id)
+        return "lost"
     except JobInputError as exc:
-        _fail(engine, job_id, worker_id, str(exc))
+        _fail(engine, lease, str(exc))
         return "failed"
     except Exception as exc:
-        log.exception("job %s crashed", job_id)
-        _fail(engine, job_id, worker_id, describe_crash(exc))
+        log.exception("job %s crashed", lease.job_id)
+        _fail(engine, lease, describe_crash(exc))
         return "failed"
 
 
@@ -142,27 +215,28 @@ def describe_crash(exc: Exception) -> str:
     return f"internal error in the worker: {type(exc).__name__}: {exc}"
 
 
-def _fail(engine: Engine, job_id: str, worker_id: str, error: str) -> None:
-    if finish_job(engine, job_id, worker_id, "failed", error=error):
-        add_event(engine, job_id, "failed", error)
+def _fail(engine: Engine, lease: Lease, error: str) -> None:
+    finish_job(engine, lease, "failed", error=error, event=("failed", error))
 
 
-def _train_claimed(engine: Engine, job_id: str, settings: WorkerSettings) -> str:
+def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     from worker.engine.config import SpecError, parse_spec
     from worker.engine.data import DataError
     from worker.engine.trainer import Trainer
 
+    job_id = lease.job_id
     raw_spec, text, started_at = load_inputs(engine, job_id, settings.storage_dir)
     try:
         spec = parse_spec(raw_spec)
     except SpecError as exc:
         raise JobInputError(f"invalid spec: {exc}") from exc
     resume_from, resume_step = find_resume_point(engine, job_id, settings.storage_dir)
-    forget_after(engine, job_id, resume_step, settings.storage_dir)
+    forget_after(engine, lease, resume_step, settings.storage_dir)
     device = pick_device(settings.device)
-    with Heartbeat(engine, job_id, settings.worker_id, settings.lease_s, settings.heartbeat_s) as hb:
+    with Heartbeat(engine, lease, settings.lease_s, settings.heartbeat_s) as hb:
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
-        reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, fenced=hb.lost.is_set)
+        reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, fenced=hb.lost.is_set,
+                              lease=lease, on_lease_lost=hb.lost.set)
         try:
             trainer = Trainer(spec, text, checkpoint_dir(settings.storage_dir, job_id), reporter,
                               device=device, resume_from=resume_from)
@@ -171,7 +245,7 @@ def _train_claimed(engine: Engine, job_id: str, settings: WorkerSettings) -> str
         except ValueError as exc:  # a spec this device cannot run (e.g. fp16 recurrent layers on CPU)
             raise JobInputError(f"cannot train this spec here: {exc}") from exc
         result = trainer.run()
-    return _record_result(engine, job_id, settings, result, stop, hb, reporter.checkpoint_error)
+    return _record_result(engine, lease, settings, result, stop, hb, reporter.checkpoint_error)
 
 
 def final_checkpoint_missing(result: Any, checkpoint_error: str | None) -> str | None:
@@ -187,10 +261,10 @@ def final_checkpoint_missing(result: Any, checkpoint_error: str | None) -> str |
             "(or make it writable) and submit the job again")
 
 
-def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result: Any,
+def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, result: Any,
                    stop: StopFlags, hb: Heartbeat, checkpoint_error: str | None = None) -> str:
-    """Map the trainer's ending onto the job's final state."""
-    worker_id = settings.worker_id
+    """Map the trainer's ending onto the job's final state (every write fenced by the lease)."""
+    job_id = lease.job_id
     diagnosis = without_nonfinite({"findings": result.diagnosis, "summary": result.summary})
     if hb.lost.is_set():
         return "lost"
@@ -200,16 +274,16 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
         missing = None  # resumed at its last step: the stored final checkpoint is the one it resumed from
     if missing:  # a "succeeded" job must have its result stored and downloadable
         status, error = "failed", missing
-        add_event(engine, job_id, "failed", error, step=result.step)
+        add_event(engine, lease, "failed", error, step=result.step)
     if status == "cancelled" and not hb.cancel.is_set():
         if stop.timed_out:
             status, error = "failed", f"time limit of {format_seconds(settings.job_time_limit_s)} s exceeded"
-            add_event(engine, job_id, "failed", error, step=result.step)
-        elif SHUTDOWN.is_set() and release_job(engine, job_id, worker_id):
-            add_event(engine, job_id, "requeued", "worker shutting down; the job resumes from its checkpoint",
-                      step=result.step)
+            add_event(engine, lease, "failed", error, step=result.step)
+        elif SHUTDOWN.is_set() and release_job(
+                engine, lease, "worker shutting down; the job resumes from its checkpoint", step=result.step):
             return "released"
-    finish_job(engine, job_id, worker_id, status, error=error, diagnosis=diagnosis)
+    if not finish_job(engine, lease, status, error=error, diagnosis=diagnosis):
+        return "lost"
     return status
 
 
@@ -231,6 +305,11 @@ def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str |
 
 def run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:
     """Generate text for one sample request from its checkpoint."""
+    with ACTIVITY.busy():
+        return _run_sample(engine, sample_id, settings)
+
+
+def _run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:
     if not claim_sample(engine, sample_id):
         return "skipped"
     try:

@@ -27,6 +27,8 @@ class Job(db.Model):
         Index("ix_jobs_status_enqueued", "status", "enqueued_at"),
         Index("ix_jobs_dataset_id", "dataset_id"),
         Index("ix_jobs_parent_id", "parent_id"),
+        # the fair pick reads each key's last claim
+        Index("ix_jobs_owner_claimed", "owner_id", "claimed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -58,3 +60,7 @@ class Job(db.Model):
     # into every job's metrics. Parent and child always share an owner, so they are deleted together.
     parent_id: Mapped[str | None] = mapped_column(String(40))
     applied_patch: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # set at each claim; every worker write is conditional on it (a taken-over worker writes nothing)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    # the database's time of the last claim: the training queue serves the key served least recently
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
