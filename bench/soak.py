@@ -80,12 +80,14 @@ class Workers:
         self.env, self.root = env, root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.generation: dict[str, int] = {}
+        self.names: dict[str, str] = {}  # Celery node name (before the @host) of each slot's process
 
     def start(self, slot: str) -> None:
         gen = self.generation[slot] = self.generation.get(slot, 0) + 1
+        self.names[slot] = f"soak-{slot}-{uuid.uuid4().hex[:6]}"
         log = open(self.root / f"worker-{slot}.log", "ab")  # noqa: SIM115 - the child owns it
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,samples",
-               "-c", "1", "--pool=solo", "-n", f"soak-{slot}-{uuid.uuid4().hex[:6]}@%h", "--loglevel=INFO"]
+               "-c", "1", "--pool=solo", "-n", f"{self.names[slot]}@%h", "--loglevel=INFO"]
         env = {**self.env, "STABLETRAIN_WORKER_ID": f"{slot}.{gen}"}
         self.procs[slot] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -93,6 +95,17 @@ class Workers:
     def worker_id(self, slot: str) -> str:
         """The STABLETRAIN_WORKER_ID of the slot's current process (what it writes to jobs.worker_id)."""
         return f"{slot}.{self.generation[slot]}"
+
+    def wait_ready(self, slot: str, timeout_s: float = 180) -> None:
+        """Until the slot's worker logs Celery's `<name>@<host> ready.` (a first start can take long here)."""
+        name = self.names[slot]
+        deadline = time.monotonic() + timeout_s
+        log = self.root / f"worker-{slot}.log"
+        while not any(line.endswith(" ready.") and f" {name}@" in line
+                      for line in log.read_text(errors="replace").splitlines()):
+            if time.monotonic() > deadline or self.procs[slot].poll() is not None:
+                raise SystemExit(f"soak: worker {slot} did not start; see {log}")
+            time.sleep(0.2)
 
     def kill(self, slot: str) -> None:
         proc = self.procs.pop(slot)
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=120, help="seconds of job stream (default 120)")
     parser.add_argument("--kill-every", type=float, default=20, help="SIGKILL a worker this often (s)")
-    parser.add_argument("--kill-wait", type=float, default=10,
+    parser.add_argument("--kill-wait", type=float, default=15,
                         help="at a kill, wait up to this long for a job in training (s)")
     parser.add_argument("--min-mid-job", type=float, default=0.9,
                         help="fail when a smaller share of the kills landed mid-job (default 0.9)")
@@ -197,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for slot in ("a", "b"):
             workers.start(slot)
+        for slot in ("a", "b"):  # the clock starts with both workers up
+            workers.wait_ready(slot)
         print(f"soak: {args.duration:g} s of jobs every {args.submit_every:g} s, SIGKILL a worker every "
               f"{args.kill_every:g} s ({'PostgreSQL + Redis' if args.servers else 'embedded'}; {root})", flush=True)
         start = time.monotonic()

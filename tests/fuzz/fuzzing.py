@@ -2,8 +2,10 @@
 
 For every operation and both generation modes (positive: requests the schema allows; negative: requests
 it forbids), hypothesis generates requests; about half use the seeded app's real ids in the path (and
-POST /v1/jobs often names the real dataset), so handlers run past their 404s. Every response must be
-below 500, and every error must be JSON in the documented envelope.
+POST /v1/jobs often names the real dataset), so handlers run past their 404s. Every schemathesis check
+runs on every answer (no 5xx; status, content type, headers and body as documented; schema-valid
+requests accepted and schema-invalid ones refused; the key enforced: ignored_auth re-sends the request
+without it and with a wrong one), plus error_envelope: every error is JSON in the documented envelope.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def _every_check() -> list[Any]:
 SEMANTIC_LIMITS: dict[tuple[str, str, str], str] = {
     ("POST /v1/jobs", "model", "parameters; this server allows"): "model size vs STABLETRAIN_MAX_PARAMS",
     ("POST /v1/jobs", "training.warmup_steps", "must not exceed training.max_steps"): "cross-field rule",
+    ("POST /v1/jobs", "model.norm", "is only supported for"): "cross-field rule (norm vs arch)",
+    ("POST /v1/jobs", "training.seq_len", "on this server"): "STABLETRAIN_MAX_SEQ_LEN, set per deployment",
+    ("POST /v1/jobs", "training.max_steps", "on this server"): "STABLETRAIN_MAX_STEPS, set per deployment",
     ("POST /v1/datasets", "file", "invalid UTF-8"): "a dataset is UTF-8 text; a binary upload may be any bytes",
 }
 # Schema-valid requests the server refuses where the OpenAPI document is looser than the server: spec
@@ -92,6 +97,7 @@ SPEC_GAPS: dict[tuple[str, str, str], str] = {
     ("POST /v1/jobs", "training.betas", ""): "Training.betas has no type in the spec (a marshmallow Tuple)",
     ("POST /v1/jobs", "stabilization.weight_max_norm", ""): "minimum 0 in the spec, but it must be > 0",
     ("POST /v1/jobs", "stabilization.clip.ema_alpha", ""): "minimum 0 in the spec, but 0 < ema_alpha < 1",
+    ("POST /v1/jobs/{job_id}/samples", "top_k", "Number too large"): "top_k has no maximum in the spec",
 }
 KNOWN_REFUSALS = {**SEMANTIC_LIMITS, **SPEC_GAPS}
 
