@@ -156,15 +156,6 @@ def training_job(engine: Any, workers: Workers) -> tuple[str, str, int, int] | N
     return None
 
 
-def wait_for_training_job(engine: Any, workers: Workers, wait_s: float) -> tuple[str, str, int, int] | None:
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = training_job(engine, workers)
-        if found or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.05)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=120, help="seconds of job stream (default 120)")
@@ -219,19 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() - start < args.duration:
             now = time.monotonic()
             if now >= next_kill:
-                # the victim is the worker named by a training job's worker_id: the kill lands mid-job
-                found = wait_for_training_job(engine, workers, args.kill_wait)
-                if found:
-                    victim = found[0]
-                    victims.append(found[1])
-                at = f"{time.monotonic() - start:.0f} s"
-                print(f"soak: kill {kills + 1} at {at}: worker {workers.worker_id(victim)}, "
-                      + (f"training {found[1]} at step {found[2]}/{found[3]}" if found else "idle"), flush=True)
-                workers.kill(victim)
-                workers.start(victim)
-                kills += 1
-                victim = "b" if victim == "a" else "a"
-                next_kill = time.monotonic() + args.kill_every
+                # the victim is the worker named by a training job's worker_id, so the kill lands mid-job;
+                # look for one on every turn of the loop (submissions go on) until --kill-wait runs out
+                found = training_job(engine, workers)
+                if found or now >= next_kill + args.kill_wait:
+                    if found:
+                        victim = found[0]
+                        victims.append(found[1])
+                    print(f"soak: kill {kills + 1} at {now - start:.0f} s: worker {workers.worker_id(victim)}, "
+                          + (f"training {found[1]} at step {found[2]}/{found[3]}" if found else "idle"), flush=True)
+                    workers.kill(victim)
+                    workers.start(victim)
+                    kills += 1
+                    victim = "b" if victim == "a" else "a"
+                    next_kill = time.monotonic() + args.kill_every
             if now >= next_submit:
                 i = len(accepted) + refused
                 spec = job_spec(rng, dataset_id, i)
