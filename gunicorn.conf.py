@@ -3,13 +3,15 @@
 import gc
 import glob
 import os
+import shutil
 import tempfile
 
 # Prometheus multiprocess mode: each worker writes its metric values to files in this folder and a
 # scrape merges them all (app/observability.py). It must be in the environment before a worker
 # imports prometheus_client, so it is set here, in the master, before any worker is forked.
+_PRIVATE_METRICS_DIR = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="stabletrain-prometheus-")
+    _PRIVATE_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="stabletrain-prometheus-")
 
 # The default access line prints the query string and the referrer, and the dashboard's
 # one-time `/ui/?key=...` link would put an API key in the log: log the path only.
@@ -22,6 +24,12 @@ def on_starting(server):
     os.makedirs(folder, exist_ok=True)
     for path in glob.glob(os.path.join(folder, "*.db")):
         os.remove(path)
+
+
+def on_exit(server):
+    """Remove the metrics folder this file made (one given in the environment is the caller's)."""
+    if _PRIVATE_METRICS_DIR:
+        shutil.rmtree(_PRIVATE_METRICS_DIR, ignore_errors=True)
 
 
 def child_exit(server, worker):

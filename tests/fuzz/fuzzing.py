@@ -97,7 +97,11 @@ SPEC_GAPS: dict[tuple[str, str, str], str] = {
     ("POST /v1/jobs", "training.betas", ""): "Training.betas has no type in the spec (a marshmallow Tuple)",
     ("POST /v1/jobs", "stabilization.weight_max_norm", ""): "minimum 0 in the spec, but it must be > 0",
     ("POST /v1/jobs", "stabilization.clip.ema_alpha", ""): "minimum 0 in the spec, but 0 < ema_alpha < 1",
-    ("POST /v1/jobs/{job_id}/samples", "top_k", "Number too large"): "top_k has no maximum in the spec",
+    **{("POST /v1/jobs", field, "Number too large"): "no maximum in the spec; the server stops at 2**63 - 1"
+       for field in ("model.n_heads", "training.warmup_steps", "training.eval_every", "stabilization.clip.adaptive_warmup",
+                     "stabilization.max_consecutive_skips", "stabilization.max_rollbacks",
+                     "monitoring.layer_stats_every", "checkpointing.every_steps")},
+    ("POST /v1/jobs/{job_id}/samples", "top_k", "Number too large"): "no maximum in the spec; the server stops at 2**63 - 1",
 }
 KNOWN_REFUSALS = {**SEMANTIC_LIMITS, **SPEC_GAPS}
 
