@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -16,7 +15,7 @@ from app.api.jobs.schemas import (
     JobPageSchema,
     JobSchema,
 )
-from app.api.utils import json_body
+from app.api.utils import idempotency_key, json_body, request_body_hash
 from app.auth import current_owner_id
 from app.schemas.spec import JobSpecSchema
 from app.services import events as events_service
@@ -38,11 +37,16 @@ class Jobs(MethodView):
     @blp.arguments(JobSpecSchema)
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotent replay: the job an earlier request created")
-    @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}])
+    @blp.alt_response(400, response="BAD_REQUEST",
+                      description="Malformed JSON, or an Idempotency-Key over 255 characters")
+    @blp.alt_response(422, response="UNPROCESSABLE_ENTITY",
+                      description="Invalid spec, or (code `idempotency_mismatch`) the Idempotency-Key was used "
+                                  "with a different body")
+    @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255},
+                          "description": "Replays with the same key and body answer 200 with the first job"}])
     def post(self, spec: dict[str, Any]) -> Any:
         """Submit a job spec; 202 with the queued job (honours Idempotency-Key)."""
-        key = (request.headers.get("Idempotency-Key") or "").strip()[:200] or None
-        job, created = service.submit_job(current_owner_id(), spec, key)
+        job, created = service.submit_job(current_owner_id(), spec, idempotency_key(), request_body_hash())
         if created:
             return service.job_view(job)
         return service.job_view(job), 200, {"Idempotent-Replayed": "true"}

@@ -22,11 +22,14 @@ class Samples(MethodView):
     @json_body
     @blp.arguments(SampleWaitSchema, location="query")
     @blp.arguments(SampleRequestSchema)
-    @blp.response(201, SampleSchema)
-    @blp.alt_response(202, schema=SampleSchema, description="Still queued or running after `wait` seconds")
+    @blp.response(202, SampleSchema, description="Queued (or running): poll GET .../samples/{sample_id}")
+    @blp.alt_response(201, schema=SampleSchema, description="Done (succeeded or failed) within `wait` seconds")
     @blp.alt_response(409, response="CONFLICT", description="The job has no checkpoint yet")
+    @blp.alt_response(429, response="TOO_MANY_REQUESTS",
+                      description="Rate limited, or the key already has MAX_QUEUED_SAMPLES queued or running samples")
     def post(self, query: dict[str, Any], args: dict[str, Any], job_id: str) -> Any:
-        """Generate text from a checkpoint; 201 with text when done within `wait` s, else 202."""
+        """Queue a text sample from a checkpoint: 202 at once with its id (poll it), or, with `wait`
+        (at most 10 s), 201 with the text when the worker is done within it."""
         owner = current_owner_id()
         job = jobs_service.get_job(owner, job_id)
         sample = service.wait_for(service.create_sample(owner, job, args), query["wait"])
