@@ -72,12 +72,16 @@ def wait_for(sample: Sample, wait_s: float) -> Sample:
         if _waiting >= int(current_app.config["SAMPLE_MAX_WAITING"]):
             return sample
         _waiting += 1
+    sample_id = sample.id
     try:
         deadline = time.monotonic() + wait_s
         while sample.status not in DONE and time.monotonic() < deadline:
             time.sleep(float(current_app.config["SAMPLE_POLL_S"]))
             db.session.commit()  # end the read transaction so the next read sees the worker's commit
-            db.session.refresh(sample)
+            current = db.session.get(Sample, sample_id, populate_existing=True)
+            if current is None:  # deleted meanwhile (its job or key went)
+                abort(404, message=f"Sample {sample_id} no longer exists.")
+            sample = current
     finally:
         with _waiting_lock:
             _waiting -= 1

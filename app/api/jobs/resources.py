@@ -37,15 +37,15 @@ class Jobs(MethodView):
     @blp.arguments(JobSpecSchema)
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotent replay: the job an earlier request created")
-    @blp.alt_response(400, response="BAD_REQUEST",
-                      description="Malformed JSON, or an Idempotency-Key over 255 characters")
-    @blp.alt_response(422, response="UNPROCESSABLE_ENTITY",
-                      description="Invalid spec, or (code `idempotency_mismatch`) the Idempotency-Key was used "
-                                  "with a different body")
     @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255},
                           "description": "Replays with the same key and body answer 200 with the first job"}])
     def post(self, spec: dict[str, Any]) -> Any:
-        """Submit a job spec; 202 with the queued job (honours Idempotency-Key)."""
+        """Submit a job spec; 202 with the queued job (honours Idempotency-Key).
+
+        A repeat with the same Idempotency-Key and the same JSON body (key order and spacing aside)
+        answers 200 with the job the first request made, header `Idempotent-Replayed: true`. The same
+        key with a different body answers 422 with code `idempotency_mismatch`; a key over 255
+        characters answers 400 (keys are never cut). Keys are per API key."""
         job, created = service.submit_job(current_owner_id(), spec, idempotency_key(), request_body_hash())
         if created:
             return service.job_view(job)
