@@ -14,9 +14,9 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_smorest import Api, abort
-from limits import parse as parse_limit
 from flask_sqlalchemy import SQLAlchemy
 from kombu import Exchange, Queue
+from limits import parse as parse_limit
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 

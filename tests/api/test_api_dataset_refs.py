@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,23 @@ def _job_reads(app: Flask, submit: Any, headers: dict[str, str], dataset_id: str
         _spec, loaded, _started = load_inputs(db.engine, response.json["id"], Path(app.config["STORAGE_DIR"]))
     assert loaded == text
     return response.json["id"]
+
+
+def _race(app: Flask, *requests: Callable[[FlaskClient], Any]) -> list[Any]:
+    """Run the requests at the same moment, each on its own thread and client; their responses in order."""
+    results: list[Any] = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = requests[i](app.test_client())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def test_shared_file_outlives_one_owners_delete(app: Flask, client: FlaskClient, auth: dict[str, str],
@@ -84,25 +102,12 @@ def test_delete_racing_an_upload_of_the_same_content(app: Flask, client: FlaskCl
     for i in range(ROUNDS):
         text = f"round {i % 2}: racing corpus line. " * 200
         mine = upload(auth, text).json
-        results: dict[str, Any] = {}
-        barrier = threading.Barrier(2)
-
-        def delete_mine() -> None:
-            barrier.wait()
-            results["delete"] = app.test_client().delete(f"/v1/datasets/{mine['id']}", headers=auth)
-
-        def upload_theirs() -> None:
-            barrier.wait()
-            results["upload"] = app.test_client().post("/v1/datasets?name=theirs", data=text,
-                                                       headers={**other, "Content-Type": "text/plain"})
-
-        threads = [threading.Thread(target=delete_mine), threading.Thread(target=upload_theirs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results["delete"].status_code == 204 and results["upload"].status_code == 201
-        theirs = results["upload"].json
+        delete_url = f"/v1/datasets/{mine['id']}"
+        results = _race(app, lambda c, url=delete_url: c.delete(url, headers=auth),
+                        lambda c, body=text: c.post("/v1/datasets?name=theirs", data=body,
+                                                    headers={**other, "Content-Type": "text/plain"}))
+        assert [r.status_code for r in results] == [204, 201], [r.json for r in results]
+        theirs = results[1].json
         assert _file(app, text).is_file(), f"round {i}: B's dataset file was removed"
         assert _refs(app, text) == (1, 1), f"round {i}"
         job_id = _job_reads(app, submit, other, theirs["id"], text)

@@ -34,7 +34,7 @@ def test_replay_with_the_same_body_in_any_key_order(app: Flask, client: FlaskCli
     body = _body(dataset["id"])
     first = _post(client, auth, "k-1", body)
     assert first.status_code == 202
-    reordered = '{"training": {"seq_len": 16, "max_steps": 10}, "name": "t",\n "dataset_id": "%s"}' % dataset["id"]
+    reordered = f'{{"training": {{"seq_len": 16, "max_steps": 10}}, "name": "t",\n "dataset_id": "{dataset["id"]}"}}'
     again = _post(client, auth, "  k-1 ", reordered)  # surrounding spaces are not part of the key
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert again.json["id"] == first.json["id"] and _jobs(app) == 1

@@ -6,10 +6,10 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from kombu import Connection
-import pytest
 
 from app.extensions import db
 from app.models import Checkpoint, Sample, utcnow
