@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
 
-from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
+from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
 from app.services.common import without_nonfinite
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN = threading.Event()
 
 SAMPLE_PARAMS = ("max_new_tokens", "temperature", "top_k", "seed")
+CLAIM_TRIES = 5
 
 
 class Activity:
@@ -287,12 +288,25 @@ def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, resul
     return status
 
 
-def claim_sample(engine: Engine, sample_id: str) -> bool:
-    """Take a queued sample request; False when it was already taken."""
-    with engine.begin() as conn:
-        stmt = (update(Sample).where(Sample.id == sample_id, Sample.status == "queued")
-                .values(status="running", started_at=utcnow()))
-        return conn.execute(stmt).rowcount == 1
+def claim_sample(engine: Engine) -> str | None:
+    """Take the queued sample next in fairness order (app.models.next_fair_sample); None when none is queued.
+
+    A message runs whichever sample is fairest, not necessarily its own: every queued sample has a
+    message of its own, so each message runs one sample and a message finding nothing queued (its
+    sample ran on an earlier message's turn, or a duplicate delivery) is skipped."""
+    pick = next_fair_sample().correlate(None).scalar_subquery()
+    for _ in range(CLAIM_TRIES):
+        # one UPDATE picks and takes: it holds SQLite's write lock before it reads, and on PostgreSQL
+        # a worker that lost the row to another finds it no longer queued and picks again
+        with engine.begin() as conn:
+            taken = conn.execute(update(Sample).where(Sample.id == pick, Sample.status == "queued")
+                                 .values(status="running", started_at=utcnow()).returning(Sample.id)).scalar_one_or_none()
+        if taken is not None:
+            return taken
+        with engine.connect() as conn:
+            if conn.execute(select(pick)).scalar_one_or_none() is None:
+                return None
+    return None  # other workers kept taking the pick first: their messages cover what is left
 
 
 def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str | None) -> None:
@@ -303,15 +317,18 @@ def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str |
         conn.execute(update(Sample).where(Sample.id == sample_id, Sample.status == "running").values(**values))
 
 
-def run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:
-    """Generate text for one sample request from its checkpoint."""
+def run_sample(engine: Engine, message_sample_id: str, settings: WorkerSettings) -> str:
+    """Generate text for the fairest queued sample request (see claim_sample) from its checkpoint."""
     with ACTIVITY.busy():
-        return _run_sample(engine, sample_id, settings)
+        return _run_sample(engine, message_sample_id, settings)
 
 
-def _run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:
-    if not claim_sample(engine, sample_id):
+def _run_sample(engine: Engine, message_sample_id: str, settings: WorkerSettings) -> str:
+    sample_id = claim_sample(engine)
+    if sample_id is None:
         return "skipped"
+    if sample_id != message_sample_id:
+        log.info("message of sample %s runs sample %s (fair order across keys)", message_sample_id, sample_id)
     try:
         with engine.connect() as conn:
             sample = conn.execute(select(Sample).where(Sample.id == sample_id)).one()

@@ -38,6 +38,8 @@ class Job(db.Model):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # sha256 of the canonical body that first used the key: a replay with another body is refused
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -123,11 +123,11 @@ def validated_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def retry_job(owner_id: str, job_id: str, apply: str | list[str], overrides: dict[str, Any],
-              idempotency_key: str | None) -> tuple[Job, bool]:
+              idempotency_key: str | None, body_hash: str | None = None) -> tuple[Job, bool]:
     """Submit the parent's spec with the selected recommendations and the overrides applied;
     returns (child, created). 409 while the parent is live or when it has nothing to apply."""
     parent = jobs_service.get_job(owner_id, job_id)
-    existing = jobs_service.find_idempotent(owner_id, idempotency_key)
+    existing = jobs_service.find_idempotent(owner_id, idempotency_key, body_hash)
     if existing is not None:
         return existing, False
     if parent.status in LIVE_STATUSES:
@@ -144,4 +144,5 @@ def retry_job(owner_id: str, job_id: str, apply: str | list[str], overrides: dic
     changes = with_overrides(changes, overrides)
     changes += resets_for(patched_spec(parent.spec, changes), changes)
     spec = validated_spec(patched_spec(parent.spec, changes))
-    return jobs_service.submit_job(owner_id, spec, idempotency_key, parent_id=parent.id, applied_patch=changes)
+    return jobs_service.submit_job(owner_id, spec, idempotency_key, body_hash, parent_id=parent.id,
+                                   applied_patch=changes)

@@ -105,10 +105,11 @@ def test_tiny_job_trains_and_everything_reads_back(stack: Stack, corpus: bytes) 
     state = torch.load(io.BytesIO(data), weights_only=True)
     assert state["step"] == 30 and state["format"] == "stabletrain-ckpt-v1"
 
-    resp = stack.api("POST", f"/v1/jobs/{job_id}/samples?wait=30",
-                     json={"prompt": "The ", "max_new_tokens": 20, "step": 30})
-    assert resp.status_code == 201, resp.get_json()
-    sample = resp.get_json()
+    resp = stack.api("POST", f"/v1/jobs/{job_id}/samples", json={"prompt": "The ", "max_new_tokens": 20, "step": 30})
+    assert resp.status_code == 202 and resp.get_json()["status"] == "queued", resp.get_json()
+    url = f"/v1/jobs/{job_id}/samples/{resp.get_json()['id']}"
+    sample = wait_for(lambda: (s := stack.api("GET", url).get_json())["status"] in ("succeeded", "failed") and s,
+                      60, "the sample worker's text")
     assert sample["status"] == "succeeded" and isinstance(sample["text"], str) and sample["text"]
 
 

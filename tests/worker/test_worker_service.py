@@ -197,8 +197,9 @@ def test_sample_generates_text_from_a_checkpoint(engine: Engine, settings: Worke
                  status="queued", created_at=utcnow()),
         ])
     assert run_sample(engine, ok, settings) == "succeeded"
-    assert run_sample(engine, ok, settings) == "skipped"  # duplicate delivery
-    assert run_sample(engine, gone, settings) == "failed"
+    # a duplicate of ok's message runs the next queued sample; gone's own message then finds none
+    assert run_sample(engine, ok, settings) == "failed"
+    assert run_sample(engine, gone, settings) == "skipped"
     with engine.connect() as conn:
         done = {s.id: s for s in conn.execute(select(Sample).where(Sample.job_id == job_id))}
     assert isinstance(done[ok].text, str) and done[ok].text and done[ok].finished_at is not None
