@@ -6,10 +6,11 @@ from app.models.checkpoint import Checkpoint
 from app.models.dataset import Dataset
 from app.models.event import Event
 from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
-from app.models.metrics import LayerMetric, StepMetric
+from app.models.metrics import ActivationMetric, LayerMetric, StepMetric
 from app.models.sample import SAMPLE_STATUSES, Sample
 
 __all__ = [
+    "ActivationMetric",
     "ApiKey",
     "Checkpoint",
     "Dataset",
