@@ -197,9 +197,10 @@
           ctx.fillText("1e" + d, barX + barW + 4, barTop + (1 - (d - lo) / decades) * (barH - 1));
         }
       } else {
-        for (let i = 0; i <= 4; i++) {
-          const v = lo + (hi - lo) * i / 4;
-          ctx.fillText(String(Number(v.toPrecision(3))), barX + barW + 4, barTop + (1 - i / 4) * (barH - 1));
+        const parts = barH >= 80 ? 4 : barH >= 36 ? 2 : 1;  // labels at least ~18 px apart
+        for (let i = 0; i <= parts; i++) {
+          const v = lo + (hi - lo) * i / parts;
+          ctx.fillText(String(Number(v.toPrecision(3))), barX + barW + 4, barTop + (1 - i / parts) * (barH - 1));
         }
       }
       const swY = barTop + barH + 8;
