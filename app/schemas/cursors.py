@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
-
 from marshmallow import ValidationError, fields
 from marshmallow.validate import Length, Validator
 
@@ -30,10 +28,5 @@ def cursor_field(listing: str, start_param: str) -> fields.String:
     return fields.String(load_default=None, validate=[Length(2, cursors.MAX_LENGTH), CursorShape(listing)],
                          metadata={"description": (
                              f"Opaque: the `next_cursor` of the previous page, passed back unchanged; the page "
-                             f"starts right after the last row of that page. Not together with `{start_param}`.")})
-
-
-def reject_both(data: dict[str, Any], start_param: str) -> None:
-    """A listing starts either at a cursor or at `start_param`, never both."""
-    if data.get("cursor") is not None and data.get(start_param) is not None:
-        raise ValidationError(f"Give either cursor or {start_param}, not both.", field_name="cursor")
+                             f"starts right after the last row of that page. With `{start_param}` too, both "
+                             f"bounds apply (the page starts after the later of the two).")})

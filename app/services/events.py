@@ -12,9 +12,9 @@ from app.services import cursors
 
 
 def list_events(job: Job, after_id: int | None, cursor: str | None, limit: int) -> dict[str, Any]:
-    """Events after the cursor's event (or with id > after_id) in id order, the order they happened in
+    """Events after the cursor's event and with id > after_id (both optional) in id order, the order they happened in
     (several may share a step). next_cursor and next_after_id point after the last one; null at the end."""
-    start = cursors.decode("events", cursor).number if cursor else (after_id or 0)
+    start = max(cursors.decode("events", cursor).number if cursor else 0, after_id or 0)
     rows = list(db.session.execute(
         select(Event).where(Event.job_id == job.id, Event.id > start).order_by(Event.id).limit(limit + 1)
     ).scalars())

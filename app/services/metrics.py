@@ -48,14 +48,14 @@ def _step_rows(job_id: str, after_step: int, limit: int) -> list[Any]:
 
 def step_page(job_id: str, after_step: int | None, cursor: str | None, limit: int,
               max_points: int | None) -> dict[str, Any]:
-    """Rows after the cursor's step (or with step > after_step), at most `limit`, downsampled to about
-    max_points when given.
+    """Rows after the cursor's step and with step > after_step (both optional), at most `limit`,
+    downsampled to about max_points when given.
 
     `next_cursor` (and `next_after_step`, the same place as a number) points after the last row of this
     range, not of the downsampled items, so the pages of a downsampled read still join up; null at the end.
     Non-finite floats are returned as null by the view; the row's `nonfinite` flag tells them apart.
     """
-    start = cursors.decode("steps", cursor).number if cursor else (after_step or 0)
+    start = max(cursors.decode("steps", cursor).number if cursor else 0, after_step or 0)
     raw = _step_rows(job_id, start, limit + 1)
     more = len(raw) > limit
     rows = _to_dicts(raw[:limit], STEP_COLUMNS)
@@ -134,10 +134,12 @@ def _after_key(table: Any, name: Any, key: cursors.RowKey) -> ColumnElement[bool
 
 
 def _depth_query(spec: _DepthListing, job_id: str, start: int | cursors.RowKey, limit: int,
-                 only: str | None) -> Select[Any]:
+                 only: str | None, after_step: int = 0) -> Select[Any]:
     table, name = spec.table, spec.table[spec.name]
     stmt = select(*spec.select).where(table.job_id == job_id)
     stmt = stmt.where(table.step > start if isinstance(start, int) else _after_key(table, name, start))
+    if after_step and not isinstance(start, int):
+        stmt = stmt.where(table.step > after_step)
     if only:
         stmt = stmt.where(name == only)
     return stmt.order_by(table.step, table.position, name).limit(limit)
@@ -159,7 +161,7 @@ def activation_query(job_id: str, start: int | cursors.RowKey, limit: int, site:
 def _depth_page(spec: _DepthListing, job_id: str, after_step: int | None, cursor: str | None, limit: int,
                 only: str | None) -> dict[str, Any]:
     start: int | cursors.RowKey = cursors.decode(spec.listing, cursor) if cursor else (after_step or 0)
-    stmt = _depth_query(spec, job_id, start, limit + 1, only)
+    stmt = _depth_query(spec, job_id, start, limit + 1, only, after_step or 0)
     rows = _to_dicts(db.session.connection().execute(stmt).all(), spec.columns)
     if len(rows) <= limit:
         return {"items": rows, "next_cursor": None}
@@ -171,12 +173,13 @@ def _depth_page(spec: _DepthListing, job_id: str, after_step: int | None, cursor
 
 def layer_page(job_id: str, after_step: int | None, cursor: str | None, limit: int,
                layer: str | None) -> dict[str, Any]:
-    """Per-layer rows in depth order (see layer_query) after the cursor's row, or with step > after_step.
+    """Per-layer rows in depth order (see layer_query) after the cursor's row and with step > after_step
+    (both optional).
     A page may end inside a step: the cursor holds the whole (step, position, layer) key of its last row."""
     return _depth_page(_LAYER_LISTING, job_id, after_step, cursor, limit, layer)
 
 
 def activation_page(job_id: str, after_step: int | None, cursor: str | None, limit: int,
                     site: str | None) -> dict[str, Any]:
-    """Activation rows in (step, position, site) order after the cursor's row, or with step > after_step."""
+    """Activation rows in (step, position, site) order after the cursor's row and with step > after_step."""
     return _depth_page(_ACTIVATION_LISTING, job_id, after_step, cursor, limit, site)

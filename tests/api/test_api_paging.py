@@ -158,9 +158,22 @@ def test_malformed_cursors_are_422_with_the_field(client: FlaskClient, auth: dic
         error = response.json["error"]
         assert error["code"] == "validation_error" and "cursor" in error["details"], error
     good = cursors.encode(listing, cursors.RowKey(1, 0, "x"))
-    both = client.get(url, query_string={"cursor": good, start: 1}, headers=auth)
-    assert both.status_code == 422 and "cursor" in both.json["error"]["details"]
     assert client.get(url, query_string={"cursor": good}, headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize("listing", LISTINGS)
+def test_cursor_and_start_parameter_together_start_after_the_later(client: FlaskClient, auth: dict[str, str],
+                                                                   filled: str, listing: str) -> None:
+    """OpenAPI cannot say "not both", so both are accepted: each is a lower bound."""
+    suffix, start, _total = LISTINGS[listing]
+    url = f"/v1/jobs/{filled}{suffix}"
+    full = _full(client, auth, url)
+    at = 2 if listing != "events" else 1
+    cursor = client.get(f"{url}?limit={at}", headers=auth).json["next_cursor"]
+    later = full[5]["id"] if listing == "events" else 6
+    expected = full[6:] if listing == "events" else [r for r in full if r["step"] > 6]
+    assert client.get(f"{url}?limit=1000&cursor={cursor}&{start}={later}", headers=auth).json["items"] == expected
+    assert client.get(f"{url}?limit=1000&cursor={cursor}&{start}=0", headers=auth).json["items"] == full[at:]
 
 
 def _cursor_parameter(client: FlaskClient, path: str) -> dict[str, Any]:
@@ -205,3 +218,33 @@ def test_cursor_round_trips_names_and_null_positions() -> None:
     assert cursors.decode("steps", "s42") == cursors.RowKey(42)
     assert cursors.decode("layers", "l1.2.__8").name == "\ufffd\ufffd"  # not UTF-8: accepted, replaced
     assert cursors.decode("layers", "l1.2.AA").name == "\ufffd"  # a NUL cannot reach the database
+
+
+def test_schemathesis_finds_no_documented_request_refused(client: FlaskClient, auth: dict[str, str], filled: str,
+                                                          app: Flask) -> None:
+    """What an independent schemathesis run checks: every request the document allows for the four listings
+    (any documented cursor, start, limit, filter) is accepted. Cross-parameter rules cannot be documented,
+    so there are none: a cursor with after_step is two lower bounds, not an error."""
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_wsgi("/v1/openapi.json", app)
+    checked = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.method.upper() != "GET" or operation.path not in DOCUMENTED.values():
+            continue
+        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE, path_parameters={"job_id": filled})
+
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def accepted(case: Any) -> None:
+            case.headers = {**(case.headers or {}), **auth}
+            response = case.call()
+            case.validate_response(response, checks=[not_a_server_error, positive_data_acceptance])
+
+        accepted()
+        checked += 1
+    assert checked == 4

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from marshmallow import Schema, fields, validates_schema
+from marshmallow import Schema, fields
 from marshmallow.validate import OneOf, Range
 
 from app.models import JOB_STATUSES
 from app.schemas.common import CursorQuerySchema, QuerySchema
-from app.schemas.cursors import cursor_field, reject_both
+from app.schemas.cursors import cursor_field
 from app.schemas.fields import DB_INT_MAX
 
 
@@ -80,6 +78,3 @@ class EventQuerySchema(QuerySchema):
     cursor = cursor_field("events", "after_id")
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))
 
-    @validates_schema
-    def _one_start(self, data: dict[str, Any], **_kwargs: Any) -> None:
-        reject_both(data, "after_id")

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from marshmallow import Schema, fields, validates_schema
-from marshmallow.validate import Range
+from marshmallow import Schema, fields
+from marshmallow.validate import Range, Regexp
 
 from app.schemas.common import QuerySchema
-from app.schemas.cursors import cursor_field, reject_both
+from app.schemas.cursors import cursor_field
 from app.schemas.fields import DB_INT_MAX
+
+# app.inputs answers NUL in any query parameter with a 422 (PostgreSQL cannot hold it); the pattern says so
+NO_NUL = Regexp(r"^[^\x00]*$", error="Text must not contain NUL characters.")
+
+
+def name_filter(description: str) -> fields.String:
+    """An optional exact-match filter on a name (any text without NUL; an unknown name matches no rows)."""
+    return fields.String(load_default=None, validate=NO_NUL, metadata={"description": description})
+
 
 NEXT_CURSOR = {"description": "Cursor of the next page (pass it as `cursor`); null when this page is the last."}
 
@@ -21,10 +28,6 @@ class _StepPagedQuery(QuerySchema):
         "description": "Start with the rows of the first step after this one (default 0: from the start)."})
     limit = fields.Integer(load_default=1000, validate=Range(1, 5000))
 
-    @validates_schema
-    def _one_start(self, data: dict[str, Any], **_kwargs: Any) -> None:
-        reject_both(data, "after_step")
-
 
 class StepQuerySchema(_StepPagedQuery):
     cursor = cursor_field("steps", "after_step")
@@ -33,12 +36,12 @@ class StepQuerySchema(_StepPagedQuery):
 
 class LayerQuerySchema(_StepPagedQuery):
     cursor = cursor_field("layers", "after_step")
-    layer = fields.String(load_default=None)
+    layer = name_filter("Only this weight matrix (e.g. head.weight).")
 
 
 class ActivationQuerySchema(_StepPagedQuery):
     cursor = cursor_field("activations", "after_step")
-    site = fields.String(load_default=None, metadata={"description": "Only this site (module path)."})
+    site = name_filter("Only this site (module path, e.g. layers.0.rnn).")
 
 
 class StepRowSchema(Schema):
