@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+
 from marshmallow import ValidationError, fields
 from marshmallow.validate import Length, Validator
 
@@ -23,10 +24,11 @@ class CursorShape(Validator):
         return value
 
 
-def cursor_field(listing: str, start_param: str) -> fields.String:
+def cursor_field(listing: str, start_param: str | None = None) -> fields.String:
     """Optional `cursor`: the previous page's next_cursor; the page starts right after that row."""
+    both = (f" With `{start_param}` too, both bounds apply (the page starts after the later of the two)."
+            if start_param else "")
     return fields.String(load_default=None, validate=[Length(2, cursors.MAX_LENGTH), CursorShape(listing)],
                          metadata={"description": (
-                             f"Opaque: the `next_cursor` of the previous page, passed back unchanged; the page "
-                             f"starts right after the last row of that page. With `{start_param}` too, both "
-                             f"bounds apply (the page starts after the later of the two).")})
+                             "Opaque: the `next_cursor` of the previous page, passed back unchanged; the page "
+                             "starts right after the last row of that page." + both)})

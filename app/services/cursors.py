@@ -14,6 +14,8 @@ JSON (not every base64 string is JSON, so a pattern could not say which ones are
     events       e<id>                        e42
     layers       l<step>.<position|n>.<b64>   l120.3.aGVhZC53ZWlnaHQ   (n: a row recorded without position)
     activations  a<step>.<position>.<b64>     a120.3.aGVhZA
+    newest       n<created_at in µs>.<id>     n1764748800000000.job_0123456789abcdef01234567
+                 (the newest-first listings of jobs and datasets: keyset on (created_at, id))
 
 A hand-made cursor that matches decodes to some key and the page starts after it (names that are not UTF-8
 are decoded with replacement characters; a NUL becomes one too, as no stored name can hold it).
@@ -24,18 +26,26 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 _INT = r"[0-9]{1,10}"
 _B64 = r"(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?"
+# app.models.ID_PATTERN (not imported: the schemas load this module before the models exist; a test keeps
+# the two the same)
+SERVER_ID = r"(?:key|ds|job|smp)_[0-9a-f]{24}"
 PATTERNS = {
     "steps": rf"^s{_INT}$",
     "events": rf"^e{_INT}$",
     "layers": rf"^l{_INT}\.(?:n|{_INT})\.{_B64}$",
     "activations": rf"^a{_INT}\.{_INT}\.{_B64}$",
+    # 17 digits of microseconds reach year 5138, inside what datetime can hold
+    "newest": rf"^n[0-9]{{1,17}}\.{SERVER_ID}$",
 }
 # names are at most 200 characters (4 UTF-8 bytes each at worst): 1068 base64 characters plus the numbers
 MAX_LENGTH = 1100
-PREFIX = {"steps": "s", "events": "e", "layers": "l", "activations": "a"}
+PREFIX = {"steps": "s", "events": "e", "layers": "l", "activations": "a", "newest": "n"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -79,3 +89,17 @@ def decode(listing: str, cursor: str) -> RowKey:
         return RowKey(int(body))
     number, position, name = body.split(".", 2)
     return RowKey(int(number), None if position == "n" else int(position), _unb64(name))
+
+
+def encode_newest(created_at: datetime, record_id: str) -> str:
+    """Cursor of a row of a newest-first listing: its created_at (UTC microseconds) and id."""
+    stamp = created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)
+    return f"n{(stamp - _EPOCH) // _MICROSECOND}.{record_id}"
+
+
+def decode_newest(cursor: str) -> tuple[datetime, str]:
+    """(created_at, id) of a newest-first cursor; ValueError when it does not match the pattern."""
+    if not matches("newest", cursor):
+        raise ValueError("not a newest-first cursor")
+    micros, record_id = cursor[1:].split(".", 1)
+    return _EPOCH + int(micros) * _MICROSECOND, record_id

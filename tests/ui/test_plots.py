@@ -11,9 +11,9 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 from app.extensions import db
+from app.plots import aggregate
 from app.plots import service as plots_service
 from app.plots.order import depth_order, layer_order
-from app.plots import aggregate
 from app.plots.render import HEIGHT_PX, PLOT_NAMES, WIDTH_PX
 from tests.conftest import create_key
 from tests.ui import seed
