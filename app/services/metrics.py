@@ -174,8 +174,8 @@ def _depth_page(spec: _DepthListing, job_id: str, after_step: int | None, cursor
 def layer_page(job_id: str, after_step: int | None, cursor: str | None, limit: int,
                layer: str | None) -> dict[str, Any]:
     """Per-layer rows in depth order (see layer_query) after the cursor's row and with step > after_step
-    (both optional).
-    A page may end inside a step: the cursor holds the whole (step, position, layer) key of its last row."""
+    (both optional). A page may end inside a step: the cursor holds the whole (step, position, layer) key
+    of its last row."""
     return _depth_page(_LAYER_LISTING, job_id, after_step, cursor, limit, layer)
 
 
