@@ -345,23 +345,47 @@ class Client:
                 raise StableTrainError(f"job {job_id} still {job.get('status')} after {timeout:g} s")
             self._sleep(poll_s)
 
+    def _cursor_pages(self, path: str, params: dict[str, Any], start_param: str,
+                      start: int) -> Iterator[dict[str, Any]]:
+        """Every item of a keyset-paged listing: the first page from `start_param`=start, the next ones from
+        each page's `next_cursor`, which holds the full sort key of the page's last row (so nothing is lost
+        when a page ends inside a step)."""
+        first = {**params, start_param: start or None}
+        cursor: str | None = None
+        while True:
+            query = {k: v for k, v in (params if cursor else first).items() if v is not None}
+            if cursor:
+                query["cursor"] = cursor
+            page = self._json("GET", path, params=query)
+            yield from page.get("items") or []
+            cursor = page.get("next_cursor")
+            if not cursor or not page.get("items"):
+                return
+
     def metrics(self, job_id: str, after_step: int = 0, limit: int = 1000,
                 max_points: int | None = None) -> Iterator[dict[str, Any]]:
-        """Every step row after `after_step`, following `next_after_step` across pages."""
-        return self._pages(f"/v1/jobs/{job_id}/metrics", {"limit": limit, "max_points": max_points},
-                           "after_step", "next_after_step", start=after_step)
+        """Every step row after `after_step`, following `next_cursor` across pages (with max_points, each
+        page is downsampled on its own)."""
+        return self._cursor_pages(f"/v1/jobs/{job_id}/metrics", {"limit": limit, "max_points": max_points},
+                                  "after_step", after_step)
 
     def layer_metrics(self, job_id: str, after_step: int = 0, limit: int = 1000,
                       layer: str | None = None) -> Iterator[dict[str, Any]]:
         """Every per-layer row (step, layer, position, grad_norm, weight_norm, update_ratio), in depth order
         within a step (`position`: 0 = first layer; null for rows recorded before positions existed)."""
-        return self._pages(f"/v1/jobs/{job_id}/metrics/layers", {"limit": limit, "layer": layer},
-                           "after_step", "next_after_step", start=after_step)
+        return self._cursor_pages(f"/v1/jobs/{job_id}/metrics/layers", {"limit": limit, "layer": layer},
+                                  "after_step", after_step)
+
+    def activation_metrics(self, job_id: str, after_step: int = 0, limit: int = 1000,
+                           site: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every activation row (step, site, position, kind, mean, std, saturated_frac, dead_frac,
+        attn_max_logit, attn_entropy, z_lse, grad_time, grad_time_ratio) in (step, position, site) order."""
+        return self._cursor_pages(f"/v1/jobs/{job_id}/metrics/activations", {"limit": limit, "site": site},
+                                  "after_step", after_step)
 
     def events(self, job_id: str, after_id: int = 0, limit: int = 100) -> Iterator[dict[str, Any]]:
         """Lifecycle and stability events, oldest first."""
-        return self._pages(f"/v1/jobs/{job_id}/events", {"limit": limit}, "after_id", "next_after_id",
-                           start=after_id)
+        return self._cursor_pages(f"/v1/jobs/{job_id}/events", {"limit": limit}, "after_id", after_id)
 
     def diagnosis(self, job_id: str) -> dict[str, Any]:
         """{job_id, status, health, findings: [...], summary}."""

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, update
 from sqlalchemy.exc import DBAPIError
 
-from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
+from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import finite_or_none, without_nonfinite
 from worker.db import upsert, utcnow, with_retry
 from worker.engine.trainer import Callbacks
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 STEP_COLUMNS = tuple(c.name for c in StepMetric.__table__.columns if c.name != "job_id")
 LAYER_COLUMNS = ("layer", "grad_norm", "weight_norm", "update_ratio")
+ACTIVATION_FLOATS = ("mean", "std", "saturated_frac", "dead_frac", "attn_max_logit", "attn_entropy", "z_lse",
+                     "grad_time_ratio")
 HEALTH_STATES = ("ok", "warning", "critical")
 
 
@@ -46,6 +48,20 @@ def layer_record(job_id: str, step: int, row: dict[str, Any], position: int) -> 
     """One layer_metrics row from an engine layer row; `position` is the row's index in the engine's list,
     which is depth order (`model.layer_names()`: embedding first, head last)."""
     return {"job_id": job_id, "step": step, **{c: row.get(c) for c in LAYER_COLUMNS}, "position": position}
+
+
+def _float_or_none(value: Any) -> float | None:
+    """A finite float, or None for a missing or NaN/inf value (JSON and the API have no NaN)."""
+    return None if value is None else finite_or_none(float(value))
+
+
+def activation_record(job_id: str, step: int, row: dict[str, Any], position: int) -> dict[str, Any]:
+    """One activation_metrics row from an engine activation row (docs/contracts.md); `position` is the row's
+    index in the engine's list (depth order). Non-finite numbers become null, unknown keys are dropped."""
+    grad_time = row.get("grad_time")
+    return {"job_id": job_id, "step": step, "site": str(row["site"]), "position": position,
+            "kind": str(row.get("kind") or ""), **{c: _float_or_none(row.get(c)) for c in ACTIVATION_FLOATS},
+            "grad_time": None if grad_time is None else without_nonfinite([[int(t), float(v)] for t, v in grad_time])}
 
 
 class DbReporter(Callbacks):
@@ -110,6 +126,12 @@ class DbReporter(Callbacks):
         """Upsert the per-layer rows of one step, each with its depth position (its index in `rows`)."""
         records = [layer_record(self.job_id, step, r, i) for i, r in enumerate(rows)]
         self._write("layer stats", lambda conn: upsert(conn, LayerMetric.__table__, records, ("job_id", "step", "layer")))
+
+    def on_activation_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Upsert the activation rows of one step, each with its depth position (its index in `rows`)."""
+        records = [activation_record(self.job_id, step, r, i) for i, r in enumerate(rows)]
+        self._write("activation stats",
+                    lambda conn: upsert(conn, ActivationMetric.__table__, records, ("job_id", "step", "site")))
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Append one event."""

@@ -6,10 +6,11 @@ from app.models.checkpoint import Checkpoint
 from app.models.dataset import Dataset, DatasetFile
 from app.models.event import Event
 from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
-from app.models.metrics import LayerMetric, StepMetric
+from app.models.metrics import ActivationMetric, LayerMetric, StepMetric
 from app.models.sample import PENDING_SAMPLE_STATUSES, SAMPLE_STATUSES, Sample, next_fair_sample
 
 __all__ = [
+    "ActivationMetric",
     "ApiKey",
     "Checkpoint",
     "Dataset",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -46,3 +46,32 @@ class LayerMetric(db.Model):
     grad_norm: Mapped[float | None] = mapped_column(Float)
     weight_norm: Mapped[float | None] = mapped_column(Float)
     update_ratio: Mapped[float | None] = mapped_column(Float)
+
+
+class ActivationMetric(db.Model):
+    """Statistics of one activation site (a module's output) at one step; (job_id, step, site) is the
+    primary key, so a re-sent flush overwrites instead of duplicating.
+
+    `position` is the site's depth index (its index in the engine's list: input first, output head last).
+    Which columns are set depends on `kind`: saturated_frac for tanh/sigmoid (and vanilla tanh-RNN outputs),
+    dead_frac for the ReLU family, attn_* for attention, z_lse for the output, grad_time and grad_time_ratio
+    for recurrent layers (gradient norm through time, [[t, norm], ...], and norm(t=0) / norm(t=T-1)).
+    Non-finite values are stored as null. The (job_id, step, position, site) index is the API's read order."""
+
+    __tablename__ = "activation_metrics"
+    __table_args__ = (Index("ix_activation_metrics_job_step_position", "job_id", "step", "position", "site"),)
+
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(200), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(20))
+    mean: Mapped[float | None] = mapped_column(Float)
+    std: Mapped[float | None] = mapped_column(Float)
+    saturated_frac: Mapped[float | None] = mapped_column(Float)
+    dead_frac: Mapped[float | None] = mapped_column(Float)
+    attn_max_logit: Mapped[float | None] = mapped_column(Float)
+    attn_entropy: Mapped[float | None] = mapped_column(Float)
+    z_lse: Mapped[float | None] = mapped_column(Float)
+    grad_time: Mapped[list[list[float]] | None] = mapped_column(JSON)
+    grad_time_ratio: Mapped[float | None] = mapped_column(Float)

@@ -1,6 +1,6 @@
 """GET /v1/jobs/{id}/plots/{name}.png: the dashboard's charts as PNG for reports.
 
-One rule per plot name (loss, grad_norm, lr, layers) rather than a `<name>` path parameter: every
+One rule per plot name (loss, grad_norm, lr, layers, activations, grad_time) rather than a `<name>` path parameter: every
 /v1 rule then resolves with nothing but the job id, an unknown name is a plain 404 in the error
 envelope, and the OpenAPI document lists each plot with its own description.
 """
@@ -26,6 +26,12 @@ DESCRIPTIONS = {
     "lr": "Learning rate per step.",
     "layers": "Per-layer gradient norm heatmap (log10; layers from input to output, steps as columns; "
               "NaN/inf cells in red).",
+    "activations": "Activation heatmap, sites from input to output: the saturated fraction of tanh/sigmoid "
+                   "outputs (or, for a job without such sites, the dead fraction of ReLU-family units), "
+                   "largest per step bucket, on a 0..1 scale.",
+    "grad_time": "Gradient through time of each recurrent layer: norm(t=0) / norm(t=T-1) over steps (log "
+                 "scale; far below 1 means gradients vanish through time). A line per layer, the band is "
+                 "the min..max per step bucket.",
 }
 assert set(DESCRIPTIONS) == set(PLOT_NAMES)
 
@@ -50,7 +56,9 @@ def _plot_view(name: str) -> type[MethodView]:
     def get(self: MethodView, job_id: str) -> Response:
         return _png(job_id, name)
 
-    get.__doc__ = f"{name}.png: {DESCRIPTIONS[name]}\n\nRendered with matplotlib and cached until the series grows."
+    get.__doc__ = (f"{name}.png: {DESCRIPTIONS[name]}\n\nAggregated in SQL (min/max/last per step bucket, at "
+                   f"most about one bucket per pixel, so spikes stay visible), rendered with matplotlib and cached "
+                   f"until the series grows.")
     view = type(f"Plot_{name}", (MethodView,), {"get": blp.doc(responses=RESPONSES)(get)})
     return blp.route(f"/<string:job_id>/plots/{name}.png", endpoint=f"plot_{name}")(view)
 

@@ -1,4 +1,4 @@
-"""PNG plots of a job: load the series (request thread), render off it (one plot thread), cache.
+"""PNG plots of a job: aggregate the series in SQL (request thread), render off it (one plot thread), cache.
 
 Cache key: (job id, plot name, last recorded step of the series). A finished job's plots are
 rendered once; a running job's plot is rendered again only when new steps arrived. Bytes are kept
@@ -18,19 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from flask_smorest import abort
-from sqlalchemy import func, or_, select
 
-from app.extensions import db
-from app.models import Job, LayerMetric, StepMetric
-from app.plots.render import PLOT_NAMES, PlotData, render
-from app.services.metrics import STEP_COLUMNS, downsample
+from app.models import ActivationMetric, Job, LayerMetric, StepMetric
+from app.plots import aggregate
+from app.plots.data import PlotData
+from app.plots.render import PLOT_NAMES, render
 from app.services.storage import storage_dir
 
 RENDER_TIMEOUT_S = 60.0
 MEMORY_ENTRIES = 64
-MAX_STEP_ROWS = 100_000  # more steps than this are read with a stride (flagged and eval rows always kept)
-MAX_LINE_POINTS = 3_000  # lines are downsampled to about this many points, keeping spikes and NaNs
-MAX_LAYER_ROWS = 300_000
 
 # pyplot is not thread-safe and even the object API shares font caches: one render at a time,
 # on a thread of its own so a slow render never runs inside a request handler's thread.
@@ -39,10 +35,6 @@ _lock = threading.Lock()
 _memory: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
 _inflight: dict[tuple[str, str, int], Future[bytes]] = {}
 
-_STEPS = StepMetric.__table__.c
-_LAYERS = LayerMetric.__table__.c
-
-
 def check_name(name: str) -> None:
     """404 (error envelope) for an unknown plot name."""
     if name not in PLOT_NAMES:
@@ -50,11 +42,13 @@ def check_name(name: str) -> None:
               details={"name": name, "plots": list(PLOT_NAMES)})
 
 
+_TABLES = {"layers": LayerMetric.__table__.c, "activations": ActivationMetric.__table__.c,
+           "grad_time": ActivationMetric.__table__.c}
+
+
 def last_step(job: Job, name: str) -> int:
     """Newest step of the series this plot draws (0 when none)."""
-    col = _LAYERS if name == "layers" else _STEPS
-    value = db.session.execute(select(func.max(col.step)).where(col.job_id == job.id)).scalar_one_or_none()
-    return int(value or 0)
+    return aggregate.last_step(job.id, _TABLES.get(name, StepMetric.__table__.c))
 
 
 def clip_threshold(spec: dict[str, Any] | None) -> float | None:
@@ -66,33 +60,19 @@ def clip_threshold(spec: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _step_rows(job: Job, last: int) -> list[dict[str, Any]]:
-    stmt = select(*[_STEPS[c] for c in STEP_COLUMNS]).where(_STEPS.job_id == job.id)
-    stride = math.ceil(last / MAX_STEP_ROWS) if last > MAX_STEP_ROWS else 1
-    if stride > 1:
-        stmt = stmt.where(or_((_STEPS.step % stride) == 0, _STEPS.nonfinite, _STEPS.skipped,
-                              _STEPS.val_loss.is_not(None)))
-    rows = [dict(zip(STEP_COLUMNS, r, strict=True)) for r in db.session.execute(stmt.order_by(_STEPS.step))]
-    return downsample(rows, MAX_LINE_POINTS) if len(rows) > MAX_LINE_POINTS else rows
-
-
-def _layer_rows(job: Job) -> list[dict[str, Any]]:
-    count = db.session.execute(select(func.count()).where(_LAYERS.job_id == job.id)).scalar_one()
-    stmt = select(_LAYERS.step, _LAYERS.layer, _LAYERS.position, _LAYERS.grad_norm).where(_LAYERS.job_id == job.id)
-    if count > MAX_LAYER_ROWS:
-        every = int(((job.spec or {}).get("monitoring") or {}).get("layer_stats_every") or 1)
-        stride = every * math.ceil(count / MAX_LAYER_ROWS)
-        stmt = stmt.where((_LAYERS.step % stride) == 0)
-    return [{"step": s, "layer": layer, "position": p, "grad_norm": g} for s, layer, p, g in db.session.execute(stmt)]
-
-
-def load(job: Job, name: str, last: int) -> PlotData:
-    """The rows plot `name` needs (runs in the request thread: it uses the session)."""
+def load(job: Job, name: str) -> PlotData:
+    """What plot `name` draws, aggregated in SQL per step bucket (runs in the request thread: it uses the
+    session). Its size is bounded by the buckets, never by the number of steps."""
     data = PlotData(title=job.name or job.id, clip_max_norm=clip_threshold(job.spec))
     if name == "layers":
-        data.layers = _layer_rows(job)
+        data.heatmap = aggregate.layer_heatmap(job.id)
+    elif name == "activations":
+        data.heatmap_metric = aggregate.activation_metric(job.id)
+        data.heatmap = aggregate.activation_heatmap(job.id, data.heatmap_metric)
+    elif name == "grad_time":
+        data.lines = aggregate.grad_time_series(job.id)
     else:
-        data.steps = _step_rows(job, last)
+        data.steps = aggregate.step_series(job.id)
     return data
 
 
@@ -156,7 +136,7 @@ def plot_png(job: Job, name: str) -> tuple[bytes, str]:
     if path.is_file():
         png = path.read_bytes()
     else:
-        png = _render_once(key, load(job, name, last))
+        png = _render_once(key, load(job, name))
         _write_file(path, png)
     _remember(key, png)
     return png, etag

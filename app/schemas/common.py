@@ -5,6 +5,8 @@ from __future__ import annotations
 from marshmallow import EXCLUDE, Schema, fields
 from marshmallow.validate import Range
 
+from app.schemas.cursors import cursor_field
+
 
 class QuerySchema(Schema):
     """Query strings ignore unknown parameters (e.g. cache busters)."""
@@ -15,7 +17,7 @@ class QuerySchema(Schema):
 
 class CursorQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=50, validate=Range(1, 200))
-    cursor = fields.String(load_default=None)
+    cursor = cursor_field("newest")
 
 
 class ErrorBodySchema(Schema):

@@ -8,15 +8,21 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import Event, Job
+from app.services import cursors
 
 
-def list_events(job: Job, after_id: int, limit: int) -> dict[str, Any]:
-    """Events with id > after_id in id order; next_after_id when more may follow."""
+def list_events(job: Job, after_id: int | None, cursor: str | None, limit: int) -> dict[str, Any]:
+    """Events after the cursor's event and with id > after_id (both optional) in id order, the order they happened in
+    (several may share a step). next_cursor and next_after_id point after the last one; null at the end."""
+    start = max(cursors.decode("events", cursor).number if cursor else 0, after_id or 0)
     rows = list(db.session.execute(
-        select(Event).where(Event.job_id == job.id, Event.id > after_id).order_by(Event.id).limit(limit)
+        select(Event).where(Event.job_id == job.id, Event.id > start).order_by(Event.id).limit(limit + 1)
     ).scalars())
-    next_after = rows[-1].id if len(rows) == limit else None
-    return {"items": rows, "next_after_id": next_after}
+    if len(rows) <= limit:
+        return {"items": rows, "next_cursor": None, "next_after_id": None}
+    rows = rows[:limit]
+    last = rows[-1].id
+    return {"items": rows, "next_cursor": cursors.encode("events", cursors.RowKey(last)), "next_after_id": last}
 
 
 def diagnosis_view(job: Job) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import math
 import time
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import insert, text
@@ -13,6 +14,8 @@ from sqlalchemy import insert, text
 from app.extensions import db
 from app.models import Event, Job, LayerMetric, StepMetric
 from app.services import metrics as metrics_service
+from app.services.cursors import RowKey
+from tests.api.listing_seed import follow
 
 N_STEPS = 10_000
 SPIKE_LOSS_STEP, SPIKE_GRAD_STEP, NAN_STEP, SKIP_STEP = 3333, 7777, 5000, 6001
@@ -92,10 +95,13 @@ def test_layer_metrics(app: Flask, client: FlaskClient, auth: dict[str, str], jo
         db.session.commit()
     url = f"/v1/jobs/{job['id']}/metrics/layers"
     page = client.get(f"{url}?limit=7", headers=auth).json
-    assert [r["step"] for r in page["items"]] == [10, 10, 10, 20, 20, 20]
-    assert page["next_after_step"] == 20
-    rest = client.get(f"{url}?after_step=20&limit=1000", headers=auth).json
-    assert len(rest["items"]) == 24 and rest["next_after_step"] is None
+    assert [(r["step"], r["layer"]) for r in page["items"]] == [
+        (s, name) for s in (10, 20) for name in sorted(layers)] + [(30, "embed.weight")]  # ends inside step 30
+    rest = client.get(f"{url}?cursor={page['next_cursor']}&limit=1000", headers=auth).json
+    assert [(r["step"], r["layer"]) for r in rest["items"][:2]] == [(30, "head.weight"), (30, "layers.0.w")]
+    assert len(rest["items"]) == 23 and rest["next_cursor"] is None
+    after = client.get(f"{url}?after_step=20&limit=1000", headers=auth).json  # after_step still starts a listing
+    assert len(after["items"]) == 24 and after["items"][0]["step"] == 30
     one = client.get(f"{url}?layer=head.weight", headers=auth).json["items"]
     assert len(one) == 10 and {r["layer"] for r in one} == {"head.weight"}
 
@@ -115,22 +121,17 @@ def test_layer_rows_come_in_depth_order_with_position(app: Flask, client: FlaskC
         db.session.commit()
     url = f"/v1/jobs/{job['id']}/metrics/layers"
     whole = client.get(f"{url}?limit=5000", headers=auth).json
-    assert whole["next_after_step"] is None
+    assert whole["next_cursor"] is None
     assert [(r["step"], r["position"], r["layer"]) for r in whole["items"]] == [
         (s, i, name) for s in (10, 20, 30) for i, name in enumerate(DEPTH)]
     assert set(whole["items"][0]) == {"step", "layer", "position", "grad_norm", "weight_norm", "update_ratio"}
     assert whole["items"][0]["grad_norm"] == 1.0 and whole["items"][-1]["layer"] == "head.weight"
 
-    # paging still never ends inside a step, and the pages join up to the same depth-ordered list
+    # pages of any size (ending inside steps) join up to the same depth-ordered list
     n = len(DEPTH)
     first = client.get(f"{url}?limit={n + 5}", headers=auth).json
-    assert [r["layer"] for r in first["items"]] == DEPTH and first["next_after_step"] == 10
-    pages, after = [], 0
-    while after is not None:
-        page = client.get(f"{url}?limit={n + 1}&after_step={after}", headers=auth).json
-        pages += page["items"]
-        after = page["next_after_step"]
-    assert pages == whole["items"]
+    assert [r["layer"] for r in first["items"]] == DEPTH + DEPTH[:5]
+    assert follow(client, auth, f"{url}?limit={n + 1}") == whole["items"]
     one = client.get(f"{url}?layer=blocks.10.mlp.fc.weight", headers=auth).json["items"]
     assert [(r["step"], r["position"]) for r in one] == [(s, DEPTH.index("blocks.10.mlp.fc.weight")) for s in (10, 20, 30)]
 
@@ -146,19 +147,27 @@ def test_layer_rows_without_position_come_in_name_order(app: Flask, client: Flas
     assert [r["layer"] for r in items] == sorted(DEPTH) and {r["position"] for r in items} == {None}
 
 
-def test_layer_page_reads_the_depth_index_without_sorting(app: Flask, job: dict[str, Any]) -> None:
-    """The (job_id, step, position, layer) index covers the page order: no sort step in the plan."""
-    stmt = metrics_service.layer_query(job["id"], 0, 1001)
+@pytest.mark.parametrize("start", [0, RowKey(10, 3, "blocks.1.mlp.fc.weight"), RowKey(10, None, "head.weight")])
+@pytest.mark.parametrize("listing", ["layers", "activations"])
+def test_depth_pages_read_their_index_without_sorting(app: Flask, job: dict[str, Any], start: Any,
+                                                      listing: str) -> None:
+    """The (job_id, step, position, name) index covers the page order, from after_step or from a cursor:
+    no sort step in the plan."""
+    query, index = {"layers": (metrics_service.layer_query, "ix_layer_metrics_job_step_position"),
+                    "activations": (metrics_service.activation_query, "ix_activation_metrics_job_step_position")}[listing]
+    if listing == "activations" and start != 0 and start.position is None:
+        return  # activation rows always have a position
     with app.app_context():
+        stmt = query(job["id"], start, 1001)
         conn = db.session.connection()
         sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
         if conn.dialect.name == "sqlite":
             plan = " ".join(str(r[-1]) for r in conn.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
-            assert "ix_layer_metrics_job_step_position" in plan and "TEMP B-TREE" not in plan, plan
+            assert index in plan and "TEMP B-TREE" not in plan, plan
         else:
             conn.execute(text("SET LOCAL enable_seqscan = off"))
             plan = " ".join(r[0] for r in conn.execute(text(f"EXPLAIN {sql}")))
-            assert "ix_layer_metrics_job_step_position" in plan and "Sort" not in plan, plan
+            assert index in plan and "Sort" not in plan, plan
 
 
 def test_latest_from_metrics(app: Flask, client: FlaskClient, auth: dict[str, str], job: dict[str, Any]) -> None:

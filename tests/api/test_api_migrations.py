@@ -15,7 +15,8 @@ from sqlalchemy import inspect, text
 from app import create_app
 from app.extensions import db
 
-TABLES = {"api_keys", "datasets", "dataset_files", "jobs", "step_metrics", "layer_metrics", "events", "checkpoints",
+TABLES = {"api_keys", "datasets", "dataset_files", "jobs", "step_metrics", "layer_metrics", "activation_metrics",
+          "events", "checkpoints",
           "samples"}
 POSITION_INDEX = "ix_layer_metrics_job_step_position"
 

@@ -60,15 +60,14 @@ def wait_status(stack: Stack, job_id: str, statuses: set[str], timeout_s: float)
 
 
 def paged(stack: Stack, path: str, limit: int) -> list[dict[str, Any]]:
-    """Every item of a step-paged endpoint, following next_after_step."""
+    """Every item of a cursor-paged endpoint, following next_cursor."""
     items: list[dict[str, Any]] = []
-    after = 0
+    page = stack.api("GET", f"{path}?limit={limit}").get_json()
     while True:
-        page = stack.api("GET", f"{path}?after_step={after}&limit={limit}").get_json()
         items += page["items"]
-        if page["next_after_step"] is None:
+        if page["next_cursor"] is None:
             return items
-        after = page["next_after_step"]
+        page = stack.api("GET", f"{path}?limit={limit}&cursor={page['next_cursor']}").get_json()
 
 
 def checkpoints(stack: Stack, job_id: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from app.extensions import db
-from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric, utcnow
+from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric, utcnow
 from app.services.storage import checkpoint_path
 
 LAYERS = ["embed.weight", "layers.0.rnn.weight_ih_l0", "layers.0.rnn.weight_hh_l0",
@@ -38,6 +38,15 @@ FINDINGS = [
      "recommendations": [{"field": "model.residual", "value": True,
                           "why": "skip connections carry gradient to the early layers"}]},
 ]
+
+
+# a spike event's data as the engine reports it (docs/contracts.md): the batch rows with the highest loss
+SPIKE_DATA: dict[str, Any] = {
+    "policy": "rollback", "rule": "loss", "value": 9.0, "median": 2.1, "factor": 4.3,
+    "attribution": {"offsets": [1024, 4096, 8192, 16384],
+                    "top": [{"offset": 8192, "loss": 11.5, "excerpt": "<script>x</script> ZZZZ qqqq garbled"},
+                            {"offset": 1024, "loss": 7.25, "excerpt": "the quick brown fox"}]},
+}
 
 
 def step_row(step: int, max_steps: int = 200) -> dict[str, Any]:
@@ -73,14 +82,42 @@ def layer_rows(step: int, layers: list[str] = LAYERS, positions: bool = True) ->
     return rows
 
 
+RNN_SITES = [("layers.0.rnn", "recurrent"), ("layers.1.rnn", "recurrent"), ("head", "output")]
+TRANSFORMER_SITES = [("blocks.0.attn", "attention"), ("blocks.0.mlp.act", "relu"), ("blocks.1.attn", "attention"),
+                     ("blocks.1.mlp.act", "relu"), ("head", "output")]
+
+
+def activation_rows(step: int, sites: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Activation rows at one step, shaped as the worker stores them: recurrent layers saturate more and lose
+    gradient through time as training goes on (layer 0 faster), ReLU layers die, attention logits grow."""
+    rows = []
+    for i, (site, kind) in enumerate(sites):
+        row: dict[str, Any] = {"step": step, "site": site, "position": i, "kind": kind, "mean": 0.0, "std": 1.0}
+        layer = int(site.split(".")[1]) if site.count(".") else 0
+        if kind == "recurrent":
+            ratio = 10.0 ** (-1 - step / (40 if layer == 0 else 80))
+            row.update(saturated_frac=min(1.0, 0.1 + step / 250 + 0.2 * (layer == 0)), grad_time_ratio=ratio,
+                       grad_time=[[0, ratio], [16, ratio ** 0.75], [32, ratio ** 0.5], [48, ratio ** 0.25], [63, 1.0]])
+        elif kind == "relu":
+            row.update(dead_frac=min(1.0, 0.05 + step / 400 + 0.3 * layer))
+        elif kind == "attention":
+            row.update(attn_max_logit=5.0 + step / (10 - 5 * layer), attn_entropy=2.0 - step / 400)
+        elif kind == "output":
+            row.update(z_lse=math.log(96) + step / 100)
+        rows.append(row)
+    return rows
+
+
 def add_steps(job_id: str, first: int, last: int, layers: bool = True, layer_names: list[str] = LAYERS,
-              positions: bool = True) -> None:
-    """Insert step rows first..last (and layer rows every 10 steps) and move the job's progress."""
+              positions: bool = True, sites: list[tuple[str, str]] | None = RNN_SITES) -> None:
+    """Insert step rows first..last (and layer and activation rows every 10 steps) and move the job's progress."""
     for step in range(first, last + 1):
         db.session.add(StepMetric(job_id=job_id, **step_row(step)))
         if layers and step % 10 == 0:
             for row in layer_rows(step, layer_names, positions):
                 db.session.add(LayerMetric(job_id=job_id, **row))
+            for row in activation_rows(step, sites or []):
+                db.session.add(ActivationMetric(job_id=job_id, **row))
     job = db.session.get(Job, job_id)
     job.step = last
     job.tokens_seen = last * 1024
@@ -89,9 +126,11 @@ def add_steps(job_id: str, first: int, last: int, layers: bool = True, layer_nam
 
 
 def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: str = "seeded-lstm",
-             layer_names: list[str] = LAYERS, positions: bool = True) -> str:
+             layer_names: list[str] = LAYERS, positions: bool = True,
+             sites: list[tuple[str, str]] | None = RNN_SITES) -> str:
     """A job with `steps` steps of records (layer rows of `layer_names`, in depth order, with or without
-    positions); a finished one also gets its diagnosis, events and a checkpoint."""
+    positions, and activation rows of `sites`); a finished one also gets its diagnosis, events (a loss
+    spike with its attribution) and a checkpoint."""
     now = utcnow()
     job = Job(owner_id=owner_id, dataset_id=None, name=name, spec={**SPEC, "name": name}, status=status,
               max_steps=200, started_at=now - timedelta(minutes=5), attempts=1,
@@ -100,7 +139,7 @@ def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: s
     db.session.commit()
     db.session.add(Event(job_id=job.id, step=0, kind="started", message="training started on cpu"))
     if steps:
-        add_steps(job.id, 1, steps, layer_names=layer_names, positions=positions)
+        add_steps(job.id, 1, steps, layer_names=layer_names, positions=positions, sites=sites)
     if status in ("succeeded", "failed", "cancelled"):
         job.finished_at = now
         job.diagnosis = {"findings": FINDINGS, "summary": "; ".join(f["summary"] for f in FINDINGS)}
@@ -108,7 +147,8 @@ def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: s
                                     (NAN_STEP, "step_skipped", "non-finite gradient; step skipped"),
                                     (200, "checkpoint", "checkpoint at step 200"),
                                     (200, "finished", "finished after 200 steps")]:
-            db.session.add(Event(job_id=job.id, step=step, kind=kind, message=message))
+            data = SPIKE_DATA if kind == "loss_spike" else None
+            db.session.add(Event(job_id=job.id, step=step, kind=kind, message=message, data=data))
         add_checkpoint(job.id, 200)
     db.session.commit()
     return job.id

@@ -105,6 +105,29 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     assert "skip connections" in recommendation.inner_text()
 
     assert page.locator("#events-body tr[data-kind=step_skipped]").count() == 1
+    # the loss spike's attribution: the batch rows with the highest loss, excerpts shown as text
+    spike_rows = page.locator("#events-body tr[data-kind=loss_spike] .attr-row")
+    assert spike_rows.count() == 2
+    first_row = spike_rows.nth(0).locator("td").all_inner_texts()
+    assert first_row == ["8192", "11.5", "<script>x</script> ZZZZ qqqq garbled"]
+    assert "the quick brown fox" in spike_rows.nth(1).inner_text()
+    assert page.locator("#events-body script").count() == 0
+    assert page.locator("#events-body tr[data-kind=step_skipped] .attribution").count() == 0
+
+    # activations: saturation of the recurrent layers (depth order), their gradient through time, no attention
+    act = page.locator("#act-heatmap")
+    assert act.get_attribute("data-metric") == "saturated_frac"
+    assert page.evaluate("window.stDashboard.actHeatmap.layers") == ["layers.0.rnn", "layers.1.rnn"]
+    assert act.get_attribute("data-steps") == "20" and int(act.get_attribute("data-cells") or 0) > 20
+    act_stats = canvas_stats(page, "#act-heatmap canvas")
+    assert act_stats["colours"] > 10, act_stats
+    assert page.locator("#grad-time-panel").is_visible() and page.locator("#attn-panel").is_hidden()
+    grad_time = page.locator("#chart-grad-time")
+    assert grad_time.get_attribute("data-series") == "2" and grad_time.get_attribute("data-points") == "20"
+    time_chart = page.evaluate("""() => { const c = window.stDashboard.state.charts.gradTime;
+        return {labels: c.series.map(s => s.label), distr: c.scales.y.distr, last: c.data[1].at(-1)}; }""")
+    assert time_chart["labels"][1:] == ["layers.0.rnn", "layers.1.rnn"] and time_chart["distr"] == 3
+    assert abs(time_chart["last"] - 10.0 ** (-1 - 200 / 40)) < 1e-12
     link = page.locator("a.ckpt-download[data-step='200']")
     assert link.is_visible()
     assert link.get_attribute("href") == f"/v1/jobs/{job_id}/checkpoints/200/file"
@@ -128,6 +151,27 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     assert "succeeded" in row.inner_text()
     assert row.locator(f"a[href='/ui/jobs/{job_id}']").count() == 1
     screenshot(page, "dashboard-jobs.png")
+
+
+def test_transformer_job_shows_dead_units_with_a_toggle_and_attention_logits(served: Served, page: Any) -> None:
+    job_id = in_app(served, lambda: seed.make_job(served.owner_id, name="tf", sites=seed.TRANSFORMER_SITES))
+    page.goto(f"{served.base_url}/ui/jobs/{job_id}?key={served.secret}")
+    page.wait_for_selector("body[data-loaded=true]")
+    act = page.locator("#act-heatmap")
+    # no site saturates: the page opens on dead units, ReLU sites only, in depth order
+    assert act.get_attribute("data-metric") == "dead_frac" and page.is_checked("#act-dead")
+    assert page.evaluate("window.stDashboard.actHeatmap.layers") == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    assert act.get_attribute("data-steps") == "20"
+    page.check("#act-saturated")
+    wait_until(lambda: act.get_attribute("data-metric") == "saturated_frac", 5, "the toggle")
+    assert act.get_attribute("data-layers") == "0"  # nothing saturates in this model
+    page.check("#act-dead")
+    wait_until(lambda: act.get_attribute("data-layers") == "2", 5, "the dead-unit rows to come back")
+    assert page.locator("#attn-panel").is_visible() and page.locator("#grad-time-panel").is_hidden()
+    attn = page.evaluate("""() => { const c = window.stDashboard.state.charts.attn;
+        return {labels: c.series.map(s => s.label), first: c.data[1][0], points: c.data[0].length}; }""")
+    assert attn == {"labels": ["step", "blocks.0.attn", "blocks.1.attn"], "first": 6.0, "points": 20}
+    screenshot(page, "dashboard-transformer-activations.png")
 
 
 CUSTOM = ["stem.weight", "body.0.weight", "body.1.weight", "readout.weight"]  # names the heuristic misorders

@@ -11,9 +11,10 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 from app.extensions import db
+from app.plots import aggregate
 from app.plots import service as plots_service
 from app.plots.order import depth_order, layer_order
-from app.plots.render import HEIGHT_PX, PLOT_NAMES, WIDTH_PX, heatmap_matrix
+from app.plots.render import HEIGHT_PX, PLOT_NAMES, WIDTH_PX
 from tests.conftest import create_key
 from tests.ui import seed
 
@@ -105,18 +106,38 @@ def test_plot_of_a_job_without_metrics_says_so(app: Flask, client: FlaskClient, 
         assert response.status_code == 200 and response.data.startswith(PNG_MAGIC)
 
 
-def test_heatmap_matrix_depth_order_log_scale_and_nonfinite_cells(app: Flask, job_id: str) -> None:
+def test_layer_heatmap_depth_order_log_scale_and_nonfinite_cells(app: Flask, job_id: str) -> None:
     with app.app_context():
-        rows = plots_service.load(db.session.get(seed.Job, job_id), "layers", 200).layers
-    names, steps, values, bad = heatmap_matrix(rows)
+        heat = plots_service.load(db.session.get(seed.Job, job_id), "layers").heatmap
+        merged = aggregate.layer_heatmap(job_id, max_columns=5)
+    names, steps, values, bad = heat.names, heat.col_steps, heat.values, heat.bad
     assert names == seed.LAYERS
     assert steps == list(range(10, 201, 10))
     assert values[0][0] is not None and values[0][0] < -6  # vanishing first layer
     spike = steps.index(seed.SPIKE_STEP)
     assert values[-1][spike] > values[-1][spike - 1] + 1.5  # the exploding step stands out
     assert bad[-1][steps.index(seed.NAN_STEP)] and not bad[0][steps.index(seed.NAN_STEP)]
-    merged = heatmap_matrix(rows, max_columns=5)
-    assert len(merged[1]) == 5 and any(merged[3][-1])  # merging keeps the non-finite mark
+    assert len(merged.col_steps) == 5 and any(merged.bad[-1])  # merging keeps the non-finite mark
+    assert max(v for v in merged.values[-1] if v is not None) == max(v for v in values[-1] if v is not None)
+
+
+def test_activation_heatmap_and_grad_time_lines(app: Flask, owner: Any, job_id: str) -> None:
+    with app.app_context():
+        job = db.session.get(seed.Job, job_id)
+        heat = plots_service.load(job, "activations")
+        lines = plots_service.load(job, "grad_time").lines
+        relu_id = seed.make_job(owner[0], name="tf", sites=seed.TRANSFORMER_SITES)
+        relu = plots_service.load(db.session.get(seed.Job, relu_id), "activations")
+        none = plots_service.load(db.session.get(seed.Job, relu_id), "grad_time").lines
+    assert heat.heatmap_metric == "saturated_frac"
+    assert heat.heatmap.names == ["layers.0.rnn", "layers.1.rnn"]  # sites reporting saturation, depth order
+    assert heat.heatmap.col_steps == list(range(10, 201, 10))
+    assert heat.heatmap.values[0][-1] == pytest.approx(min(1.0, 0.1 + 200 / 250 + 0.2))
+    assert list(lines) == ["layers.0.rnn", "layers.1.rnn"]
+    assert lines["layers.0.rnn"].x == list(range(10, 201, 10))
+    assert lines["layers.0.rnn"].lo[-1] == pytest.approx(10.0 ** (-1 - 200 / 40))
+    assert relu.heatmap_metric == "dead_frac" and relu.heatmap.names == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    assert none == {}
 
 
 def test_depth_order_of_engine_layer_names() -> None:
@@ -149,9 +170,7 @@ def test_layer_order_uses_positions_and_falls_back_to_names() -> None:
 def test_heatmap_rows_follow_recorded_positions(app: Flask, owner: Any, positions: bool) -> None:
     with app.app_context():
         job_id = seed.make_job(owner[0], layer_names=CUSTOM, positions=positions)
-        rows = plots_service.load(db.session.get(seed.Job, job_id), "layers", 200).layers
-    assert {r["position"] for r in rows} == ({0, 1, 2, 3} if positions else {None})
-    names = heatmap_matrix(rows)[0]
+        names = plots_service.load(db.session.get(seed.Job, job_id), "layers").heatmap.names
     assert names == (CUSTOM if positions else depth_order(CUSTOM))
 
 

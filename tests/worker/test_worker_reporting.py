@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
+from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import without_nonfinite
 from tests.worker.jobfactory import make_job
 from worker.db import with_retry
@@ -97,6 +97,41 @@ def test_layer_positions_follow_the_engine_order(engine: Engine) -> None:
         assert [(p, name, g) for s, p, name, g in stored if s == step] == [
             (i, name, 1.0 + i) for i, name in enumerate(engine_order)]
     assert len(stored) == 2 * len(engine_order)
+
+
+def activation_rows(scale: float = 1.0) -> list[dict[str, Any]]:
+    """One flush of on_activation_stats as docs/contracts.md shapes it (depth order), with a NaN and an inf."""
+    base = {"mean": 0.0, "std": 1.0, "saturated_frac": None, "dead_frac": None, "attn_max_logit": None,
+            "attn_entropy": None, "z_lse": None, "grad_time": None, "grad_time_ratio": None}
+    return [
+        base | {"site": "layers.0.rnn", "kind": "recurrent", "saturated_frac": 0.25 * scale,
+                "grad_time": [[0, 1e-6], [16, 1e-4], [32, math.nan], [48, 0.1], [63, 1.0]], "grad_time_ratio": 1e-6},
+        base | {"site": "blocks.1.mlp.act", "kind": "relu", "dead_frac": 0.5 * scale, "mean": math.nan},
+        base | {"site": "blocks.1.attn", "kind": "attention", "attn_max_logit": 12.5, "attn_entropy": 1.5,
+                "std": math.inf},
+        base | {"site": "head", "kind": "output", "z_lse": 4.25, "unknown_key": 1},
+    ]
+
+
+def test_activation_stats_are_idempotent_with_positions_and_nonfinite_as_null(engine: Engine) -> None:
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+    reporter.on_activation_stats(10, activation_rows())
+    reporter.on_activation_stats(20, activation_rows())
+    reporter.on_activation_stats(10, activation_rows(scale=2.0))  # re-sent flush (resumed run): overwritten
+    with engine.connect() as conn:
+        stored = conn.execute(select(ActivationMetric).where(ActivationMetric.job_id == job_id)
+                              .order_by(ActivationMetric.step, ActivationMetric.position)).all()
+    assert [(r.step, r.position, r.site, r.kind) for r in stored] == [
+        (s, i, row["site"], row["kind"]) for s in (10, 20) for i, row in enumerate(activation_rows())]
+    rnn, relu, attn, head = stored[:4]
+    assert rnn.saturated_frac == 0.5 and relu.dead_frac == 1.0  # step 10 holds the second flush
+    assert stored[5].dead_frac == 0.5  # step 20 kept the first
+    assert rnn.grad_time == [[0, 1e-6], [16, 1e-4], [32, None], [48, 0.1], [63, 1.0]]
+    assert rnn.grad_time_ratio == 1e-6 and relu.grad_time is None
+    assert relu.mean is None and attn.std is None  # NaN and inf stored as null on both databases
+    assert (attn.attn_max_logit, attn.attn_entropy, head.z_lse) == (12.5, 1.5, 4.25)
+    assert head.saturated_frac is None and head.dead_frac is None
 
 
 def test_events_are_appended_in_order(engine: Engine) -> None:

@@ -124,6 +124,6 @@ class JobEvents(MethodView):
     @blp.arguments(EventQuerySchema, location="query")
     @blp.response(200, EventPageSchema)
     def get(self, args: dict[str, Any], job_id: str) -> dict[str, Any]:
-        """Lifecycle and stability events, oldest first (`after_id` paging)."""
+        """Lifecycle and stability events, oldest first (`cursor` paging; `after_id` still starts a listing)."""
         job = service.get_job(current_owner_id(), job_id)
-        return events_service.list_events(job, args["after_id"], args["limit"])
+        return events_service.list_events(job, args["after_id"], args["cursor"], args["limit"])

@@ -9,6 +9,7 @@ from marshmallow.validate import Length, OneOf, Range, Regexp
 
 from app.models import JOB_STATUSES
 from app.schemas.common import CursorQuerySchema, QuerySchema
+from app.schemas.cursors import cursor_field
 from app.schemas.fields import DB_INT_MAX
 
 
@@ -80,11 +81,16 @@ class EventSchema(Schema):
 
 class EventPageSchema(Schema):
     items = fields.List(fields.Nested(EventSchema))
-    next_after_id = fields.Integer(allow_none=True)
+    next_cursor = fields.String(allow_none=True, metadata={
+        "description": "Cursor of the next page (pass it as `cursor`); null when this page is the last."})
+    next_after_id = fields.Integer(allow_none=True, metadata={
+        "description": "Id of the last event of this page when more may follow (the same place as next_cursor)."})
 
 
 class EventQuerySchema(QuerySchema):
-    after_id = fields.Integer(load_default=0, validate=Range(0, DB_INT_MAX))
+    after_id = fields.Integer(load_default=None, validate=Range(0, DB_INT_MAX), metadata={
+        "description": "Start with the first event after this id (default 0: from the start)."})
+    cursor = cursor_field("events", "after_id")
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))
 
 

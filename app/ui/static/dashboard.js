@@ -6,6 +6,9 @@
   const POLL_MS = 2000;
   const LIVE = new Set(["queued", "running", "cancelling"]);
   const $ = (id) => document.getElementById(id);
+  const SPIKES = new Set(["grad_norm_spike", "loss_spike"]);
+  const ACT_LABELS = { saturated_frac: "saturated fraction", dead_frac: "dead fraction" };
+  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
   // ---------------------------------------------------------------- key + API
   function takeKeyFromUrl() {
@@ -238,16 +241,90 @@
     const jobId = document.body.dataset.jobId;
     const base = "/v1/jobs/" + encodeURIComponent(jobId);
     const s = {
-      job: null, afterStep: 0, afterLayerStep: 0, afterEventId: 0, timer: null, loadedOnce: false,
-      x: [], loss: [], val: [], gn: [], gnc: [], lr: [], bad: [], clip: null, charts: {},
+      job: null, afterStep: 0, afterLayerStep: 0, afterActStep: 0, afterEventId: 0, timer: null, loadedOnce: false,
+      x: [], loss: [], val: [], gn: [], gnc: [], lr: [], bad: [], acts: [], actMetric: "saturated_frac",
+      actChosen: false, clip: null, charts: {},
     };
     const heatmap = new window.StHeatmap($("heatmap"), layerOrder);
-    window.stDashboard = { state: s, heatmap: heatmap, depthOrder: depthOrder, layerOrder: layerOrder };
+    const actHeatmap = new window.StHeatmap($("act-heatmap"), layerOrder, {
+      name: (r) => r.site, value: (r) => r[s.actMetric], log: false, range: [0, 1], label: ACT_LABELS[s.actMetric],
+      empty: "no activation statistics yet (monitoring.activation_stats)",
+    });
+    window.stDashboard = { state: s, heatmap: heatmap, actHeatmap: actHeatmap, depthOrder: depthOrder, layerOrder: layerOrder };
 
     function resetSeries() {
-      s.afterStep = 0; s.afterLayerStep = 0;
-      for (const k of ["x", "loss", "val", "gn", "gnc", "lr", "bad"]) s[k] = [];
+      s.afterStep = 0; s.afterLayerStep = 0; s.afterActStep = 0;
+      for (const k of ["x", "loss", "val", "gn", "gnc", "lr", "bad", "acts"]) s[k] = [];
       heatmap.reset();
+      actHeatmap.reset();
+    }
+
+    // ------------------------------------------------------------ activations
+    /* the rows of the shown statistic: a site that does not report it (e.g. attention for dead_frac) has null */
+    const reporting = (rows) => rows.filter((r) => r[s.actMetric] !== null && r[s.actMetric] !== undefined);
+
+    function addActivations(rows) {
+      s.acts.push(...rows);
+      if (!s.actChosen && s.acts.length) {  // a job without saturating sites opens on dead units
+        s.actChosen = true;
+        const has = (key) => s.acts.some((r) => r[key] !== null && r[key] !== undefined);
+        if (!has("saturated_frac") && has("dead_frac")) { setActMetric("dead_frac"); return; }
+      }
+      actHeatmap.add(reporting(rows));
+      updateSiteCharts();
+    }
+
+    function setActMetric(metric) {
+      s.actMetric = metric;
+      actHeatmap.opts.label = ACT_LABELS[metric];
+      $("act-" + (metric === "dead_frac" ? "dead" : "saturated")).checked = true;
+      $("act-heatmap").dataset.metric = metric;
+      actHeatmap.reset();
+      actHeatmap.add(reporting(s.acts));
+      updateSiteCharts();
+    }
+    for (const input of document.querySelectorAll("input[name=act-metric]")) {
+      input.addEventListener("change", () => { if (input.checked) setActMetric(input.value); });
+    }
+    $("act-heatmap").dataset.metric = s.actMetric;
+
+    /* one line per site of `kind` (depth order) over the steps: [x, ...values]; only sites with a value */
+    function siteSeries(kind, key, positive) {
+      const rows = s.acts.filter((r) => r.kind === kind && typeof r[key] === "number" && isFinite(r[key]) &&
+        (!positive || r[key] > 0));
+      const pos = new Map(rows.map((r) => [r.site, r.position]));
+      const sites = Array.from(pos.keys()).sort((a, b) => (pos.get(a) - pos.get(b)) || (a < b ? -1 : 1));
+      const x = Array.from(new Set(rows.map((r) => r.step))).sort((a, b) => a - b);
+      const col = new Map(x.map((v, i) => [v, i])), line = new Map(sites.map((n, i) => [n, i]));
+      const ys = sites.map(() => x.map(() => null));
+      for (const r of rows) ys[line.get(r.site)][col.get(r.step)] = r[key];
+      return { sites: sites, data: [x].concat(ys) };
+    }
+
+    function siteChart(name, panelId, chartId, kind, key, log, yLabel) {
+      const { sites, data } = siteSeries(kind, key, log);
+      const box = $(chartId);
+      box.dataset.points = String(data[0].length);
+      box.dataset.series = String(sites.length);
+      $(panelId).hidden = !sites.length;
+      let chart = s.charts[name];
+      const same = chart && chart.series.length - 1 === sites.length &&
+        sites.every((n, i) => chart.series[i + 1].label === n);
+      if (same) { chart.setData(data); return; }
+      if (chart) { chart.destroy(); delete s.charts[name]; }
+      if (!sites.length) return;
+      s.charts[name] = new window.uPlot({
+        width: chartWidth(chartId), height: 260, scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {} },
+        series: [{ label: "step" }].concat(sites.map((n, i) => ({
+          label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true, value: (u, v) => num(v, 3) }))),
+        axes: [{ label: "step" }, { label: yLabel, size: 70, values: (u, vals) => vals.map((v) => num(v, 2)) }],
+        cursor: { drag: { x: true, y: false } }, legend: { live: true },
+      }, data, box);
+    }
+
+    function updateSiteCharts() {
+      siteChart("gradTime", "grad-time-panel", "chart-grad-time", "recurrent", "grad_time_ratio", true, "ratio (log)");
+      siteChart("attn", "attn-panel", "chart-attn", "attention", "attn_max_logit", false, "max logit");
     }
 
     const positive = (v) => (typeof v === "number" && v > 0 ? v : null);
@@ -392,13 +469,25 @@
       box.dataset.findings = String(findings.length);
     }
 
+    /* a spike event's batch rows with the highest loss (data.attribution.top): where in the data it came from */
+    function attribution(e) {
+      const a = e.data && e.data.attribution;
+      const top = a && Array.isArray(a.top) ? a.top : [];
+      if (!SPIKES.has(e.kind) || !top.length) return null;
+      return el("table", { class: "table small attribution" },
+        el("thead", {}, el("tr", {}, el("th", { text: "offset" }), el("th", { text: "loss" }), el("th", { text: "excerpt" }))),
+        el("tbody", {}, ...top.slice(0, 10).map((t) => el("tr", { class: "attr-row" },
+          el("td", { class: "mono", text: String(t.offset) }), el("td", { text: num(t.loss) }),
+          el("td", { class: "excerpt", text: t.excerpt === undefined || t.excerpt === null ? "" : String(t.excerpt) })))));
+    }
+
     function renderEvents(items) {
       const tbody = $("events-body");
       for (const e of items) {
         tbody.prepend(el("tr", { "data-kind": e.kind },
           el("td", { text: e.step === null ? "–" : String(e.step) }),
           el("td", {}, el("code", { text: e.kind })),
-          el("td", { text: e.message }),
+          el("td", {}, e.message, attribution(e)),
           el("td", { class: "muted", text: when(e.created_at) })));
       }
       while (tbody.children.length > 500) tbody.lastChild.remove();  // newest 500 on the page
@@ -420,14 +509,17 @@
       }));
     }
 
+    /* every row after `param`=start: the first page from there, the next ones from each page's next_cursor
+       (the full key of its last row, so a page ending inside a step loses nothing). A step's rows are written
+       in one transaction, so the next poll can start after the last step seen. */
     async function pageAll(path, param, start, limit) {
       const items = [];
-      let after = start;
+      let query = param + "=" + start;
       for (let i = 0; i < 400; i++) {
-        const { data } = await api(base + path + "?" + param + "=" + after + "&limit=" + limit);
+        const { data } = await api(base + path + "?" + query + "&limit=" + limit);
         items.push(...data.items);
-        if (data.next_after_step === null || data.next_after_step === undefined) break;
-        after = data.next_after_step;
+        if (!data.next_cursor) break;
+        query = "cursor=" + encodeURIComponent(data.next_cursor);
       }
       return items;
     }
@@ -436,18 +528,19 @@
       const { data: job } = await api(base);
       renderJob(job);
       // events first: a rollback rewrites steps already shown, so the series are reloaded
-      for (let i = 0; i < 20; i++) {
-        const { data: ev } = await api(base + "/events?after_id=" + s.afterEventId + "&limit=1000");
-        if (!ev.items.length) break;
-        if (s.loadedOnce && ev.items.some((e) => e.kind === "rollback")) resetSeries();
-        s.afterEventId = ev.items[ev.items.length - 1].id;
-        renderEvents(ev.items);
-        if (ev.next_after_id === null || ev.next_after_id === undefined) break;
+      const events = await pageAll("/events", "after_id", s.afterEventId, 1000);
+      if (events.length) {
+        if (s.loadedOnce && events.some((e) => e.kind === "rollback")) resetSeries();
+        s.afterEventId = events[events.length - 1].id;
+        renderEvents(events);
       }
       const steps = await pageAll("/metrics", "after_step", s.afterStep, 5000);
       if (steps.length) { addSteps(steps); s.afterStep = steps[steps.length - 1].step; }
       const layers = await pageAll("/metrics/layers", "after_step", s.afterLayerStep, 5000);
       if (layers.length) { heatmap.add(layers); s.afterLayerStep = layers[layers.length - 1].step; }
+      const acts = await pageAll("/metrics/activations", "after_step", s.afterActStep, 5000);
+      if (acts.length) { addActivations(acts); s.afterActStep = acts[acts.length - 1].step; }
+      else if (!s.loadedOnce) actHeatmap.add([]);
       updateCharts();
       const [{ data: diag }, { data: ckpts }] = await Promise.all([api(base + "/diagnosis"), api(base + "/checkpoints")]);
       renderDiagnosis(diag);

@@ -1,4 +1,5 @@
-/* Per-layer gradient-norm heatmap on a plain <canvas>.
+/* Depth x step heatmap on a plain <canvas>: per-layer gradient norm (log scale) and per-site activation
+ * fractions (saturated or dead units, linear 0..1), one class for both (options).
  *
  * Hand-written on purpose: uPlot draws x/y series, not matrices, and a heatmap is only a grid of
  * filled rectangles plus a colour bar, so a library for it would add more weight than code.
@@ -36,12 +37,28 @@
     return v === 0 ? "0" : Number(v).toExponential(2);
   }
 
+  const DEFAULTS = {
+    name: (r) => r.layer,          // row label of a record
+    value: (r) => r.grad_norm,     // cell value (null/NaN/inf = non-finite, shown red)
+    log: true,                     // log10 colour scale over the data's decades, else linear over `range`
+    range: [0, 1],
+    label: "grad norm",            // tooltip
+    empty: "no layer statistics yet (monitoring.layer_stats_every)",
+  };
+
+  function fmtLinear(v) {
+    if (v === null || v === undefined) return "NaN/inf";
+    return Number(v).toFixed(3);
+  }
+
   class Heatmap {
     /* container: element to fill; order: function(names, positions) -> names in depth order, where
-       positions maps a name to its recorded depth index (absent for rows recorded before positions) */
-    constructor(container, order) {
+       positions maps a name to its recorded depth index (absent for rows recorded before positions);
+       options: see DEFAULTS */
+    constructor(container, order, options) {
       this.container = container;
       this.order = order;
+      this.opts = Object.assign({}, DEFAULTS, options || {});
       this.canvas = document.createElement("canvas");
       this.tip = document.createElement("div");
       this.tip.className = "tip";
@@ -64,16 +81,17 @@
 
     reset() { this.steps = []; this.layers = []; this.positions.clear(); this.values.clear(); }
 
-    /* rows: [{step, layer, position, grad_norm}] from GET /v1/jobs/{id}/metrics/layers */
+    /* rows: [{step, position, ...}] (e.g. GET /v1/jobs/{id}/metrics/layers), named and valued by the options */
     add(rows) {
-      if (!rows.length) return;
+      if (!rows.length) { this.draw(); return; }
       const names = new Set(this.layers), steps = new Set(this.steps);
       for (const r of rows) {
-        names.add(r.layer);
-        if (Number.isInteger(r.position)) this.positions.set(r.layer, r.position);
+        const name = this.opts.name(r);
+        names.add(name);
+        if (Number.isInteger(r.position)) this.positions.set(name, r.position);
         steps.add(r.step);
-        const g = r.grad_norm;
-        this.values.set(r.step + "|" + r.layer, (typeof g === "number" && isFinite(g)) ? g : null);
+        const g = this.opts.value(r);
+        this.values.set(r.step + "|" + name, (typeof g === "number" && isFinite(g)) ? g : null);
       }
       this.layers = this.order(Array.from(names), this.positions);
       this.steps = Array.from(steps).sort((a, b) => a - b);
@@ -96,7 +114,7 @@
       ctx.font = "11px system-ui, sans-serif";
       if (!rows || !this.steps.length) {
         ctx.fillStyle = "#6b7280";
-        ctx.fillText("no layer statistics yet (monitoring.layer_stats_every)", 10, 34);
+        ctx.fillText(this.opts.empty, 10, 34);
         this.expose(0, 0, 0, 0);
         this.layout = null;
         return;
@@ -112,14 +130,19 @@
       const nCols = Math.ceil(nSteps / per);
       const colW = plotW / nCols;
 
-      // value range in whole decades
+      // value range: whole decades of the data (log), or the fixed range (linear)
+      const log = this.opts.log;
       let lo = Infinity, hi = -Infinity;
-      for (const v of this.values.values()) {
-        if (v !== null && v > 0) { const l = Math.log10(v); if (l < lo) lo = l; if (l > hi) hi = l; }
+      if (log) {
+        for (const v of this.values.values()) {
+          if (v !== null && v > 0) { const l = Math.log10(v); if (l < lo) lo = l; if (l > hi) hi = l; }
+        }
+        if (!isFinite(lo)) { lo = -1; hi = 1; }
+        lo = Math.floor(lo); hi = Math.ceil(hi);
+        if (hi - lo < 1) hi = lo + 1;
+      } else {
+        [lo, hi] = this.opts.range;
       }
-      if (!isFinite(lo)) { lo = -1; hi = 1; }
-      lo = Math.floor(lo); hi = Math.ceil(hi);
-      if (hi - lo < 1) hi = lo + 1;
 
       let cells = 0, bad = 0;
       for (let r = 0; r < rows; r++) {
@@ -132,7 +155,7 @@
             if (!this.values.has(key)) continue;
             const v = this.values.get(key);
             if (v === null) { isBad = true; continue; }
-            const l = v > 0 ? Math.log10(v) : lo;
+            const l = log ? (v > 0 ? Math.log10(v) : lo) : v;
             if (best === undefined || l > best) best = l;
           }
           const x = left + col * colW;
@@ -168,9 +191,17 @@
       ctx.textAlign = "left";
       ctx.textBaseline = "middle";
       ctx.fillStyle = "#374151";
-      const decades = hi - lo, every = Math.max(1, Math.ceil(decades / Math.max(1, Math.floor(barH / 14))));
-      for (let d = lo; d <= hi; d += every) {
-        ctx.fillText("1e" + d, barX + barW + 4, barTop + (1 - (d - lo) / decades) * (barH - 1));
+      if (log) {
+        const decades = hi - lo, every = Math.max(1, Math.ceil(decades / Math.max(1, Math.floor(barH / 14))));
+        for (let d = lo; d <= hi; d += every) {
+          ctx.fillText("1e" + d, barX + barW + 4, barTop + (1 - (d - lo) / decades) * (barH - 1));
+        }
+      } else {
+        const parts = barH >= 80 ? 4 : barH >= 36 ? 2 : 1;  // labels at least ~18 px apart
+        for (let i = 0; i <= parts; i++) {
+          const v = lo + (hi - lo) * i / parts;
+          ctx.fillText(String(Number(v.toPrecision(3))), barX + barW + 4, barTop + (1 - i / parts) * (barH - 1));
+        }
       }
       const swY = barTop + barH + 8;
       ctx.fillStyle = BAD; ctx.fillRect(barX, swY, barW, 10);
@@ -207,8 +238,10 @@
       const name = this.layers[row];
       const step = this.steps[Math.min(this.steps.length - 1, col * L.per)];
       const key = step + "|" + name;
-      const value = this.values.has(key) ? fmtSci(this.values.get(key)) : "no data";
-      this.tip.textContent = name + " · step " + step + (L.per > 1 ? " (+" + (L.per - 1) + ")" : "") + " · grad norm " + value;
+      const fmt = this.opts.log ? fmtSci : fmtLinear;
+      const value = this.values.has(key) ? fmt(this.values.get(key)) : "no data";
+      this.tip.textContent = name + " · step " + step + (L.per > 1 ? " (+" + (L.per - 1) + ")" : "") + " · " +
+        this.opts.label + " " + value;
       this.tip.hidden = false;
       this.tip.style.left = Math.min(x + 12, rect.width - 260) + "px";
       this.tip.style.top = (y + 12) + "px";
