@@ -17,7 +17,7 @@ from app.models import LIVE_STATUSES, Job
 from app.schemas.spec import JobSpecSchema
 from app.services import jobs as jobs_service
 from app.services.events import diagnosis_view
-from worker.engine.config import inapplicable_fields
+from worker.engine.config import JobSpec, SpecError, parse_spec, spec_to_dict
 
 APPLY_ALL = "recommendations"
 
@@ -96,18 +96,42 @@ def patched_spec(spec: dict[str, Any], changes: list[Change]) -> dict[str, Any]:
     return out
 
 
+# A patch can leave a field the user never touched invalid (init_std once init is no longer normal,
+# a relu activation once arch becomes lstm); at most this many such fields go back to their defaults.
+MAX_RESETS = 16
+
+
 def resets_for(spec: dict[str, Any], changes: list[Change]) -> list[Change]:
-    """Fields the changes made meaningless (init_std once init is no longer normal) go back to their
-    defaults, credited to the change that switched their control; a field the patch set itself is
-    left as it is, so a contradictory override still answers 422."""
-    patched = {c["field"] for c in changes}
-    resets = []
-    for path, control, default in inapplicable_fields(spec):
-        if path in patched:
-            continue
-        cause = next((c for c in changes if _inside(control, c["field"])), None)
-        resets.append({"field": path, "value": default, "from_finding": cause and cause["from_finding"]})
+    """Fields the changes made invalid go back to their defaults, credited to the change that
+    made the switch (the one on the field the engine's message names, else the first); a field the
+    patch set itself is left as it is, so a contradictory override still answers 422."""
+    patched = [c["field"] for c in changes]
+    defaults = spec_to_dict(JobSpec())
+    resets: list[Change] = []
+    for _ in range(MAX_RESETS):
+        try:
+            parse_spec(patched_spec(spec, resets))
+            return resets
+        except SpecError as exc:
+            path = exc.path
+            default = _lookup(defaults, path)
+            if default is _MISSING or any(_overlaps(path, field) for field in patched + [r["field"] for r in resets]):
+                return resets  # the user's own value, or no default: validated_spec names it with a 422
+            cause = next((c for c in changes if c["field"] in exc.message), changes[0] if changes else None)
+            resets.append({"field": path, "value": default, "from_finding": cause and cause["from_finding"]})
     return resets
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    node = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 def validated_spec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,11 @@ def test_client_retry_applies_and_reports(app: Flask, api_url: str, api_key: str
                          idempotency_key="r1")
     assert child["parent_id"] == parent["id"] and child["status"] == "queued"
     assert child["spec"]["model"]["activation"] == "relu" and child["spec"]["training"]["max_steps"] == 20
-    assert client.retry(parent["id"], apply=["vanishing"], idempotency_key="r1")["id"] == child["id"]
+    replay = client.retry(parent["id"], apply=["vanishing"], overrides={"training.max_steps": 20}, idempotency_key="r1")
+    assert replay["id"] == child["id"]
+    with pytest.raises(ApiError) as mismatch:  # the same key with another body is not a replay
+        client.retry(parent["id"], apply=["vanishing"], idempotency_key="r1")
+    assert mismatch.value.status == 422 and mismatch.value.code == "idempotency_mismatch"
     assert client.job(parent["id"])["children"] == [child["id"]]
     with pytest.raises(ApiError) as err:
         client.retry(parent["id"], apply=["exploding"])
