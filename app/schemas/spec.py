@@ -19,9 +19,9 @@ import typing
 from typing import Any, Literal
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load
-from marshmallow.validate import Length, OneOf, Range
+from marshmallow.validate import Length, OneOf, Range, Regexp
 
-from app.schemas.fields import StrictBoolean, StrictFloat, StrictInteger
+from app.schemas.fields import INT64_MAX, StrictBoolean, StrictFloat, StrictInteger
 from worker.engine import config as engine
 
 
@@ -83,16 +83,22 @@ def _field(hint: Any, path: str, **kwargs: Any) -> fields.Field:
     if hint is bool:
         return StrictBoolean(**kwargs)
     if hint is int:
-        return StrictInteger(validate=validate, **kwargs)
+        # Without an upper bound of its own, an integer still stops where the server's integers do.
+        capped = validate if validate is not None and validate.max is not None else Range(
+            min=validate.min if validate else None, max=INT64_MAX,
+            min_inclusive=validate.min_inclusive if validate else True)
+        return StrictInteger(validate=capped, **kwargs)
     if hint is float:
         return StrictFloat(validate=validate, allow_inf=path in engine.INFINITE_OK, **kwargs)
     return fields.String(**kwargs)
 
 
+DATASET_ID_PATTERN = r"^ds_[0-9a-f]{24}$"
 # Where the API is stricter than the engine (a submitted job must name its dataset; the CLI may not),
 # and what the types alone do not say.
 _API_FIELDS: dict[str, dict[str, Any]] = {
-    "dataset_id": {"required": True, "allow_none": False},
+    "dataset_id": {"required": True, "allow_none": False,
+                   "validate": Regexp(DATASET_ID_PATTERN, error="is not a dataset id this server made (ds_ and 24 hex digits)")},
     "name": {"validate": Length(min=1, max=engine.NAME_MAX_CHARS)},
     "model.hidden": {"metadata": {"description": "null: 4 * d_model for transformer (the FFN width), 128 otherwise"}},
     "model.residual": {"metadata": {"description": "null: true for transformer, false otherwise"}},

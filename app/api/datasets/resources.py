@@ -22,11 +22,12 @@ UPLOAD_DOC = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"}},
+                    "properties": {"file": {"type": "string", "format": "binary", "minLength": 1},
+                                   "name": {"type": "string"}},
                     "required": ["file"],
                 }
             },
-            "text/plain": {"schema": {"type": "string"}},
+            "text/plain": {"schema": {"type": "string", "minLength": 1}},
         },
     }
 }

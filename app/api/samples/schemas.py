@@ -6,7 +6,7 @@ from marshmallow import RAISE, Schema, fields
 from marshmallow.validate import Length, Range
 
 from app.schemas.common import QuerySchema
-from app.schemas.fields import DB_INT_MAX, StrictFloat, StrictInteger
+from app.schemas.fields import DB_INT_MAX, INT64_MAX, StrictFloat, StrictInteger
 
 
 class SampleRequestSchema(Schema):
@@ -16,7 +16,7 @@ class SampleRequestSchema(Schema):
     prompt = fields.String(required=True, validate=Length(max=100_000))
     max_new_tokens = StrictInteger(load_default=200, validate=Range(1, 2000))
     temperature = StrictFloat(load_default=1.0, validate=Range(0, 5))
-    top_k = StrictInteger(load_default=None, allow_none=True, validate=Range(min=1))
+    top_k = StrictInteger(load_default=None, allow_none=True, validate=Range(min=1, max=INT64_MAX))
     seed = StrictInteger(load_default=0, validate=Range(0, 2**63 - 1))
     step = StrictInteger(load_default=None, allow_none=True, validate=Range(0, DB_INT_MAX))
 
