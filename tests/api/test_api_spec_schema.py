@@ -11,6 +11,7 @@ from typing import Any
 from flask.testing import FlaskClient
 from marshmallow import Schema, fields
 
+from app.schemas.fields import INT64_MAX
 from app.schemas.spec import JobSpecSchema, spec_to_json
 from tests.engine.refused_specs import refused_cases
 from worker.engine import config
@@ -38,15 +39,15 @@ def test_same_fields_as_engine() -> None:
 
 
 def test_same_defaults_as_engine() -> None:
-    loaded = JobSpecSchema().load({"dataset_id": "ds_x"})
-    engine = config.spec_to_dict(config.parse_spec({"dataset_id": "ds_x"}))
+    loaded = JobSpecSchema().load({"dataset_id": "ds_0123456789abcdef01234567"})
+    engine = config.spec_to_dict(config.parse_spec({"dataset_id": "ds_0123456789abcdef01234567"}))
     assert spec_to_json(loaded) == engine
 
 
 def test_loaded_spec_is_the_engines_resolution() -> None:
-    loaded = JobSpecSchema().load({"dataset_id": "ds_x", "model": {"arch": "transformer", "d_model": 48}})
+    loaded = JobSpecSchema().load({"dataset_id": "ds_0123456789abcdef01234567", "model": {"arch": "transformer", "d_model": 48}})
     assert loaded["model"]["hidden"] == 192 and loaded["model"]["residual"] is True
-    loaded = JobSpecSchema().load({"dataset_id": "ds_x", "model": {"arch": "gru", "hidden": None}})
+    loaded = JobSpecSchema().load({"dataset_id": "ds_0123456789abcdef01234567", "model": {"arch": "gru", "hidden": None}})
     assert loaded["model"]["hidden"] == 128 and loaded["model"]["residual"] is False
 
 
@@ -90,10 +91,13 @@ def test_openapi_states_every_bound_the_server_enforces(client: FlaskClient) -> 
         prop = _property(doc, path)
         if prop.get("type") == "array":
             prop = prop["items"]
-        assert prop.get("minimum") == bound.lo and prop.get("maximum") == bound.hi, path
+        # an integer with no upper bound of its own stops where the server's integers do
+        hi = INT64_MAX if bound.hi is None and prop["type"] == "integer" else bound.hi
+        assert prop.get("minimum") == bound.lo and prop.get("maximum") == hi, path
         assert prop.get("exclusiveMinimum", False) == bound.lo_open, path
         assert prop.get("exclusiveMaximum", False) == bound.hi_open, path
     assert _property(doc, "stabilization.weight_max_norm")["exclusiveMinimum"] is True
+    assert _property(doc, "dataset_id")["pattern"] == "^ds_[0-9a-f]{24}$"
     assert _property(doc, "model.activation")["enum"] == list(config.ACTIVATIONS)
     hidden = _property(doc, "model.hidden")
     assert hidden["nullable"] is True and hidden["default"] is None
