@@ -17,6 +17,7 @@ RUN pip install -r requirements.txt
 COPY pyproject.toml ./
 COPY app ./app
 COPY worker ./worker
+COPY stabletrain_export ./stabletrain_export
 COPY migrations ./migrations
 COPY gunicorn.conf.py ./
 RUN pip install --no-deps -e . \

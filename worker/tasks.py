@@ -8,6 +8,7 @@ from flask import current_app
 from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
+from worker.exports import run_export
 from worker.logs import log_context
 from worker.service import SHUTDOWN, run_sample, run_train_job
 from worker.settings import load_settings
@@ -33,3 +34,12 @@ def sample(sample_id: str) -> str:
         raise Reject("worker shutting down", requeue=True)
     with log_context(sample_id=sample_id):
         return run_sample(db.engine, sample_id, load_settings(current_app.config))
+
+
+@shared_task(name="stabletrain.export", ignore_result=True)
+def export(job_id: str, step: int, sha256: str, fmt: str) -> str:
+    """Write one checkpoint's export (hf archive or weights-only safetensors) into storage."""
+    if SHUTDOWN.is_set():
+        raise Reject("worker shutting down", requeue=True)
+    with log_context(job_id=job_id):
+        return run_export(load_settings(current_app.config).storage_dir, job_id, int(step), sha256, fmt)
