@@ -132,3 +132,22 @@ def test_bad_format_and_missing_checkpoint(app: Flask, client: FlaskClient, auth
     (Path(app.config["STORAGE_DIR"]) / "checkpoints" / gpt2_job["id"] / "step_10.pt").unlink()
     assert client.get(_url(gpt2_job, 10), headers=auth).status_code == 404
     assert _export_messages(app) == []
+
+
+def test_weights_only_export_of_any_arch(app: Flask, client: FlaskClient, auth: dict[str, str], submit: Any,
+                                         dataset: dict[str, Any], tmp_path: Path) -> None:
+    raw = {**GPT2_SPEC, "model": {"arch": "lstm", "n_layers": 1, "d_model": 16, "hidden": 16}}
+    job = submit(auth, dataset["id"], model=raw["model"], training={"max_steps": 10, "seq_len": 48}).json
+    model, _ = _stored_checkpoint(app, job, 10, raw)
+    assert client.get(_url(job, 10, "&format=safetensors"), headers=auth).status_code == 202
+    [args] = _export_messages(app)
+    assert args[3] == "safetensors"
+    assert run_export(Path(app.config["STORAGE_DIR"]), *args) == "written"
+    response = client.get(_url(job, 10, "&format=safetensors"), headers=auth)
+    assert response.status_code == 200 and response.mimetype == "application/octet-stream"
+    (tmp_path / "w.safetensors").write_bytes(response.data)
+    response.close()
+    from stabletrain_export.weights import read_engine_state
+
+    state = read_engine_state(tmp_path / "w.safetensors")
+    assert state["spec"]["model"]["arch"] == "lstm" and set(state["model"]) == set(model.state_dict())
