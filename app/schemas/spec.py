@@ -87,7 +87,8 @@ class ModelSchema(StrictSchema):
 
 
 class TokenizerSchema(StrictSchema):
-    kind = _choice("byte", ("byte", "char"))
+    kind = _choice("byte", ("byte", "char", "bpe"))
+    vocab_size = _int(1024, 257, 65536)
 
 
 class TrainingSchema(StrictSchema):

@@ -61,7 +61,9 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["byte", "char"] = "byte"
+    kind: Literal["byte", "char", "bpe"] = "byte"
+    # bpe only: the most ids a byte-level BPE trained on the dataset may have (256 bytes + merges)
+    vocab_size: int = 1024
 
 
 @dataclass
@@ -155,6 +157,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.init_std": (lambda v: 0 < v <= 10, "must be in (0, 10]"),
     "model.init_gain": (lambda v: 0 < v <= 100, "must be in (0, 100]"),
     "model.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "tokenizer.vocab_size": (lambda v: 257 <= v <= 65536, "must be between 257 and 65536"),
     "training.max_steps": (lambda v: 1 <= v <= 10_000_000, "must be between 1 and 10000000"),
     "training.batch_size": (lambda v: 1 <= v <= 4096, "must be between 1 and 4096"),
     "training.seq_len": (lambda v: 2 <= v <= 8192, "must be between 2 and 8192"),
