@@ -151,3 +151,14 @@ def test_weights_only_export_of_any_arch(app: Flask, client: FlaskClient, auth: 
 
     state = read_engine_state(tmp_path / "w.safetensors")
     assert state["spec"]["model"]["arch"] == "lstm" and set(state["model"]) == set(model.state_dict())
+
+
+@pytest.mark.app_config(MAX_PARAMS=300_000)
+def test_bpe_vocabulary_counts_toward_the_parameter_limit(client: FlaskClient, auth: dict[str, str],
+                                                           submit: Any, dataset: dict[str, Any]) -> None:
+    model = {**GPT2_SPEC["model"], "n_layers": 1, "d_model": 64}
+    assert submit(auth, dataset["id"], model=model, tokenizer={"kind": "bpe", "vocab_size": 512}).status_code == 202
+    refused = submit(auth, dataset["id"], model=model, tokenizer={"kind": "bpe", "vocab_size": 4096})
+    assert refused.status_code == 422 and "model" in refused.json["error"]["details"]
+    bad = submit(auth, dataset["id"], model=model, tokenizer={"kind": "bpe", "vocab_size": 70000})
+    assert bad.status_code == 422 and "tokenizer.vocab_size" in bad.json["error"]["details"]
