@@ -137,7 +137,10 @@ def write_hf_archive(src: Path, archive: Path) -> Path:
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".hf-", dir=archive.parent) as tmp, atomic_path(archive) as part:
         folder = write_hf_dir(src, Path(tmp) / "model")
-        with tarfile.open(part, "w:gz") as tar:
+        # Stored, not deflated: float weights shrink by ~7% at level 1, which took 3.5 s of the
+        # 3.6 s export of a 10M-parameter model (bench/export_speed.py); level 0 keeps the .tar.gz
+        # format every tool opens at the cost of a copy.
+        with tarfile.open(part, "w:gz", compresslevel=0) as tar:
             for name in HF_FILES:
                 tar.add(folder / name, arcname=name)
     return archive
