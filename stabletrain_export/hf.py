@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from stabletrain_export.rules import hf_export_blocker
 from stabletrain_export.weights import ExportError, atomic_path, model_tensors, read_engine_state
@@ -98,10 +98,28 @@ def _byte_level_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
+def char_tokenizer_json(chars: list[str]) -> str:
+    """tokenizer.json equal to the engine's char tokenizer: id i is chars[i], the next id is unknown.
+
+    Every character is its own pre-token ("(?m)." in Oniguruma: any character, newlines included),
+    looked up in a word-level vocabulary; the decoder joins them without separators. The unknown
+    token is named "<unk>" (no single character can clash with it, U+FFFD included) and decodes
+    to U+FFFD, as in the engine.
+    """
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab["<unk>"] = len(chars)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("<unk>", "\ufffd"), decoders.Fuse()])
+    return tok.to_str()
+
+
 def tokenizer_json(state: dict[str, Any]) -> str:
-    """tokenizer.json for an engine tokenizer state (byte, or bpe: its own saved JSON)."""
+    """tokenizer.json for an engine tokenizer state (byte, char, or bpe: its own saved JSON)."""
     if state.get("kind") == "byte":
         return byte_tokenizer_json()
+    if state.get("kind") == "char":
+        return char_tokenizer_json(list(state["chars"]))
     if state.get("kind") == "bpe":
         return state["json"]
     raise ExportError(f"tokenizer.kind: {state.get('kind')!r} has no Hugging Face tokenizer export")

@@ -17,7 +17,7 @@ PENDING_SUFFIX, ERROR_SUFFIX = ".pending", ".error"
 # The engine's activation modules with the same function under the same name in transformers'
 # ACT2FN ("gelu" there is the exact erf form, like torch.nn.GELU(); ACT2FN has no "elu").
 HF_ACTIVATIONS = ("gelu", "relu", "leaky_relu", "sigmoid", "silu", "tanh")
-HF_TOKENIZERS = ("byte", "bpe")
+HF_TOKENIZERS = ("byte", "char", "bpe")
 
 # Model fields that change training (initialisation, regularisation) or are read from the
 # weights (widths, depth, tying), never the function GPT-2 computes.

@@ -16,7 +16,7 @@ from stabletrain_export.weights import ExportError
 from tests.engine.spec_helpers import merge
 from tests.export_helpers import GPT2_SPEC, assert_hf_matches, write_checkpoint
 from worker.engine.config import parse_spec, spec_to_dict
-from worker.engine.tokenizers import ByteTokenizer
+from worker.engine.tokenizers import ByteTokenizer, CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Hello, 你好 — ok"
@@ -43,7 +43,6 @@ UNMAPPABLE = {
     "no-residual": ({"model": {"residual": False}}, "model.residual"),
     "qk-norm": ({"model": {"qk_norm": True}}, "model.qk_norm"),
     "elu": ({"model": {"activation": "elu"}}, "model.activation"),
-    "char-tokenizer": ({"tokenizer": {"kind": "char"}}, "tokenizer.kind"),
 }
 
 
@@ -64,11 +63,16 @@ def test_unmappable_specs_name_their_field(tmp_path: Path, over: dict[str, Any],
     raw = merge(GPT2_SPEC, over)
     blocker = hf_export_blocker(spec_to_dict(parse_spec(raw)))
     assert blocker is not None and blocker[0] == field
-    if field != "tokenizer.kind":  # (a char checkpoint needs a fitted tokenizer; the blocker is the check)
-        write_checkpoint(tmp_path / "c.pt", raw)
-        with pytest.raises(ExportError, match=field.replace(".", r"\.")):
-            write_hf_dir(tmp_path / "c.pt", tmp_path / "hf")
-        assert not (tmp_path / "hf").exists()
+    write_checkpoint(tmp_path / "c.pt", raw)
+    with pytest.raises(ExportError, match=field.replace(".", r"\.")):
+        write_hf_dir(tmp_path / "c.pt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_unknown_tokenizer_kind_blocks() -> None:
+    raw = spec_to_dict(parse_spec(GPT2_SPEC))
+    raw["tokenizer"]["kind"] = "sentencepiece"
+    assert hf_export_blocker(raw)[0] == "tokenizer.kind"
 
 
 def test_an_unknown_model_option_blocks_until_judged() -> None:
@@ -76,6 +80,15 @@ def test_an_unknown_model_option_blocks_until_judged() -> None:
     assert hf_export_blocker(raw) is None
     raw["model"]["parallel_blocks"] = True
     assert hf_export_blocker(raw) == ("model.parallel_blocks", "not known to the GPT-2 export")
+
+
+@pytest.mark.parametrize("corpus_text", ["hello world\n中文 ok\r\n\t", "has \ufffd in it"], ids=["plain", "fffd"])
+def test_char_tokenizer_round_trip(tmp_path: Path, corpus_text: str) -> None:
+    tokenizer = CharTokenizer.from_text(corpus_text)
+    raw = merge(GPT2_SPEC, {"tokenizer": {"kind": "char"}})
+    model, _ = write_checkpoint(tmp_path / "c.pt", raw, tokenizer=tokenizer)
+    folder = write_hf_dir(tmp_path / "c.pt", tmp_path / "hf")
+    assert_hf_matches(folder, model, tokenizer, "hello 中 wxrld\n🙂", new_tokens=12)  # x and 🙂: unknown
 
 
 def test_byte_tokenizer_is_byte_exact_in_transformers(tmp_path: Path) -> None:
