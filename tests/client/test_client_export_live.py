@@ -20,6 +20,7 @@ GPT2_TINY: dict[str, Any] = {
     "name": "client-tiny-gpt2",
     "model": {"arch": "transformer", "n_layers": 1, "d_model": 32, "n_heads": 4, "activation": "gelu",
               "norm": "layernorm", "tie_embeddings": True},
+    "tokenizer": {"kind": "bpe", "vocab_size": 400},
     "training": {"max_steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 100},
     "checkpointing": {"every_steps": 100},
 }
@@ -36,6 +37,13 @@ def _train(live: Live, tmp: Path, spec: dict[str, Any]) -> str:
 
 def test_download_hf_and_safetensors(live: Live, tmp_path: Path) -> None:
     job_id = _train(live, tmp_path, GPT2_TINY)
+    cache = live.stack.root / "storage" / "tokenizers"
+    [cached] = cache.glob("bpe-*-400-*.json")
+    stamp = cached.stat().st_mtime_ns
+    # a second job of the same dataset and settings reads the stored tokenizer
+    _train(live, tmp_path, {**GPT2_TINY, "name": "client-tiny-gpt2-again", "training": {
+        **GPT2_TINY["training"], "max_steps": 2}})
+    assert list(cache.glob("bpe-*.json")) == [cached] and cached.stat().st_mtime_ns == stamp
     res = live.cli("download", job_id, "-o", str(tmp_path / "ckpt.pt"))
     assert res.rc == 0, res
     res = live.cli("download", job_id, "--format", "hf", "-o", str(tmp_path))
@@ -44,6 +52,7 @@ def test_download_hf_and_safetensors(live: Live, tmp_path: Path) -> None:
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path / "hf", filter="data")
     _, model, tokenizer = load_model_file(tmp_path / "ckpt.pt")
+    assert tokenizer.kind == "bpe" and tokenizer.state_dict()["json"] == cached.read_text()
     assert_hf_matches(tmp_path / "hf", model, tokenizer, "The ", new_tokens=16)
 
     res = live.cli("--json", "download", job_id, "--format", "safetensors", "-o", str(tmp_path / "w.safetensors"))
