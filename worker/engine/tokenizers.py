@@ -207,5 +207,7 @@ def tokenizer_from_state(state: dict[str, Any]) -> AnyTokenizer:
     if kind == "char":
         return CharTokenizer(list(state["chars"]))
     if kind == "bpe":
+        if not isinstance(state.get("json"), str):
+            raise ValueError("a bpe tokenizer state needs its tokenizer.json text under 'json'")
         return BpeTokenizer(state["json"])
     raise ValueError(f"unknown tokenizer kind {kind!r}")
