@@ -59,13 +59,11 @@ def _read_weights(path: Path) -> dict[str, Any]:
             meta = fh.metadata() or {}
             if meta.get("stabletrain_format") != WEIGHTS_FORMAT:
                 raise ExportError(f"{path.name} is not a StableTrain weights file")
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (no iterator)
         return {"spec": json.loads(meta["spec"]), "tokenizer": json.loads(meta["tokenizer"]), "model": tensors}
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ExportError(f"cannot read {path.name}: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own SafetensorError for a damaged header
-        if isinstance(exc, ExportError):
-            raise
+    except ExportError:
+        raise
+    except Exception as exc:  # OSError, bad JSON, or safetensors' own SafetensorError for a damaged file
         raise ExportError(f"cannot read {path.name}: {exc}") from exc
 
 

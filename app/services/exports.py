@@ -18,8 +18,8 @@ from flask_smorest import abort
 
 from app.models import Checkpoint, Job
 from app.services.queue import EXPORT_TASK, SAMPLE_QUEUE, publish
-from app.services.storage import storage_dir
-from stabletrain_export.rules import ERROR_SUFFIX, PENDING_SUFFIX, export_blocker, export_relpath
+from app.services.storage import export_path
+from stabletrain_export.rules import ERROR_SUFFIX, PENDING_SUFFIX, export_blocker
 
 # A request whose worker has not answered within this long is sent again (the worker may have died).
 EXPORT_PENDING_S = 120.0
@@ -27,7 +27,7 @@ EXPORT_PENDING_S = 120.0
 
 def export_file_path(ckpt: Checkpoint, fmt: str) -> Path:
     """Where the worker writes (and the API finds) this checkpoint's export."""
-    return storage_dir() / export_relpath(ckpt.job_id, ckpt.step, ckpt.sha256, fmt)
+    return export_path(ckpt.job_id, ckpt.step, ckpt.sha256, fmt)
 
 
 def refuse_unmappable(job: Job, fmt: str) -> None:
