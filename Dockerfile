@@ -26,6 +26,7 @@ FROM base AS api
 COPY pyproject.toml gunicorn.conf.py ./
 COPY app ./app
 COPY worker ./worker
+COPY stabletrain_export ./stabletrain_export
 COPY migrations ./migrations
 RUN pip install --no-deps -e .
 USER stabletrain
@@ -44,6 +45,7 @@ RUN pip install "$(grep '^torch==' requirements.txt)"
 COPY pyproject.toml gunicorn.conf.py ./
 COPY app ./app
 COPY worker ./worker
+COPY stabletrain_export ./stabletrain_export
 COPY migrations ./migrations
 RUN pip install --no-deps -e .
 USER stabletrain

@@ -470,11 +470,16 @@ def cmd_diagnose(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_download(client: Client, args: argparse.Namespace) -> int:
-    path = client.download(args.job, step=args.step, dest=args.output)
-    if _json_mode(args):
-        _print_json({"path": str(path), "bytes": path.stat().st_size})
+    if args.format == "checkpoint":
+        path = client.download(args.job, step=args.step, dest=args.output)
+        how = "sha256 verified"
     else:
-        _out(f"saved {path} ({path.stat().st_size:,} bytes, sha256 verified)")
+        path = client.export(args.job, args.format, step=args.step, dest=args.output)
+        how = "Hugging Face GPT-2 folder as .tar.gz" if args.format == "hf" else "weights only"
+    if _json_mode(args):
+        _print_json({"path": str(path), "bytes": path.stat().st_size, "format": args.format})
+    else:
+        _out(f"saved {path} ({path.stat().st_size:,} bytes, {how})")
     return EXIT_OK
 
 
@@ -603,11 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB")
     p.set_defaults(func=cmd_diagnose)
 
-    p = add("download", "download a checkpoint (newest by default), sha256-verified")
+    p = add("download", "download a checkpoint (newest by default): the full file (sha256-verified), "
+                        "a Hugging Face export or the weights only")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--step", type=int, default=None)
+    p.add_argument("--format", choices=("checkpoint", "hf", "safetensors"), default="checkpoint",
+                   help="checkpoint: the .pt file to resume or sample from; hf: a .tar.gz that "
+                        "transformers loads (transformer specs of GPT-2 shape); safetensors: weights "
+                        "and engine config only (any spec)")
     p.add_argument("-o", "--output", metavar="FILE", default=None,
-                   help="file or folder (default ./JOB_step_N.pt)")
+                   help="file or folder (default ./JOB_step_N.pt, .hf.tar.gz or .safetensors)")
     p.set_defaults(func=cmd_download)
 
     p = add("sample", "generate text from a job's checkpoint (on a worker)")

@@ -403,17 +403,7 @@ class Client:
         `<job>_step_<n>.pt`; default the current folder). Streams into a temp file next to it,
         resumes with Range after a broken connection, verifies size and sha256 against the listing,
         then renames. Raises ChecksumError on a mismatch (nothing is left behind)."""
-        listing = self.checkpoints(job_id)
-        if not listing:
-            raise StableTrainError(f"job {job_id} has no checkpoints yet")
-        if step is None:
-            info = max(listing, key=lambda c: c["step"])
-        else:
-            found = [c for c in listing if c["step"] == step]
-            if not found:
-                have = ", ".join(str(c["step"]) for c in listing)
-                raise StableTrainError(f"job {job_id} has no checkpoint at step {step} (it has: {have})")
-            info = found[0]
+        info = self._pick_checkpoint(job_id, step)
         target = Path(dest) if dest is not None else Path.cwd()
         if target.is_dir():
             target = target / f"{job_id}_step_{info['step']}.pt"
@@ -428,6 +418,58 @@ class Client:
             if size != info["bytes"] or digest != info["sha256"]:
                 raise ChecksumError(f"checkpoint step {info['step']} of {job_id}: got {size} bytes sha256 "
                                     f"{digest}, the service lists {info['bytes']} bytes sha256 {info['sha256']}")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def _pick_checkpoint(self, job_id: str, step: int | None) -> dict[str, Any]:
+        """The listing entry of `step` (the newest when None); StableTrainError when absent."""
+        listing = self.checkpoints(job_id)
+        if not listing:
+            raise StableTrainError(f"job {job_id} has no checkpoints yet")
+        if step is None:
+            return max(listing, key=lambda c: c["step"])
+        found = [c for c in listing if c["step"] == step]
+        if not found:
+            have = ", ".join(str(c["step"]) for c in listing)
+            raise StableTrainError(f"job {job_id} has no checkpoint at step {step} (it has: {have})")
+        return found[0]
+
+    def export(self, job_id: str, fmt: str = "hf", step: int | None = None,
+               dest: str | os.PathLike[str] | None = None, *, wait: float = 10.0, timeout: float = 600.0,
+               chunk_size: int = 1 << 16) -> Path:
+        """Download an export of a checkpoint (the newest when `step` is None): "hf" (a .tar.gz of a
+        Hugging Face folder) or "safetensors" (weights only). A worker writes it: while the service
+        answers 202 the request is repeated (after its retry_after_s) until `timeout` s. `dest` is a
+        file, or a folder for `<job>_step_<n>.hf.tar.gz` / `.safetensors`. A spec that cannot be
+        exported raises ApiError (409, details name the field)."""
+        info = self._pick_checkpoint(job_id, step)
+        suffix = ".hf.tar.gz" if fmt == "hf" else f".{fmt}"
+        target = Path(dest) if dest is not None else Path.cwd()
+        if target.is_dir():
+            target = target / f"{job_id}_step_{info['step']}{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.part"
+        path = f"/v1/jobs/{job_id}/checkpoints/{info['step']}/export"
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                response = self.request("GET", path, expect=(200, 202), stream=True,
+                                        params={"format": fmt, "wait": wait}, timeout=self.timeout + wait)
+                try:
+                    if response.status_code == 200:
+                        with open(tmp, "wb") as fh:
+                            for chunk in response.iter_content(chunk_size):
+                                fh.write(chunk)
+                        break
+                    retry_s = float(response.json().get("retry_after_s") or 1)
+                finally:
+                    response.close()
+                if time.monotonic() + retry_s >= deadline:
+                    raise StableTrainError(f"export of {job_id} step {info['step']} as {fmt} not ready "
+                                           f"after {timeout:g} s")
+                self._sleep(retry_s)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ QUEUES = ("train", "samples")
 TASK_ROUTES = {
     "stabletrain.train_job": {"queue": "train"},
     "stabletrain.sample": {"queue": "samples"},
+    "stabletrain.export": {"queue": "samples"},
 }
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from celery import shared_task
 from celery.exceptions import Reject
 from flask import current_app
 from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
+from worker.engine.tokenizers import TOKENIZER_CACHE_ENV
+from worker.exports import run_export
 from worker.logs import log_context
 from worker.service import SHUTDOWN, run_sample, run_train_job
 from worker.settings import load_settings
@@ -22,8 +26,12 @@ def train_job(job_id: str) -> str:
     """Claim and train one job, reporting into its records."""
     if SHUTDOWN.is_set():  # delivered while this worker exits: leave it to another worker
         raise Reject("worker shutting down", requeue=True)
+    settings = load_settings(current_app.config)
+    # BPE tokenizers trained on a dataset are kept in storage, so a retry or another job of the same
+    # dataset and settings reads them instead of training again (the engine reads this variable).
+    os.environ[TOKENIZER_CACHE_ENV] = str(settings.storage_dir / "tokenizers")
     with log_context(job_id=job_id):
-        return run_train_job(db.engine, job_id, load_settings(current_app.config))
+        return run_train_job(db.engine, job_id, settings)
 
 
 @shared_task(name="stabletrain.sample", ignore_result=True, **RETRY)
@@ -33,3 +41,12 @@ def sample(sample_id: str) -> str:
         raise Reject("worker shutting down", requeue=True)
     with log_context(sample_id=sample_id):
         return run_sample(db.engine, sample_id, load_settings(current_app.config))
+
+
+@shared_task(name="stabletrain.export", ignore_result=True)
+def export(job_id: str, step: int, sha256: str, fmt: str) -> str:
+    """Write one checkpoint's export (hf archive or weights-only safetensors) into storage."""
+    if SHUTDOWN.is_set():
+        raise Reject("worker shutting down", requeue=True)
+    with log_context(job_id=job_id):
+        return run_export(load_settings(current_app.config).storage_dir, job_id, int(step), sha256, fmt)

@@ -15,7 +15,7 @@ from app.models import LIVE_STATUSES, TERMINAL_STATUSES, Dataset, Event, Job, St
 from app.schemas.spec import spec_to_json
 from app.services.common import clean_row, get_owned, lock_owner, newest_first_page
 from app.services.metrics import STEP_COLUMNS
-from app.services.params import estimate_params
+from app.services.params import estimate_params, vocab_estimate
 from app.services.queue import TRAIN_QUEUE, TRAIN_TASK, publish
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def check_limits(spec: dict[str, Any]) -> None:
         _invalid("training.max_steps", f"must be at most {cfg['MAX_STEPS']} on this server")
     if training["seq_len"] > int(cfg["MAX_SEQ_LEN"]):
         _invalid("training.seq_len", f"must be at most {cfg['MAX_SEQ_LEN']} on this server")
-    params = estimate_params(spec["model"], training["seq_len"])
+    params = estimate_params(spec["model"], training["seq_len"], vocab_estimate(spec.get("tokenizer") or {}))
     if params > int(cfg["MAX_PARAMS"]):
         _invalid("model", f"has about {params:,} parameters; this server allows {int(cfg['MAX_PARAMS']):,}")
 

@@ -11,6 +11,11 @@ VOCAB_ESTIMATE = 256
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
+def vocab_estimate(tokenizer: dict[str, Any]) -> int:
+    """Vocabulary size to count with: a BPE's configured bound (its most ids), else VOCAB_ESTIMATE."""
+    return int(tokenizer.get("vocab_size", VOCAB_ESTIMATE)) if tokenizer.get("kind") == "bpe" else VOCAB_ESTIMATE
+
+
 def _norm_params(norm: str, width: int) -> int:
     return {"none": 0, "rmsnorm": width}.get(norm, 2 * width)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from flask import current_app
 
 from app.models import is_server_id
+from stabletrain_export.rules import FORMATS, export_relpath
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -34,6 +35,14 @@ def checkpoint_path(job_id: str, step: int) -> Path:
     if not is_server_id(job_id, "job") or isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"not a server-made job id and step: {job_id!r:.80}, {step!r:.20}")
     return storage_dir() / "checkpoints" / job_id / f"step_{int(step)}.pt"
+
+
+def export_path(job_id: str, step: int, sha256: str, fmt: str) -> Path:
+    """A checkpoint's export (named by the record's sha256; fmt one of the known formats)."""
+    if not (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256)) or fmt not in FORMATS:
+        raise ValueError(f"not a sha256 hex digest and export format: {sha256!r:.80}, {fmt!r:.20}")
+    checkpoint_path(job_id, step)  # the same checks on the job id and step
+    return storage_dir() / export_relpath(job_id, step, sha256, fmt)
 
 
 def tmp_dir() -> Path:

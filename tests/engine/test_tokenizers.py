@@ -59,4 +59,8 @@ def test_state_round_trip_is_json(kind: str) -> None:
 
 def test_unknown_kind_rejected() -> None:
     with pytest.raises(ValueError):
+        tokenizer_from_state({"kind": "wordpiece"})
+    with pytest.raises(ValueError, match="tokenizer.json"):
         tokenizer_from_state({"kind": "bpe"})
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        tokenizer_from_state({"kind": "bpe", "json": "{broken"})

@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from app.services import exports as exports_service
 from app.services import samples as samples_service
 from tests.fuzz.conftest import Seeded
 from tests.fuzz.fuzzing import run_fuzz
@@ -24,9 +25,12 @@ SEED = int(os.environ.get("STABLETRAIN_FUZZ_SEED", "0"))  # fixed by default so 
 
 @pytest.fixture
 def no_sample_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """POST .../samples waits up to `wait` s for a worker; no worker runs here, so do not wait."""
+    """POST .../samples and GET .../export wait up to `wait` s for a worker; none runs here, so do not wait."""
     original = samples_service.wait_for
     monkeypatch.setattr(samples_service, "wait_for", lambda sample, _wait_s: original(sample, 0.0))
+    # exports wait the same way (GET .../export?wait=)
+    wait_export = exports_service.wait_for_export
+    monkeypatch.setattr(exports_service, "wait_for_export", lambda path, _wait_s: wait_export(path, 0.0))
 
 
 def test_fuzz_whole_api(seeded: Seeded, no_sample_wait: None, capsys: pytest.CaptureFixture[str]) -> None:

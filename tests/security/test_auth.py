@@ -124,8 +124,10 @@ def test_owner_reaches_every_route(seeded: Seeded) -> None:
     for rule, method, url in _routes(seeded.app, _ids(seeded)):
         if rule in PUBLIC_RULES or method in ("POST", "DELETE"):
             continue  # writes are exercised above and in tests/api; reads must all find the records
+        # (the seeded job is an lstm: once its records are found, its Hugging Face export is refused)
+        expected = 409 if rule.endswith("/export") else 200
         with client.open(url, method=method, headers=seeded.auth) as response:
-            assert response.status_code == 200, (url, response.status_code, response.data[:200])
+            assert response.status_code == expected, (url, response.status_code, response.data[:200])
 
 
 def test_secret_is_32_random_bytes_from_secrets(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,6 +164,8 @@ FS_MODULES = {
     "app/services/checkpoints.py": "checks that the record's file exists (path from storage.checkpoint_path)",
     "app/api/checkpoints/resources.py": "send_file of the path services.checkpoints built from the record",
     "app/plots/service.py": "PNG cache under storage/plots/<job.id of an owned record>/<fixed plot name>",
+    "app/services/exports.py": "export file and its .pending/.error markers beside storage.export_path "
+                               "(server-made job id, int step, sha256 of the record, known format)",
 }
 FS_CALLS = {"open", "send_file", "send_from_directory", "unlink", "mkstemp", "mkdtemp", "write_bytes",
             "read_bytes", "write_text", "read_text", "rmtree", "fdopen", "iterdir", "glob", "mkdir", "is_file",

@@ -2,6 +2,11 @@
 
     python -m worker.engine train SPEC.json --data FILE --out DIR [--device cpu] [--resume CKPT]
     python -m worker.engine sample CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+    python -m worker.engine export CHECKPOINT --format hf|safetensors --out PATH
+
+CHECKPOINT is a checkpoint (.pt) or a weights-only file (.safetensors). `export` runs the exporter
+of the stabletrain_export package (safetensors, tokenizers), imported only by that command so the
+engine itself stays torch + stdlib.
 
 Exit codes: 0 training finished, 1 training failed (or was stopped), 2 bad input.
 """
@@ -142,6 +147,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a Hugging Face folder (hf) or a weights-only file (safetensors) of a checkpoint."""
+    from stabletrain_export import export_file
+    from stabletrain_export.weights import ExportError
+
+    try:
+        out = export_file(Path(args.checkpoint), args.format, Path(args.out))
+    except (OSError, CheckpointError, ExportError) as exc:
+        return _fail_input(f"cannot export {args.checkpoint}: {str(exc).splitlines()[0]}")
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker.engine", description="StableTrain engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
     sample.set_defaults(func=cmd_sample)
+    export = sub.add_parser("export", help="export a checkpoint for Hugging Face or as weights only")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", choices=("hf", "safetensors"), default="hf")
+    export.add_argument("--out", required=True, help="folder (hf) or .safetensors file")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -57,7 +57,9 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["byte", "char"] = "byte"
+    kind: Literal["byte", "char", "bpe"] = "byte"
+    # bpe only: the most ids a byte-level BPE trained on the dataset may have (256 bytes + merges)
+    vocab_size: int = 1024
 
 
 @dataclass
@@ -188,6 +190,7 @@ RULES: dict[str, Bound] = {
     "model.init_std": Bound(0, 10, lo_open=True),
     "model.init_gain": Bound(0, 100, lo_open=True),
     "model.dropout": Bound(0, 1, hi_open=True),
+    "tokenizer.vocab_size": _between(257, 65536),
     "training.max_steps": _between(1, 10_000_000),
     "training.batch_size": _between(1, 4096),
     "training.seq_len": _between(2, 8192),
@@ -249,6 +252,7 @@ APPLIES_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
     "model.norm_position": (("model.norm", ("batchnorm", "layernorm", "rmsnorm")),),
     "model.init_std": (("model.init", ("normal",)),),
     "model.init_gain": (("model.init", GAINED_INITS),),
+    "tokenizer.vocab_size": (("tokenizer.kind", ("bpe",)),),
     "training.momentum": (("training.optimizer", ("sgd",)),),
     "training.betas": (("training.optimizer", ("adam", "adamw")),),
     "training.min_lr_ratio": (("training.schedule", ("linear", "cosine")),),

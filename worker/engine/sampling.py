@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.engine.config import parse_spec
+from worker.engine.config import JobSpec, parse_spec
 from worker.engine.models import build_model
 from worker.engine.tokenizers import AnyTokenizer, tokenizer_from_state
 
@@ -70,6 +70,27 @@ def generate(
     return tokenizer.decode(out)
 
 
+def load_model_file(path: str | Path, device: str = "cpu") -> tuple[JobSpec, nn.Module, AnyTokenizer]:
+    """(spec, model in eval mode, tokenizer) from a checkpoint (.pt) or a weights-only .safetensors file.
+
+    A .safetensors file is read by stabletrain_export.weights (the safetensors package), imported
+    only for such a file so the engine itself stays torch + stdlib.
+    """
+    if Path(path).suffix == ".safetensors":
+        from stabletrain_export.weights import read_engine_state
+
+        state = read_engine_state(Path(path))
+    else:
+        # Read to the CPU: the file also holds optimizer (and rollback) state; only the model goes to `device`.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    spec = parse_spec(state["spec"])
+    tokenizer = tokenizer_from_state(state["tokenizer"])
+    model = build_model(spec.model, tokenizer.vocab_size, spec.training.seq_len)
+    # A checkpoint of a torch.compile'd model prefixes every key; accept both.
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+    return spec, model.to(device).eval(), tokenizer
+
+
 def sample_from_checkpoint(
     path: str | Path,
     prompt: str,
@@ -79,16 +100,8 @@ def sample_from_checkpoint(
     seed: int = 0,
     device: str = "cpu",
 ) -> str:
-    """Load a checkpoint file (spec, tokenizer, model) and generate from it."""
-    # Read to the CPU: the file also holds optimizer (and rollback) state; only the model goes to `device`.
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    spec = parse_spec(ckpt["spec"])
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    model = build_model(spec.model, tokenizer.vocab_size, spec.training.seq_len)
-    # A checkpoint of a torch.compile'd model prefixes every key; accept both.
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    model.to(device)
+    """Load a checkpoint or weights file (spec, tokenizer, model) and generate from it."""
+    spec, model, tokenizer = load_model_file(path, device)
     return generate(
         model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
         seed=seed, seq_len=spec.training.seq_len, device=device,

@@ -1,11 +1,20 @@
-"""Tokenizers: lossless UTF-8 bytes, or the corpus' own characters.
+"""Tokenizers: lossless UTF-8 bytes, the corpus' own characters, or a byte-level BPE trained on it.
 
 A tokenizer's `state_dict()` holds only plain str/int/list values so that it
 survives `torch.load(weights_only=True)` inside a checkpoint.
+
+The BPE kind is the one place the engine uses a package other than torch: `tokenizers`, imported
+inside the two functions that need it (never when this module is imported; tests/engine/test_purity.py
+lists them). Its tokenizer.json is the Hugging Face export's tokenizer as is, so the engine and
+transformers split text into the same ids by construction, not by a hand-written copy of the rules.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Protocol
 
 from worker.engine.config import TokenizerConfig
@@ -82,16 +91,112 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": list(self.chars)}
 
 
-AnyTokenizer = ByteTokenizer | CharTokenizer
+class BpeTokenizer:
+    """Byte-level BPE (GPT-2's scheme): every byte is a token, merges learned from the corpus.
+
+    Lossless for any text, as the byte tokenizer, with fewer ids per text.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer_json: str) -> None:
+        self.json = tokenizer_json
+        self._tok = _hf_tokenizer(tokenizer_json)
+        self.vocab_size = int(self._tok.get_vocab_size())
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids (no special tokens: the tokenizer has none)."""
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids to text; bytes that are not valid UTF-8 (sampled ids) become U+FFFD."""
+        n = self.vocab_size
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < n])
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: the tokenizer.json text."""
+        return {"kind": self.kind, "json": self.json}
 
 
-def build_tokenizer(cfg: TokenizerConfig, text: str) -> AnyTokenizer:
-    """Tokenizer of the configured kind, fitted to `text` where the kind needs it."""
+AnyTokenizer = ByteTokenizer | CharTokenizer | BpeTokenizer
+
+# Where trained BPE tokenizers are kept (the worker points it into its storage folder); unset: no cache.
+TOKENIZER_CACHE_ENV = "STABLETRAIN_TOKENIZER_CACHE"
+# Part of the cache key: a change to how train_bpe trains must not reuse older files.
+BPE_RECIPE = "bytelevel-v1"
+
+
+def build_tokenizer(cfg: TokenizerConfig, text: str, cache_dir: Path | None = None) -> AnyTokenizer:
+    """Tokenizer of the configured kind, fitted to `text` where the kind needs it.
+
+    A BPE tokenizer is looked up in `cache_dir` (default: $STABLETRAIN_TOKENIZER_CACHE) by the
+    text's sha256 and the settings, and trained and stored there only when absent.
+    """
     if cfg.kind == "byte":
         return ByteTokenizer()
     if cfg.kind == "char":
         return CharTokenizer.from_text(text)
+    if cfg.kind == "bpe":
+        cache = cache_dir or (Path(os.environ[TOKENIZER_CACHE_ENV]) if os.environ.get(TOKENIZER_CACHE_ENV) else None)
+        return BpeTokenizer(cached_bpe_json(text, cfg.vocab_size, cache))
     raise ValueError(f"unknown tokenizer kind {cfg.kind!r}")
+
+
+def bpe_cache_path(cache_dir: Path, text: str, vocab_size: int) -> Path:
+    """Cache file of the BPE of `text` at `vocab_size` (the dataset's sha256 names the text)."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Path(cache_dir) / f"bpe-{digest}-{vocab_size}-{BPE_RECIPE}.json"
+
+
+def cached_bpe_json(text: str, vocab_size: int, cache_dir: Path | None) -> str:
+    """tokenizer.json of the BPE of `text`: from the cache when there, else trained (and stored)."""
+    if cache_dir is None:
+        return train_bpe(text, vocab_size)
+    path = bpe_cache_path(cache_dir, text, vocab_size)
+    try:
+        cached = path.read_text(encoding="utf-8")
+        _hf_tokenizer(cached)  # a damaged file is trained again, not trusted
+        return cached
+    except (OSError, ValueError):
+        pass
+    trained = train_bpe(text, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(trained)
+        os.replace(tmp, path)  # concurrent trainers of the same key write the same content
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return trained
+
+
+def train_bpe(text: str, vocab_size: int) -> str:
+    """tokenizer.json of a byte-level BPE trained on `text` with at most `vocab_size` ids.
+
+    The 256 byte symbols are always in the vocabulary (initial alphabet), so any text encodes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    lines = text.splitlines(keepends=True)
+    tok.train_from_iterator(("".join(lines[i:i + 1000]) for i in range(0, len(lines), 1000)), trainer,
+                            length=len(lines) // 1000 + 1)
+    return tok.to_str()
+
+
+def _hf_tokenizer(tokenizer_json: str) -> Any:
+    """A `tokenizers.Tokenizer` from its JSON; ValueError when it is not one."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(tokenizer_json)
+    except Exception as exc:  # tokenizers raises a bare Exception for bad JSON
+        raise ValueError(f"not a tokenizer.json: {str(exc)[:200]}") from exc
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> AnyTokenizer:
@@ -101,4 +206,8 @@ def tokenizer_from_state(state: dict[str, Any]) -> AnyTokenizer:
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer(list(state["chars"]))
+    if kind == "bpe":
+        if not isinstance(state.get("json"), str):
+            raise ValueError("a bpe tokenizer state needs its tokenizer.json text under 'json'")
+        return BpeTokenizer(state["json"])
     raise ValueError(f"unknown tokenizer kind {kind!r}")

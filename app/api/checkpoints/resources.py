@@ -10,11 +10,13 @@ from flask import Response, request, send_file, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
-from app.api.checkpoints.schemas import CheckpointListSchema
+from app.api.checkpoints.schemas import CheckpointListSchema, ExportPendingSchema, ExportQuerySchema
 from app.auth import current_owner_id
 from app.models import Checkpoint
 from app.services import checkpoints as service
+from app.services import exports as exports_service
 from app.services import jobs as jobs_service
+from stabletrain_export.rules import MEDIA_TYPES, SUFFIXES
 
 blp = Blueprint("checkpoints", __name__, url_prefix="/v1/jobs", description="Checkpoints")
 
@@ -66,3 +68,36 @@ class CheckpointFile(MethodView):
         except FileNotFoundError:  # pruned (keep_last) or deleted since the record was read
             service.gone(ckpt)
             raise  # unreachable
+
+
+EXPORT_RETRY_AFTER_S = 1
+
+
+@blp.route("/<string:job_id>/checkpoints/<int:step>/export")
+class CheckpointExport(MethodView):
+    @blp.arguments(ExportQuerySchema, location="query")
+    @blp.doc(responses={"200": {"description": "The export: a .tar.gz of config.json, model.safetensors, "
+                                               "generation_config.json and tokenizer files (hf), or a "
+                                               ".safetensors file (safetensors)",
+                                "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}},
+                                            "application/octet-stream": {"schema": {"type": "string",
+                                                                                    "format": "binary"}}}}})
+    @blp.alt_response(202, schema=ExportPendingSchema,
+                      description="A worker is writing the export; ask again after Retry-After seconds")
+    @blp.alt_response(409, response=HTTPStatus(409).name,
+                      description="The spec does not map onto the format (details name the field)")
+    def get(self, query: dict[str, Any], job_id: str, step: int) -> Any:
+        """Export a checkpoint for Hugging Face (hf) or as weights only (safetensors), made by a worker."""
+        fmt = query["format"]
+        job = jobs_service.get_job(current_owner_id(), job_id)
+        ckpt = service.get_checkpoint(job, step)
+        service.checkpoint_file(ckpt)  # 404 once pruned: a worker could not read it either
+        exports_service.refuse_unmappable(job, fmt)
+        path = exports_service.request_export(ckpt, fmt)
+        if exports_service.wait_for_export(path, query["wait"]):
+            return send_file(path, mimetype=MEDIA_TYPES[fmt], as_attachment=True,
+                             download_name=f"{job.id}_step_{ckpt.step}{SUFFIXES[fmt]}", conditional=True,
+                             etag=f"{ckpt.sha256}-{fmt}", max_age=0)
+        body = {"job_id": job.id, "step": ckpt.step, "format": fmt, "status": "pending",
+                "retry_after_s": EXPORT_RETRY_AFTER_S}
+        return body, 202, {"Retry-After": str(EXPORT_RETRY_AFTER_S)}

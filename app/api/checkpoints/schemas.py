@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from marshmallow import Schema, fields
+from marshmallow.validate import OneOf, Range
+
+from app.schemas.common import QuerySchema
+from stabletrain_export.rules import FORMATS
 
 
 class CheckpointSchema(Schema):
@@ -18,3 +22,19 @@ class CheckpointSchema(Schema):
 
 class CheckpointListSchema(Schema):
     items = fields.List(fields.Nested(CheckpointSchema))
+
+
+class ExportQuerySchema(QuerySchema):
+    format = fields.String(load_default="hf", validate=OneOf(FORMATS),
+                           metadata={"description": "hf: a .tar.gz of a Hugging Face GPT-2 folder; "
+                                                    "safetensors: the weights with the engine config in the metadata"})
+    wait = fields.Float(load_default=10.0, validate=Range(0, 30),
+                        metadata={"description": "seconds to wait for a worker to write the export"})
+
+
+class ExportPendingSchema(Schema):
+    job_id = fields.String()
+    step = fields.Integer()
+    format = fields.String()
+    status = fields.String(metadata={"description": "pending: a worker is writing the export; ask again"})
+    retry_after_s = fields.Integer()
