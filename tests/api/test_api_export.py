@@ -86,7 +86,8 @@ def test_hf_export_is_requested_then_served(app: Flask, client: FlaskClient, aut
     assert _export_messages(app) == [], "a stored export is served without asking a worker"
 
 
-@pytest.mark.parametrize("over,field", [({"arch": "lstm"}, "model.arch"), ({"qk_norm": True}, "model.qk_norm"),
+@pytest.mark.parametrize("over,field", [({"arch": "lstm", "activation": "tanh"}, "model.arch"),
+                                        ({"qk_norm": True}, "model.qk_norm"),
                                         ({"norm": "rmsnorm"}, "model.norm")])
 def test_unmappable_spec_answers_409_with_the_field(app: Flask, client: FlaskClient, auth: dict[str, str],
                                                     submit: Any, dataset: dict[str, Any], over: dict[str, Any],

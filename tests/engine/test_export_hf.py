@@ -33,10 +33,7 @@ MAPPABLE = {
 }
 
 UNMAPPABLE = {
-    "mlp": ({"model": {"arch": "mlp"}}, "model.arch"),
-    "rnn": ({"model": {"arch": "rnn", "activation": "tanh"}}, "model.arch"),
-    "gru": ({"model": {"arch": "gru"}}, "model.arch"),
-    "lstm": ({"model": {"arch": "lstm"}}, "model.arch"),
+    **{arch: ({"model": {"arch": arch}}, "model.arch") for arch in ("mlp", "rnn", "gru", "lstm")},
     "rmsnorm": ({"model": {"norm": "rmsnorm"}}, "model.norm"),
     "no-norm": ({"model": {"norm": "none"}}, "model.norm"),
     "post-norm": ({"model": {"norm_position": "post"}}, "model.norm_position"),
@@ -58,9 +55,19 @@ def test_round_trip_through_transformers(tmp_path: Path, over: dict[str, Any]) -
     assert_hf_matches(folder, model, tokenizer, PROMPT)
 
 
+def _with(over: dict[str, Any]) -> dict[str, Any]:
+    """GPT2_SPEC with `over`; another arch keeps only the fields every arch reads (n_heads is the
+    transformer's, gelu is not a recurrent cell's activation)."""
+    arch = over["model"].get("arch", "transformer")
+    if arch == "transformer":
+        return merge(GPT2_SPEC, over)
+    model = {k: v for k, v in GPT2_SPEC["model"].items() if k in ("n_layers", "d_model", "norm")}
+    return {**GPT2_SPEC, "model": {**model, "arch": arch, "activation": "tanh"}}
+
+
 @pytest.mark.parametrize("over,field", UNMAPPABLE.values(), ids=list(UNMAPPABLE))
 def test_unmappable_specs_name_their_field(tmp_path: Path, over: dict[str, Any], field: str) -> None:
-    raw = merge(GPT2_SPEC, over)
+    raw = _with(over)
     blocker = hf_export_blocker(spec_to_dict(parse_spec(raw)))
     assert blocker is not None and blocker[0] == field
     write_checkpoint(tmp_path / "c.pt", raw)
@@ -128,7 +135,7 @@ def test_cli_exports_a_trained_checkpoint(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_an_unmappable_checkpoint_with_exit_2(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "c.pt", merge(GPT2_SPEC, {"model": {"arch": "gru"}}))
+    write_checkpoint(tmp_path / "c.pt", _with({"model": {"arch": "gru"}}))
     proc = subprocess.run([sys.executable, "-m", "worker.engine", "export", str(tmp_path / "c.pt"),
                            "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 2 and "model.arch" in proc.stderr

@@ -35,7 +35,7 @@ def _trained_checkpoint(tmp_path: Path, model: dict) -> Path:
     return tmp_path / "run" / "checkpoints" / "step_6.pt"
 
 
-@pytest.mark.parametrize("model", [{"arch": "lstm", "hidden": 32}, {"tie_embeddings": True}], ids=["lstm", "tied"])
+@pytest.mark.parametrize("model", [{"arch": "lstm", "hidden": 32, "activation": "tanh"}, {"tie_embeddings": True}], ids=["lstm", "tied"])
 def test_weights_only_file_samples_like_the_checkpoint(tmp_path: Path, model: dict) -> None:
     ckpt = _trained_checkpoint(tmp_path, model)
     full = load_checkpoint(ckpt)
@@ -62,7 +62,7 @@ def test_weights_only_file_samples_like_the_checkpoint(tmp_path: Path, model: di
 
 
 def test_engine_cli_writes_a_weights_file_of_any_arch(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "c.pt", merge(GPT2_SPEC, {"model": {"arch": "gru", "hidden": 16}}))
+    write_checkpoint(tmp_path / "c.pt", merge(GPT2_SPEC, {"model": {"arch": "gru", "hidden": 16, "activation": "tanh"}}))
     proc = subprocess.run([sys.executable, "-m", "worker.engine", "export", str(tmp_path / "c.pt"), "--format",
                            "safetensors", "--out", str(tmp_path / "g.safetensors")], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
