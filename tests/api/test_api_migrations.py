@@ -3,6 +3,7 @@ goes down and up again keeping the data (0001 -> 0002 -> 0001 -> 0002)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import flask_migrate
@@ -171,3 +172,39 @@ def test_service_hardening_round_trip_on_sqlite(tmp_path: Path) -> None:
 
 def test_service_hardening_round_trip_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     _round_trip_0006(request.getfixturevalue("fresh_postgres_url"), tmp_path)
+
+
+def _legacy_hidden(database_url: str, tmp_path: Path) -> None:
+    """0007 with an old transformer spec (no depth_scaled_init: hidden meant nothing, the FFN was 4 * d_model),
+    a new one and an lstm -> 0008: only the old transformer's hidden becomes 4 * d_model."""
+    app = _app(database_url, tmp_path)
+    specs = {
+        "job_old": {"model": {"arch": "transformer", "d_model": 48, "hidden": 128}},
+        "job_new": {"model": {"arch": "transformer", "d_model": 48, "hidden": 96, "depth_scaled_init": False}},
+        "job_rnn": {"model": {"arch": "lstm", "d_model": 48, "hidden": 128}},
+    }
+    with app.app_context():
+        flask_migrate.upgrade(revision="0007")
+        with db.engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                              "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
+            for job_id, spec in specs.items():
+                conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, created_at, updated_at, step, "
+                                  "max_steps, tokens_seen, health, attempts, cancel_requested) VALUES "
+                                  "(:id, 'key_1', 'j', :spec, 'succeeded', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, "
+                                  "2, 2, 0, 'ok', 1, false)"), {"id": job_id, "spec": json.dumps(spec)})
+        flask_migrate.upgrade(revision="0008")
+        with db.engine.connect() as conn:
+            rows = dict(conn.execute(text("SELECT id, spec FROM jobs")).all())
+        hidden = {job_id: (json.loads(s) if isinstance(s, str) else s)["model"]["hidden"] for job_id, s in rows.items()}
+        assert hidden == {"job_old": 192, "job_new": 96, "job_rnn": 128}
+        flask_migrate.downgrade(revision="base")
+        db.engine.dispose()
+
+
+def test_legacy_transformer_hidden_on_sqlite(tmp_path: Path) -> None:
+    _legacy_hidden(f"sqlite:///{tmp_path / 'legacy.db'}", tmp_path)
+
+
+def test_legacy_transformer_hidden_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    _legacy_hidden(request.getfixturevalue("fresh_postgres_url"), tmp_path)

@@ -108,3 +108,17 @@ def test_sample_from_char_checkpoint_with_empty_and_unknown_prompt(tmp_path: Pat
     for prompt in ("", "zz?"):
         out = sample_from_checkpoint(tmp_path / "c.pt", prompt, max_new_tokens=10, seed=0)
         assert len(out) == 10
+
+
+def test_a_checkpoint_from_before_hidden_set_the_ffn_width_still_samples(tmp_path: Path) -> None:
+    # Such a checkpoint's spec says hidden 128 and has no depth_scaled_init, but its FFN is 4 * d_model.
+    raw = {"model": {"arch": "transformer", "n_layers": 1, "d_model": 16, "n_heads": 2, "norm": "layernorm",
+                     "hidden": 64}, "training": {"seq_len": SEQ}}
+    tok = ByteTokenizer()
+    _save(tmp_path / "ckpt.pt", raw, tok)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["spec"]["model"]["hidden"] = 128
+    del state["spec"]["model"]["depth_scaled_init"]
+    torch.save(state, tmp_path / "legacy.pt")
+    assert sample_from_checkpoint(tmp_path / "legacy.pt", "ab", max_new_tokens=5, seed=1) == \
+        sample_from_checkpoint(tmp_path / "ckpt.pt", "ab", max_new_tokens=5, seed=1)

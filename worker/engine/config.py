@@ -270,6 +270,17 @@ APPLIES_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
 }
 
 
+def upgrade_legacy_spec(raw: Any) -> Any:
+    """A spec stored before `model.hidden` set the transformer's FFN width trained a 4 * d_model FFN,
+    whatever its `hidden` said; such specs (and their checkpoints) predate `model.depth_scaled_init`,
+    which is how they are told apart. Migration 0008 applies the same rule to stored jobs."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or model.get("arch") != "transformer" or "depth_scaled_init" in model:
+        return raw
+    d_model = model.get("d_model", ModelConfig.d_model)
+    return {**raw, "model": {**model, "hidden": 4 * d_model if isinstance(d_model, int) else d_model}}
+
+
 def parse_spec(raw: Any) -> JobSpec:
     """Build a JobSpec from a JSON-like mapping; raise SpecError naming the field."""
     spec = _build(JobSpec, raw, "")

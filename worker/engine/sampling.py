@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.engine.config import JobSpec, parse_spec
+from worker.engine.config import JobSpec, parse_spec, upgrade_legacy_spec
 from worker.engine.models import build_model
 from worker.engine.tokenizers import AnyTokenizer, tokenizer_from_state
 
@@ -83,7 +83,7 @@ def load_model_file(path: str | Path, device: str = "cpu") -> tuple[JobSpec, nn.
     else:
         # Read to the CPU: the file also holds optimizer (and rollback) state; only the model goes to `device`.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    spec = parse_spec(state["spec"])
+    spec = parse_spec(upgrade_legacy_spec(state["spec"]))
     tokenizer = tokenizer_from_state(state["tokenizer"])
     model = build_model(spec.model, tokenizer.vocab_size, spec.training.seq_len)
     # A checkpoint of a torch.compile'd model prefixes every key; accept both.
