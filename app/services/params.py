@@ -32,7 +32,7 @@ def _mlp(m: dict[str, Any], vocab: int) -> int:
     d, h, n = m["d_model"], m["hidden"], m["n_layers"]
     c = m["context"] * d
     skip = c * h if m.get("residual") and c != h else 0
-    body = c * h + h + skip + (n - 1) * (h * h + h) + _block_norms(m, c, h)
+    body = c * h + h + skip + (n - 1) * (h * h + h) + n * _norm_params(m["norm"], h)  # one norm per block
     tied = m.get("tie_embeddings") and h == d
     return vocab * d + body + vocab + (0 if tied else h * vocab)
 

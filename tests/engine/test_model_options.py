@@ -118,16 +118,18 @@ def test_transformer_ffn_width_is_hidden() -> None:
 def test_mlp_norm_positions() -> None:
     pre = build_model(parse_spec({"model": {"arch": "mlp", **SMALL, "context": 3, "norm": "layernorm"}}).model,
                       VOCAB, SEQ)
-    assert pre.layers[0].norm.normalized_shape == (3 * 16,)  # normalizes the block input
-    assert isinstance(pre.norm_f, torch.nn.LayerNorm)
     post = build_model(parse_spec({"model": {"arch": "mlp", **SMALL, "context": 3, "norm": "layernorm",
                                              "norm_position": "post"}}).model, VOCAB, SEQ)
-    assert post.layers[0].norm.normalized_shape == (24,)
-    assert isinstance(post.norm_f, torch.nn.Identity)
-    # post-norm: every block's output has zero mean and unit variance per row
-    x = torch.randn(5, 3 * 16)
+    x = torch.randn(5, 3 * 16) * 10
+    seen = {}
+    pre.layers[0].act.register_forward_hook(lambda _m, inputs, _out: seen.setdefault("pre", inputs[0]))
     with torch.no_grad():
+        pre.layers[0](x)
         out = post.layers[0](x)
+    # pre-norm: the activation's input (the pre-activation) has zero mean and unit variance per row
+    assert torch.allclose(seen["pre"].mean(-1), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(seen["pre"].std(-1, correction=0), torch.ones(5), atol=1e-3)
+    # post-norm: every block's output does
     assert torch.allclose(out.mean(-1), torch.zeros(5), atol=1e-5)
 
 

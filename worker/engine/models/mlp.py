@@ -11,26 +11,28 @@ from worker.engine.models.layers import TiedHead, check_tie, make_activation, ma
 
 
 class MLPBlock(nn.Module):
-    """Linear -> activation -> dropout, with norm (pre or post) and an optional residual."""
+    """Linear -> activation -> dropout, with norm (pre or post) and an optional residual.
+
+    `pre` normalizes the pre-activations (linear -> norm -> activation, the placement batch norm was
+    made for: it keeps tanh/sigmoid inputs out of their flat tails); `post` normalizes the block's
+    output (norm(x (+) f(x)))."""
 
     def __init__(self, in_dim: int, out_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.pre = cfg.norm_position == "pre"
         self.residual = cfg.residual
         # Register in forward order so named_parameters() follows depth.
-        if self.pre:
-            self.norm = make_norm(cfg.norm, in_dim)
         self.linear = nn.Linear(in_dim, out_dim)
+        self.norm = make_norm(cfg.norm, out_dim)
         self.act = make_activation(cfg.activation)
         # The skip path needs a projection when the block changes width.
         self.proj = nn.Linear(in_dim, out_dim, bias=False) if cfg.residual and in_dim != out_dim else None
-        if not self.pre:
-            self.norm = make_norm(cfg.norm, out_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in_dim] -> [N, out_dim]: pre x(+)f(norm(x)), post norm(x(+)f(x))."""
-        h = self.drop(self.act(self.linear(self.norm(x) if self.pre else x)))
+        """x: [N, in_dim] -> [N, out_dim]: pre x(+)act(norm(Wx)), post norm(x(+)act(Wx))."""
+        pre_activation = self.linear(x)
+        h = self.drop(self.act(self.norm(pre_activation) if self.pre else pre_activation))
         if self.residual:
             h = h + (self.proj(x) if self.proj is not None else x)
         return h if self.pre else self.norm(h)
@@ -51,8 +53,6 @@ class MLPLanguageModel(nn.Module):
         self.embed = nn.Embedding(vocab_size + 1, cfg.d_model)
         widths = [cfg.context * cfg.d_model] + [hidden] * cfg.n_layers
         self.layers = nn.ModuleList(MLPBlock(a, b, cfg) for a, b in zip(widths[:-1], widths[1:], strict=True))
-        # Pre-norm leaves the last block's output unnormalized; normalize it once before the head.
-        self.norm_f = make_norm(cfg.norm, hidden) if cfg.norm_position == "pre" else nn.Identity()
         self.head: nn.Module
         if cfg.tie_embeddings:
             self.head = TiedHead(self.embed, vocab_size)
@@ -67,7 +67,7 @@ class MLPLanguageModel(nn.Module):
         x = self.embed(windows).reshape(B * T, -1)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm_f(x)).view(B, T, self.vocab_size)
+        return self.head(x).view(B, T, self.vocab_size)
 
     def residual_branch_outputs(self) -> list[nn.Linear]:
         """The linear map of each residual block's branch (for depth-scaled init)."""
