@@ -53,8 +53,9 @@ FLUSH_SECONDS = 2.0
 HEALTHY_AFTER = 10
 # Steps between host reads of the step values on a GPU.
 GPU_SYNC_EVERY = 16
-# A live diagnosis waits this many times its own cost since the last one (long runs diagnose less often).
-LIVE_DIAGNOSIS_COST_RATIO = 20
+# A live diagnosis waits this many times its own cost since the last one (at most ~1% of the run's
+# time; long runs diagnose less often).
+LIVE_DIAGNOSIS_COST_RATIO = 100
 # A spike event names its worst rows with this much of their text.
 EXCERPT_TOKENS = 120
 EXCERPT_CHARS = 80
@@ -644,7 +645,7 @@ class Trainer:
         return health_of(self.latest_findings or [])
 
     def _live_diagnosis(self) -> None:
-        """Report the diagnosis so far, spending at most ~5% of the run's time on it."""
+        """Report the diagnosis so far, spending at most ~1% of the run's time on it."""
         now = time.perf_counter()
         if now - self.last_diagnosis_at < LIVE_DIAGNOSIS_COST_RATIO * self.diagnosis_cost_s:
             return
