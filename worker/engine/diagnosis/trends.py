@@ -49,8 +49,12 @@ GRAD_MK_Z = 2.0
 SPIKE_RATIO = 1.5
 SPIKE_MIN_JUMP = 0.5  # nats: noise at a tiny loss is not a spike
 
-# --- stalled: the loss at the end is within 2% of the start (medians of the first/last tenth).
+# --- stalled: the loss at the end is within 2% of the start (medians of the first/last tenth), or
+# within 10% and the bins show no significant downward trend (Mann-Kendall z > -3): noise alone
+# moves a plateau's tenth-medians by a few percent either way.
 STALL_KEEP = 0.98
+STALL_NOISY_KEEP = 0.90
+STALL_MK_Z = -3.0
 STALL_MIN_STEPS = 40
 
 # --- overfitting: val loss this far above its best, over at least this many evals after it.
@@ -194,7 +198,10 @@ def stalled(run: Run) -> list[Finding]:
     tenth = max(5, len(losses) // 10)
     start = statistics.median(v for _, v in losses[:tenth])
     end = statistics.median(v for _, v in losses[-tenth:])
-    if start <= 0 or end < STALL_KEEP * start:
+    if start <= 0 or end < STALL_NOISY_KEEP * start:
+        return []
+    trend = mann_kendall_z([v for _, v in bin_medians(losses, DIVERGE_BINS)])
+    if end < STALL_KEEP * start and trend < STALL_MK_Z:
         return []
     spec = run.spec
     recs: list[Rec] = []
@@ -209,7 +216,7 @@ def stalled(run: Run) -> list[Finding]:
     return [finding(
         run, "stalled", "warning",
         f"loss barely moved: {start:.4g} at the start, {end:.4g} at the end",
-        [losses[0][0], losses[-1][0]], [], {"loss_start": start, "loss_end": end}, recs,
+        [losses[0][0], losses[-1][0]], [], {"loss_start": start, "loss_end": end, "mann_kendall_z": trend}, recs,
     )]
 
 
