@@ -68,6 +68,7 @@ def finish_job(
     status: str,
     error: str | None = None,
     diagnosis: Any = None,
+    health: str | None = None,
 ) -> bool:
     """Write the final state if we still own the job; False when the lease was lost."""
     now = utcnow()
@@ -80,6 +81,8 @@ def finish_job(
     }
     if diagnosis is not None:
         values["diagnosis"] = diagnosis
+    if health is not None:  # the health the diagnosis implies (worker.reporting.diagnosis_values)
+        values["health"] = health
     stmt = update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(OWNED_STATUSES))
     with engine.begin() as conn:
         return conn.execute(stmt.values(**values)).rowcount == 1

@@ -16,11 +16,10 @@ from typing import Any
 from sqlalchemy import Engine, delete, select, update
 
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
-from app.services.common import without_nonfinite
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
 from worker.leases import Heartbeat, add_event, claim_job, finish_job, release_job
-from worker.reporting import DbReporter
+from worker.reporting import DbReporter, diagnosis_values
 from worker.settings import WorkerSettings, pick_device
 
 log = logging.getLogger(__name__)
@@ -191,7 +190,7 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
                    stop: StopFlags, hb: Heartbeat, checkpoint_error: str | None = None) -> str:
     """Map the trainer's ending onto the job's final state."""
     worker_id = settings.worker_id
-    diagnosis = without_nonfinite({"findings": result.diagnosis, "summary": result.summary})
+    diagnosed = diagnosis_values(result.diagnosis, result.summary)
     if hb.lost.is_set():
         return "lost"
     status, error = result.status, result.error
@@ -209,7 +208,7 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
             add_event(engine, job_id, "requeued", "worker shutting down; the job resumes from its checkpoint",
                       step=result.step)
             return "released"
-    finish_job(engine, job_id, worker_id, status, error=error, diagnosis=diagnosis)
+    finish_job(engine, job_id, worker_id, status, error=error, **diagnosed)
     return status
 
 

@@ -216,9 +216,9 @@ def attention_logit_growth(run: Run) -> list[Finding]:
     entropy = {s: pts[-1][1] for s, pts in run.sites("attn_entropy").items() if s in flagged}
     if entropy:
         evidence["attn_entropy"] = entropy
-    for site, pts in run.sites("z_lse").items():
-        evidence["z_lse_start"], evidence["z_lse_end"] = pts[0][1], pts[-1][1]
-        break
+    z_lse = next(iter(run.sites("z_lse").values()), None)  # the output site: log Z drifting away from 0
+    if z_lse:
+        evidence["z_lse_start"], evidence["z_lse_end"] = z_lse[0][1], z_lse[-1][1]
     spec = run.spec
     recs: list[Rec] = []
     if get(spec, "model.arch") == "transformer":

@@ -79,7 +79,7 @@ def nonfinite(run: Run) -> list[Finding]:
     )]
 
 
-def _guard_spikes(run: Run, rule: str, legacy_kind: str | None = None) -> list[dict[str, Any]]:
+def guard_spikes(run: Run, rule: str, legacy_kind: str | None = None) -> list[dict[str, Any]]:
     """The engine guard's spike events of one rule (grad_norm or loss)."""
     kinds = {"grad_norm_spike", "loss_spike"}
     out = []
@@ -110,7 +110,7 @@ def exploding(run: Run) -> list[Finding]:
     factor = explosion_factor(run)
     # Early steps have large norms by nature, so each step is judged against the steps before it.
     spikes = jumps(run.series("grad_norm"), factor)
-    guard = _guard_spikes(run, "grad_norm")
+    guard = guard_spikes(run, "grad_norm")
     diverged = any(r.get("nonfinite") for r in run.steps)
     if not spikes and not guard and not diverged:
         return []

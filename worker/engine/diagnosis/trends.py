@@ -12,7 +12,7 @@ import statistics
 from typing import Any
 
 from .core import Finding, Run, finding
-from .gradients import SPIKE_WINDOW, _guard_spikes, attribution, jumps, layer_medians, UPDATE_RATIO_LOW
+from .gradients import SPIKE_WINDOW, UPDATE_RATIO_LOW, attribution, guard_spikes, jumps, layer_medians
 from .spec import (
     Rec,
     add_norm,
@@ -166,7 +166,7 @@ def diverging_recs(run: Run, norms: list[tuple[int, float]], start_step: int) ->
 def loss_spikes(run: Run) -> list[Finding]:
     losses = run.series("loss")
     spikes = jumps(losses, SPIKE_RATIO, SPIKE_MIN_JUMP)
-    guard = _guard_spikes(run, "loss", legacy_kind="loss")
+    guard = guard_spikes(run, "loss", legacy_kind="loss")
     if not spikes and not guard:
         return []
     steps = sorted({s for s, _, _ in spikes} | {int(e["step"]) for e in guard if e.get("step") is not None})
