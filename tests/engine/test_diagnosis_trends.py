@@ -38,7 +38,7 @@ def test_issue8_run_names_the_engine_actions():
     assert exploding["evidence"]["guard_events"] == 3 and exploding["evidence"]["attribution"][0]["offset"] == 64
     assert "loss_spike" not in kinds(findings)
     clipping = only(findings, "clipping_saturated")
-    assert "adaptive threshold followed the grad norm up" in clipping["summary"]
+    assert "adaptive threshold followed the grad norm up" in clipping["summary"] and clipping["severity"] == "warning"
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -108,6 +108,7 @@ def test_clipping_most_steps_in_norm_mode_is_saturated_and_half_is_not():
     losses = noisy(decreasing(n), 0.05)
     found = only(diagnose(steps(losses, [3.0] * n, clipped=True), [], spec=spec), "clipping_saturated")
     assert found["evidence"]["clipped_fraction"] == 1.0 and "below the typical grad norm" in found["summary"]
+    assert found["severity"] == "info"  # a steady norm rescaled every step: nothing unstable
     assert {r["field"]: r["value"] for r in found["recommendations"]} == {"stabilization.clip.max_norm": 3.0}
     half = diagnose(steps(losses, [3.0] * n, clipped=lambda s: s % 2 == 0), [], spec=spec)
     assert "clipping_saturated" not in kinds(half)

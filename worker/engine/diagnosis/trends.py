@@ -302,4 +302,7 @@ def clipping_saturated(run: Run) -> list[Finding]:
         median = statistics.median(v for _, v in norms) if norms else reference
         recs.append(rec("stabilization.clip.max_norm", round_sig(median),
                         "a threshold at the typical grad norm clips outliers only, not every step"))
-    return [finding(run, "clipping_saturated", "warning", summary, [first, last], [], evidence, recs)]
+    # A fixed threshold under a steady norm only rescales each step (with Adam nearly a no-op): worth
+    # knowing, not a health problem. A threshold that follows a growing norm hides instability.
+    severity = "warning" if growing or mode == "adaptive" else "info"
+    return [finding(run, "clipping_saturated", severity, summary, [first, last], [], evidence, recs)]
