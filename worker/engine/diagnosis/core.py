@@ -34,11 +34,14 @@ class Run:
     activations: list[dict[str, Any]]
     spec: dict[str, Any]
     found: dict[str, Finding] = field(default_factory=dict)  # findings so far, by kind
+    _series: dict[tuple[str, bool], list[tuple[int, float]]] = field(default_factory=dict)
 
     def series(self, key: str, *, trained_only: bool = False) -> list[tuple[int, float]]:
-        """(step, value) of a step-row key where finite; trained_only leaves out skipped steps."""
-        return [(int(r["step"]), float(r[key])) for r in self.steps
-                if finite(r.get(key)) and not (trained_only and r.get("skipped"))]
+        """(step, value) of a step-row key where finite; trained_only leaves out skipped steps (cached)."""
+        if (key, trained_only) not in self._series:
+            self._series[key, trained_only] = [(int(r["step"]), float(r[key])) for r in self.steps
+                                               if finite(r.get(key)) and not (trained_only and r.get("skipped"))]
+        return self._series[key, trained_only]
 
     def events_of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("kind") == kind]

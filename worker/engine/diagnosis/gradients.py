@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import defaultdict
@@ -39,11 +40,15 @@ UPDATE_RATIO_LOW = 1e-6
 def jumps(points: list[tuple[int, float]], ratio: float, min_jump: float = 0.0) -> list[tuple[int, float, float]]:
     """(step, value, median) where a value exceeds ratio x (and min_jump over) the median of the window before it."""
     out = []
+    window = sorted(v for _, v in points[:SPIKE_WINDOW])  # kept sorted as it slides: O(n * window)
+    mid = SPIKE_WINDOW // 2
     for i in range(SPIKE_WINDOW, len(points)):
-        median = statistics.median(v for _, v in points[i - SPIKE_WINDOW:i])
+        median = window[mid] if SPIKE_WINDOW % 2 else (window[mid - 1] + window[mid]) / 2
         step, value = points[i]
         if median > 0 and value > ratio * median and value - median > min_jump:
             out.append((step, value, median))
+        del window[bisect.bisect_left(window, points[i - SPIKE_WINDOW][1])]
+        bisect.insort(window, value)
     return out
 
 
