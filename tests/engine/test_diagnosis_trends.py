@@ -67,6 +67,17 @@ def test_cosine_schedule_run_that_converges_is_healthy():
     assert findings == [] and health_of(findings) == "ok"
 
 
+def test_diverging_names_the_layers_whose_gradients_grew():
+    run = issue8_run()
+    run["layers"] = [{"step": s, "layer": name, "grad_norm": g * (1 if s <= 200 else 1 + (s - 200) / 50 * k),
+                      "update_ratio": 1e-3}
+                     for s in range(50, 1501, 50) for name, g, k in (("blocks.0.attn.qkv.weight", 0.5, 1.0),
+                                                                     ("blocks.3.mlp.fc.weight", 0.5, 0.0))]
+    diverging = only(diagnose(**run), "diverging")
+    assert diverging["layers"] == ["blocks.0.attn.qkv.weight"]
+    assert diverging["evidence"]["layer_grad_growth"]["blocks.0.attn.qkv.weight"] > 5
+
+
 def test_loss_rise_without_grad_growth_is_a_warning_not_critical():
     n = 600
     losses = noisy([2.0 - i / 300 if i < 300 else 1.0 + (i - 300) / 300 for i in range(n)], 0.05)

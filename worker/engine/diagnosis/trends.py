@@ -130,8 +130,27 @@ def diverging(run: Run) -> list[Finding]:
                 else "; the grad norm did not grow with it")
     if clipped_frac >= CLIPPED_MOST and get(run.spec, "stabilization.clip.mode") == "adaptive":
         summary += f"; {clipped_frac:.0%} of those steps were clipped by an adaptive threshold that followed the norm up"
-    return [finding(run, "diverging", "critical" if grad_grows else "warning", summary, [start_step, end_step], [],
-                    evidence, diverging_recs(run, norms, start_step))]
+    growing_layers = _layers_growing(run, start_step, end_step)
+    if growing_layers:
+        evidence["layer_grad_growth"] = growing_layers
+    return [finding(run, "diverging", "critical" if grad_grows else "warning", summary, [start_step, end_step],
+                    list(growing_layers), evidence, diverging_recs(run, norms, start_step))]
+
+
+def _layers_growing(run: Run, first: int, last: int, top: int = 5) -> dict[str, float]:
+    """Layers whose gradient norm grew most (>= GRAD_GROWTH) between the start and the end of a rise."""
+    edge = max(1, (last - first) // 4)
+    per_layer: dict[str, list[tuple[int, float]]] = {}
+    for r in run.layers:
+        if finite(r.get("grad_norm")):
+            per_layer.setdefault(r["layer"], []).append((int(r["step"]), r["grad_norm"]))
+    growth = {}
+    for name, pts in per_layer.items():
+        before = _median_between(pts, first - edge, first + edge)
+        after = _median_between(pts, last - edge, last)
+        if finite(before) and finite(after) and before > 0 and after / before >= GRAD_GROWTH:
+            growth[name] = after / before
+    return dict(sorted(growth.items(), key=lambda kv: -kv[1])[:top])
 
 
 def _val_evidence(run: Run, first: int, last: int) -> dict[str, Any]:
