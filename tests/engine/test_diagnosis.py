@@ -181,3 +181,14 @@ def test_transformer_vanishing_recommendation_skips_batchnorm_it_cannot_use():
     [finding] = [f for f in diagnose(_steps(_decreasing(), [1.0] * 100), _depth_layers(), spec=spec)
                  if f["kind"] == "vanishing"]
     assert {r["field"]: r["value"] for r in finding["recommendations"]} == {"model.norm": "layernorm"}
+
+
+def test_diagnosis_imports_no_torch_so_the_api_and_cli_may_use_it():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, worker.engine.diagnosis; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
