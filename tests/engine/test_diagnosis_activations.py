@@ -75,10 +75,12 @@ def test_slow_decay_or_a_window_within_reach_is_not_flagged(rho, seq_len):
     assert "vanishing_through_time" not in kinds(diagnose(STEPS, [], spec=spec, activations=_recurrent(rho, seq_len)))
 
 
-def test_gradient_that_underflows_to_zero_counts_as_vanished():
-    gt = [[0, 0.0], [16, 0.0], [32, 1e-20], [48, 1e-9], [63, 1.0]]
+@pytest.mark.parametrize("gt", [[[0, 0.0], [16, 0.0], [32, 1e-20], [48, 1e-9], [63, 1.0]],
+                                [[0, 0.0], [32, 0.0], [64, 0.0], [96, 0.0], [127, 11.0]]])
+def test_gradient_that_underflows_to_zero_counts_as_vanished(gt):
     acts = rows("layers.0.rnn", "recurrent", {"grad_time": [gt] * 4})
-    assert "vanishing_through_time" in kinds(diagnose(STEPS, [], spec=RNN_SPEC, activations=acts))
+    found = only(diagnose(STEPS, [], spec=RNN_SPEC, activations=acts), "vanishing_through_time")
+    assert found["evidence"]["decay_per_step"]["layers.0.rnn"] < 0.1
 
 
 TRANSFORMER = {"model": {"arch": "transformer", "n_layers": 2, "d_model": 32, "n_heads": 4}}
