@@ -4,10 +4,18 @@ The engine runs with everything a job gets (per-step metrics, layer stats
 every 10 steps, norm clipping, explosion detection, metric flushes); the bare
 loop does forward, backward, clip_grad_norm_, step. Same model, data, threads
 and device; blocks of steps alternate between the two so machine noise hits
-both alike. Prints tokens/s per arch and, last, `ratio: X` = the worse of
-engine/bare over the archs (target >= 0.97).
+both alike. Three engine configurations per arch:
+
+- `layer-stats`: activation statistics off;
+- `activations`: forward-hook activation statistics (and, for recurrent nets,
+  the gradient-through-time probe) every 10 steps, the default;
+- `rollback`: the default plus `on_explosion: rollback` (healthy-state copies).
+
+Prints tokens/s per arch and configuration and, last, `ratio: X` = the worst
+engine/bare over all of them (target >= 0.97).
 
     python bench/engine_overhead.py [--device cuda] [--precision bf16] [--rounds 20] [--steps 10]
+                                    [--configs layer-stats,activations,rollback]
 """
 
 from __future__ import annotations
@@ -35,13 +43,22 @@ MODELS = {
 }
 
 
-def make_spec(arch: str, precision: str, batch: int, seq_len: int):
+CONFIGS = {
+    "layer-stats": {"monitoring": {"activation_stats": False}},
+    "activations": {"monitoring": {"activation_stats": True}},
+    "rollback": {"monitoring": {"activation_stats": True}, "stabilization": {"on_explosion": "rollback"}},
+}
+
+
+def make_spec(arch: str, config: str, precision: str, batch: int, seq_len: int):
+    extra = CONFIGS[config]
     return parse_spec({
         "model": MODELS[arch],
         "training": {"max_steps": 1_000_000, "batch_size": batch, "seq_len": seq_len, "lr": 1e-3,
                      "eval_every": 1_000_000, "optimizer": "adamw"},
-        "stabilization": {"clip": {"mode": "norm", "max_norm": 1.0}, "precision": precision},
-        "monitoring": {"layer_stats_every": 10},
+        "stabilization": {"clip": {"mode": "norm", "max_norm": 1.0}, "precision": precision,
+                          **extra.get("stabilization", {})},
+        "monitoring": {"layer_stats_every": 10, **extra["monitoring"]},
         "checkpointing": {"every_steps": 1_000_000},
     })
 
@@ -87,8 +104,8 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_arch(arch: str, args: argparse.Namespace, text: str) -> float:
-    spec = make_spec(arch, args.precision, args.batch, args.seq_len)
+def bench_arch(arch: str, config: str, args: argparse.Namespace, text: str) -> float:
+    spec = make_spec(arch, config, args.precision, args.batch, args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, text, Path(tmp), device=args.device)
         bare = BareLoop(trainer, spec)
@@ -107,7 +124,7 @@ def bench_arch(arch: str, args: argparse.Namespace, text: str) -> float:
     bare_tps = tokens / statistics.median(bare_times)
     # Each round's pair ran back to back under the same load: the median pair ratio is the robust figure.
     ratio = statistics.median(b / e for e, b in zip(engine_times, bare_times, strict=True))
-    print(f"{arch:12s} engine {engine_tps:10.0f} tok/s   bare {bare_tps:10.0f} tok/s   ratio {ratio:.3f}")
+    print(f"{arch:12s} {config:12s} engine {engine_tps:10.0f} tok/s   bare {bare_tps:10.0f} tok/s   ratio {ratio:.3f}")
     return ratio
 
 
@@ -120,11 +137,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--archs", default="lstm,transformer")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
     text = (REPO / "tests" / "data" / "corpus.txt").read_text(encoding="utf-8")
     print(f"device {args.device}, precision {args.precision}, threads {torch.get_num_threads()}, "
           f"batch {args.batch} x seq {args.seq_len}, {args.rounds} rounds of {args.steps} steps each")
-    ratios = [bench_arch(arch, args, text) for arch in args.archs.split(",")]
+    ratios = [bench_arch(arch, config, args, text)
+              for arch in args.archs.split(",") for config in args.configs.split(",")]
     print(f"ratio: {min(ratios):.3f}")
 
 

@@ -47,8 +47,8 @@ exit codes:
   {EXIT_CANCELLED}    with --wait / wait: the job was cancelled
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the job keeps running unless --cancel-on-interrupt
 
-Requests are retried with backoff on 429/502/503/504 and connection errors; submit sends an
-Idempotency-Key (a fresh uuid4 unless --idempotency-key) so a retried submit makes one job.
+Requests are retried with backoff on 429/502/503/504 and connection errors; submit and retry send
+an Idempotency-Key (a fresh uuid4 unless --idempotency-key) so a retried request makes one job.
 """
 
 log = logging.getLogger("stabletrain")
@@ -157,6 +157,52 @@ def format_diagnosis(diag: dict[str, Any]) -> str:
         for rec in f.get("recommendations") or []:
             lines.append(f"      -> {rec.get('field')}: {json.dumps(rec.get('value'))} — {rec.get('why', '')}")
     return "\n".join(lines)
+
+
+def format_patch(job: dict[str, Any]) -> str:
+    """A retry's applied changes, one `field = value  (finding kind | override)` per line."""
+    changes = job.get("applied_patch") or []
+    if not changes:
+        return "  no changes: the parent's spec as it was"
+    width = max(len(str(c.get("field"))) for c in changes)
+    return "\n".join(f"  {str(c.get('field')):<{width}} = {json.dumps(c.get('value'))}"
+                     f"  ({c.get('from_finding') or 'override'})" for c in changes)
+
+
+SPIKE_EVENTS = ("grad_norm_spike", "loss_spike")
+MAX_OFFSETS_SHOWN = 16
+
+
+def format_attribution(data: dict[str, Any]) -> list[str]:
+    """A spike event's rule and the batch rows behind it: window offsets, then the highest-loss rows."""
+    lines = []
+    if data.get("value") is not None:
+        factor = f" = {_num(data.get('factor'), '.3g')}x" if data.get("factor") is not None else ""
+        policy = f" (policy {data['policy']})" if data.get("policy") else ""
+        lines.append(f"{data.get('rule') or 'value'} {_num(data['value'], '.4g')}{factor} the median "
+                     f"{_num(data.get('median'), '.4g')}{policy}")
+    attribution = data.get("attribution") if isinstance(data.get("attribution"), dict) else {}
+    offsets = attribution.get("offsets") or []
+    if offsets:
+        shown = " ".join(str(o) for o in offsets[:MAX_OFFSETS_SHOWN])
+        more = f" ... ({len(offsets) - MAX_OFFSETS_SHOWN} more)" if len(offsets) > MAX_OFFSETS_SHOWN else ""
+        lines.append(f"batch rows at token offsets: {shown}{more}")
+    top = [row for row in attribution.get("top") or [] if isinstance(row, dict)]
+    if top:
+        lines.append("highest-loss rows:")
+        lines += [f"  offset {row.get('offset', '-'):>9}  loss {_num(row.get('loss'), '.4g'):>7}  "
+                  f"{json.dumps(row.get('excerpt') or '', ensure_ascii=False)}" for row in top]
+    return lines
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One line per event; spike events add their attribution below it."""
+    step = "-" if event.get("step") is None else event["step"]
+    line = f"{event.get('created_at', '-')}  step {step:>6}  {event.get('kind', '?'):<15}  {event.get('message', '')}"
+    data = event.get("data")
+    if event.get("kind") not in SPIKE_EVENTS or not isinstance(data, dict):
+        return line
+    return "\n".join([line, *(f"      {extra}" for extra in format_attribution(data))])
 
 
 def format_outcome(job: dict[str, Any]) -> str:
@@ -311,6 +357,36 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """--set FIELD=VALUE: VALUE is JSON when it parses (500, 0.1, true, {"mode": "norm"}), else a string."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE, e.g. training.max_steps=500")
+        try:
+            overrides[field.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = text
+    return overrides
+
+
+def cmd_retry(client: Client, args: argparse.Namespace) -> int:
+    overrides = _parse_sets(args.set)
+    if args.apply is None and not overrides:
+        raise UsageError("nothing to change: pass --apply (all recommendations), --apply KIND ..., or --set")
+    # bare --apply: every recommendation; --apply KIND...: those findings'; no --apply: overrides only
+    apply: str | list[str] = "recommendations" if args.apply == [] else list(args.apply or [])
+    job = client.retry(args.job, apply=apply, overrides=overrides, idempotency_key=args.idempotency_key)
+    if _json_mode(args) and not args.wait:
+        _print_json(job)
+        return EXIT_OK
+    if not _json_mode(args):
+        _out(f"retried {args.job} as {job['id']} ({job.get('status')})")
+        _out(format_patch(job))
+    return wait_and_report(client, job, args) if args.wait else EXIT_OK
+
+
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     return wait_and_report(client, client.job(args.job), args)
 
@@ -379,8 +455,7 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
         _print_json(items)
         return EXIT_OK
     for e in items:
-        step = "-" if e.get("step") is None else e["step"]
-        _out(f"{e.get('created_at', '-')}  step {step:>6}  {e.get('kind', '?'):<14}  {e.get('message', '')}")
+        _out(format_event(e))
     return EXIT_OK
 
 
@@ -478,6 +553,20 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(p)
     p.set_defaults(func=cmd_submit)
 
+    p = add("retry", "retry a finished job as a new one with its diagnosis' recommendations applied")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--apply", nargs="*", metavar="KIND", default=None,
+                   help="apply the recommendations of every finding, or only of findings of these kinds "
+                        "(e.g. --apply vanishing exploding); the most severe finding wins a shared field")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a spec field after the recommendations (repeatable; VALUE is JSON or a string), "
+                        "e.g. --set training.max_steps=500")
+    p.add_argument("--idempotency-key", metavar="KEY", help="reuse a key to make retrying safe (default: uuid4)")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the new job with a progress bar, print its diagnosis; exit code = outcome")
+    _wait_options(p)
+    p.set_defaults(func=cmd_retry)
+
     p = add("wait", "follow a job to its end (progress bar, then diagnosis); exit code = outcome")
     p.add_argument("job", metavar="JOB")
     _wait_options(p)
@@ -506,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=1000, help="rows per page (default 1000)")
     p.set_defaults(func=cmd_metrics)
 
-    p = add("events", "lifecycle and stability events of a job")
+    p = add("events", "lifecycle and stability events of a job (spikes with the batch rows behind them)")
     p.add_argument("job", metavar="JOB")
     p.set_defaults(func=cmd_events)
 

@@ -4,8 +4,8 @@ Retries: 429 (honouring Retry-After), 502/503/504 and connection errors, with ex
 backoff and jitter, at most `retries` times. Which requests are retried depends on whether
 repeating them is safe:
 
-- GETs, `submit` (it always sends an Idempotency-Key, the same one on every attempt) and
-  `cancel` (idempotent on the server) are retried on all of the above;
+- GETs, `submit` and `retry` (they always send an Idempotency-Key, the same one on every attempt)
+  and `cancel` (idempotent on the server) are retried on all of the above;
 - `upload` and `sample` create a record per request, so they are retried only when nothing
   can have been stored: a 429/503 answer, or a connection that was never established.
 
@@ -284,6 +284,17 @@ class Client:
             body["dataset_id"] = dataset_id
         key = idempotency_key or str(uuid.uuid4())
         return self._json("POST", "/v1/jobs", expect=(200, 201, 202), json=body,
+                          headers={"Idempotency-Key": key})
+
+    def retry(self, job_id: str, apply: str | list[str] = "recommendations",
+              overrides: dict[str, Any] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Retry a finished job as a new one with its diagnosis' recommendations applied: all of them
+        ("recommendations"), those of some finding kinds (["vanishing", ...]) or none ([]); then
+        `overrides` ({"training.max_steps": 500}). Returns the new job: `parent_id`, and
+        `applied_patch` [{field, value, from_finding}]. Idempotency-Key as in `submit`."""
+        body = {"apply": apply, "overrides": overrides or {}}
+        key = idempotency_key or str(uuid.uuid4())
+        return self._json("POST", f"/v1/jobs/{job_id}/retry", expect=(200, 202), json=body,
                           headers={"Idempotency-Key": key})
 
     def job(self, job_id: str) -> dict[str, Any]:

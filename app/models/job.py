@@ -26,6 +26,7 @@ class Job(db.Model):
         Index("ix_jobs_owner_created", "owner_id", "created_at", "id"),
         Index("ix_jobs_status_enqueued", "status", "enqueued_at"),
         Index("ix_jobs_dataset_id", "dataset_id"),
+        Index("ix_jobs_parent_id", "parent_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -51,3 +52,9 @@ class Job(db.Model):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A retry's lineage (migration 0005): the job it was made from, and the spec changes it applied
+    # ([{field, value, from_finding}], from_finding null for an explicit override). No foreign key:
+    # adding one to `jobs` on SQLite means rebuilding the table, and dropping the old one cascades
+    # into every job's metrics. Parent and child always share an owner, so they are deleted together.
+    parent_id: Mapped[str | None] = mapped_column(String(40))
+    applied_patch: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)

@@ -76,8 +76,10 @@ def find_idempotent(owner_id: str, key: str | None) -> Job | None:
     ).scalar_one_or_none()
 
 
-def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
-    """Validate limits, record the job, commit, then enqueue; returns (job, created)."""
+def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None, parent_id: str | None = None,
+               applied_patch: list[dict[str, Any]] | None = None) -> tuple[Job, bool]:
+    """Validate limits, record the job, commit, then enqueue; returns (job, created).
+    A retry (app.services.retry) passes its parent's id and the spec changes it applied."""
     existing = find_idempotent(owner_id, idempotency_key)
     if existing is not None:
         return existing, False
@@ -89,7 +91,7 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None)
     # between this commit and the publish must not send the job a second time
     job = Job(owner_id=owner_id, dataset_id=spec["dataset_id"], name=spec["name"], spec=spec_to_json(spec),
               status="queued", max_steps=spec["training"]["max_steps"], idempotency_key=idempotency_key,
-              enqueued_at=utcnow())
+              enqueued_at=utcnow(), parent_id=parent_id, applied_patch=applied_patch)
     db.session.add(job)
     try:
         db.session.commit()
@@ -172,12 +174,24 @@ def progress(job: Job) -> dict[str, Any]:
             "tokens_seen": job.tokens_seen, "eta_s": eta}
 
 
+def child_ids(job: Job) -> list[str]:
+    """Ids of the jobs retried from this one, oldest first."""
+    return list(db.session.execute(
+        select(Job.id).where(Job.parent_id == job.id).order_by(Job.created_at, Job.id)
+    ).scalars())
+
+
 def job_view(job: Job, with_latest: bool = True) -> dict[str, Any]:
-    """The public shape of a job."""
-    return {
+    """The public shape of a job; with_latest=False is the list shape (no queries: no latest row
+    beyond the stored copy, no children)."""
+    view = {
         "id": job.id, "name": job.name, "status": job.status, "dataset_id": job.dataset_id, "spec": job.spec,
         "created_at": job.created_at, "updated_at": job.updated_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "enqueued_at": job.enqueued_at, "progress": progress(job),
         "latest": latest_row(job) if with_latest else clean_row(job.latest), "health": job.health,
         "error": job.error, "attempts": job.attempts, "cancel_requested": job.cancel_requested,
+        "parent_id": job.parent_id, "applied_patch": job.applied_patch,
     }
+    if with_latest:
+        view["children"] = child_ids(job)
+    return view

@@ -31,7 +31,7 @@ def test_submit_stores_full_defaults(app: Flask, submit: Any, auth: dict[str, st
         "arch": "gru", "n_layers": 2, "d_model": 64, "hidden": 128, "context": 8, "n_heads": 4,
         "activation": "tanh", "norm": "none", "norm_position": "pre", "residual": False, "qk_norm": False,
         "init": "default", "init_std": 0.02, "init_gain": 1.0, "recurrent_init": "default", "forget_bias": 0.0,
-        "dropout": 0.0, "tie_embeddings": False,
+        "dropout": 0.0, "tie_embeddings": False, "depth_scaled_init": False,
     }
     assert spec["training"]["betas"] == [0.9, 0.999] and spec["training"]["seq_len"] == 16
     assert spec["stabilization"]["clip"]["mode"] == "norm"

@@ -83,13 +83,14 @@ def only(findings: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def assert_recommendations_fit(record: dict[str, Any], finding: dict[str, Any]) -> None:
-    """Every recommendation changes the spec, is valid alone and together, and is not repeated once applied."""
+    """Every recommendation changes the spec, is valid applied after those before it (so all together),
+    and is not repeated once applied."""
     spec = full_spec(record.get("spec"))
     recs = finding["recommendations"]
-    for r in recs:
+    for i, r in enumerate(recs):
         assert set(r) == {"field", "value", "why"} and r["why"], r
         assert not already_set(spec, r), f"{finding['kind']} recommends what is set: {r}"
-        parse_spec(apply(spec, [r]))
+        parse_spec(apply(spec, recs[:i + 1]))
     applied = apply(spec, recs)
     parse_spec(applied)
     again = diagnose(**{**record, "spec": applied})

@@ -86,8 +86,8 @@ def test_recommendations_are_valid_new_and_not_repeated_once_applied(kind):
 def test_saturated_sigmoid_gets_smaller_init_normalization_and_relu_not_xavier():
     finding = only(diagnose(**_record("saturated")), "saturated")
     recs = {r["field"]: r["value"] for r in finding["recommendations"]}
-    assert recs == {"model.init_std": 0.05, "model.norm": "batchnorm", "model.activation": "relu",
-                    "model.init": "kaiming_normal"}
+    # switching to He init would leave the smaller init_std unread: the first (smaller init) wins
+    assert recs == {"model.init_std": 0.05, "model.norm": "batchnorm", "model.activation": "relu"}
 
 
 def test_rnn_vanishing_through_time_on_an_lstm_with_everything_set_only_shortens_the_window():
@@ -96,3 +96,22 @@ def test_rnn_vanishing_through_time_on_an_lstm_with_everything_set_only_shortens
                       "training": {"seq_len": 64}}
     recs = only(diagnose(**record), "vanishing_through_time")["recommendations"]
     assert [(r["field"], r["value"]) for r in recs] == [("training.seq_len", 15)]
+
+
+def test_switching_init_puts_the_option_it_leaves_unread_back_to_its_default():
+    record = _record("vanishing")
+    record["spec"] = {"model": {"arch": "mlp", "n_layers": 4, "activation": "tanh", "init": "normal", "init_std": 0.5}}
+    recs = only(diagnose(**record), "vanishing")["recommendations"]
+    fields = [r["field"] for r in recs]
+    assert fields[:2] == ["model.init_std", "model.init"]
+    assert (recs[0]["value"], recs[1]["value"]) == (0.02, "xavier_normal") and "default" in recs[0]["why"]
+    assert_recommendations_fit(record, only(diagnose(**record), "vanishing"))
+
+
+def test_a_fixed_threshold_replacing_an_adaptive_one_resets_the_adaptive_settings_inside_the_section():
+    record = issue8_run()
+    record["spec"]["stabilization"]["clip"] = {"mode": "adaptive", "percentile": 95.0}
+    diverging = only(diagnose(**record), "diverging")
+    [clip] = [r for r in diverging["recommendations"] if r["field"] == "stabilization.clip"]
+    assert clip["value"]["mode"] == "norm" and clip["value"]["percentile"] == 90.0
+    assert_recommendations_fit(record, diverging)

@@ -97,22 +97,23 @@ class _FixedBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, micro: int) -> None:
         self.x, self.y, self.micro, self.i = x, y, micro, 0
 
-    def batch(self, split, batch_size, generator):
+    def batch_with_offsets(self, split, batch_size, generator):
         lo = self.i * self.micro
         self.i += 1
-        return self.x[lo:lo + self.micro], self.y[lo:lo + self.micro]
+        return self.x[lo:lo + self.micro], self.y[lo:lo + self.micro], torch.arange(lo, lo + self.micro)
 
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer", "mlp"])
 def test_four_micro_batches_of_8_equal_one_batch_of_32(tmp_path, arch):
     grads = []
     for batch, accum in [(32, 1), (8, 4)]:
-        s = spec(model={"arch": arch, "n_heads": 2, "norm": "layernorm" if arch != "mlp" else "none"},
+        heads = {"n_heads": 2} if arch == "transformer" else {}  # n_heads is refused for other archs
+        s = spec(model={"arch": arch, **heads, "norm": "layernorm" if arch != "mlp" else "none"},
                  training={"batch_size": batch, "grad_accum_steps": accum, "seed": 3})
         tr = Trainer(s, corpus(), tmp_path / f"{batch}")
         x, y = tr.data.batch("train", 32, torch.Generator().manual_seed(7))
         tr.data = _FixedBatches(x, y, batch)
-        loss = tr._forward_backward()
+        loss, *_ = tr._forward_backward(monitor_acts=False)
         grads.append((loss.item(), [p.grad.clone() for p in tr.params]))
     (loss_big, g_big), (loss_acc, g_acc) = grads
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
@@ -224,7 +225,9 @@ def test_rows_layer_stats_events_and_checkpoints_are_reported(tmp_path, monkeypa
     assert all(r["update_ratio"] > 0 and r["weight_norm"] > 0 for r in rec.layers)
     assert [c["step"] for c in rec.checkpoints] == [5, 10, 15, 20]
     assert [c["step"] for c in rec.removed] == [5, 10]
-    assert [step for step, _ in rec.diagnoses] == [5, 10, 15]  # live diagnosis while running
+    # live diagnosis at metric flushes while running (the final one comes with the result)
+    live_steps = [step for step, _ in rec.diagnoses]
+    assert live_steps and live_steps == sorted(set(live_steps)) and live_steps[-1] < 20
     assert all(summary.startswith(("healthy", "[")) for _, summary in rec.diagnoses)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_15.pt", "step_20.pt"]
     assert rec.kinds()[0] == "started" and rec.kinds()[-1] == "finished"

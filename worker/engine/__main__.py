@@ -23,12 +23,12 @@ from .diagnosis import health_of
 
 
 class FileCallbacks:
-    """Writes metrics.jsonl, layers.jsonl and events.jsonl into the output folder."""
+    """Writes metrics.jsonl, layers.jsonl, activations.jsonl and events.jsonl into the output folder."""
 
     def __init__(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, TextIO] = {
-            name: open(out_dir / f"{name}.jsonl", "a", encoding="utf-8") for name in ("metrics", "layers", "events")
+            name: open(out_dir / f"{name}.jsonl", "a", encoding="utf-8") for name in ("metrics", "layers", "activations", "events")
         }
         self.stop_requested = False
 
@@ -43,6 +43,9 @@ class FileCallbacks:
 
     def on_layer_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
         self._write("layers", [{"step": step, **r} for r in rows])
+
+    def on_activation_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self._write("activations", [{"step": step, **r} for r in rows])
 
     def on_event(self, event: dict[str, Any]) -> None:
         self._write("events", [event])

@@ -13,19 +13,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ARCHS = ("mlp", "rnn", "gru", "lstm", "transformer")
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu", "elu")
-NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
-INITS = (
-    "default",
-    "xavier_uniform",
-    "xavier_normal",
-    "kaiming_uniform",
-    "kaiming_normal",
-    "orthogonal",
-    "normal",
-)
-
 
 class SpecError(ValueError):
     """A spec that cannot be trained; `path` names the offending field."""
@@ -38,25 +25,34 @@ class SpecError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """Architecture and initialisation. Options that only some architectures (or schemes) use are
+    refused by parse_spec when set to a non-default value where they cannot apply."""
+
     arch: Literal["mlp", "rnn", "gru", "lstm", "transformer"] = "lstm"
     n_layers: int = 2
     d_model: int = 64
-    hidden: int = 128
-    context: int = 8
-    n_heads: int = 4
-    activation: str = "tanh"
-    norm: str = "none"
+    # width of each mlp block, of each recurrent layer, or of a transformer's FFN;
+    # None: the architecture's usual width (4 * d_model for transformers, 128 otherwise)
+    hidden: int | None = None
+    context: int = 8  # mlp only: tokens the model sees
+    n_heads: int = 4  # transformer only
+    activation: Literal["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu", "elu"] = "tanh"
+    norm: Literal["none", "batchnorm", "layernorm", "rmsnorm"] = "none"
     norm_position: Literal["pre", "post"] = "pre"
     # None: the architecture's usual choice (on for transformers, off otherwise)
     residual: bool | None = None
-    qk_norm: bool = False
-    init: str = "default"
-    init_std: float = 0.02
-    init_gain: float = 1.0
-    recurrent_init: Literal["default", "orthogonal"] = "default"
-    forget_bias: float = 0.0
+    qk_norm: bool = False  # transformer only
+    init: Literal[
+        "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "normal"
+    ] = "default"
+    init_std: float = 0.02  # init normal only
+    init_gain: float = 1.0  # xavier_*, kaiming_*, orthogonal only
+    recurrent_init: Literal["default", "orthogonal"] = "default"  # rnn, gru, lstm only
+    forget_bias: float = 0.0  # lstm only
     dropout: float = 0.0
     tie_embeddings: bool = False
+    # GPT-2 style: residual branches' output projections scaled by 1/sqrt(2 * n_layers)
+    depth_scaled_init: bool = False
 
 
 @dataclass
@@ -142,62 +138,151 @@ class JobSpec:
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
 
 
-# Checks beyond the type, per field: (predicate, message).
-_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "model.n_layers": (lambda v: 1 <= v <= 64, "must be between 1 and 64"),
-    "model.d_model": (lambda v: 1 <= v <= 4096, "must be between 1 and 4096"),
-    "model.hidden": (lambda v: 1 <= v <= 8192, "must be between 1 and 8192"),
-    "model.context": (lambda v: 1 <= v <= 512, "must be between 1 and 512"),
-    "model.n_heads": (lambda v: v >= 1, "must be at least 1"),
-    "model.activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
-    "model.norm": (lambda v: v in NORMS, f"must be one of {', '.join(NORMS)}"),
-    "model.init": (lambda v: v in INITS, f"must be one of {', '.join(INITS)}"),
-    "model.init_std": (lambda v: 0 < v <= 10, "must be in (0, 10]"),
-    "model.init_gain": (lambda v: 0 < v <= 100, "must be in (0, 100]"),
-    "model.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "training.max_steps": (lambda v: 1 <= v <= 10_000_000, "must be between 1 and 10000000"),
-    "training.batch_size": (lambda v: 1 <= v <= 4096, "must be between 1 and 4096"),
-    "training.seq_len": (lambda v: 2 <= v <= 8192, "must be between 2 and 8192"),
-    "training.grad_accum_steps": (lambda v: 1 <= v <= 1024, "must be between 1 and 1024"),
-    "training.lr": (lambda v: 0 < v <= 100, "must be in (0, 100]"),
-    "training.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "training.betas": (lambda v: all(0 <= b < 1 for b in v), "each must be in [0, 1)"),
-    "training.weight_decay": (lambda v: 0 <= v <= 10, "must be in [0, 10]"),
-    "training.warmup_steps": (lambda v: v >= 0, "must be >= 0"),
-    "training.min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "training.eval_every": (lambda v: v >= 1, "must be >= 1"),
-    "training.eval_batches": (lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
-    "training.val_fraction": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
-    "training.seed": (lambda v: 0 <= v < 2**63, "must be a non-negative 64-bit integer"),
-    "stabilization.clip.max_norm": (lambda v: v > 0, "must be > 0"),
-    "stabilization.clip.norm_type": (lambda v: v > 0, "must be > 0 (inf allowed)"),
-    "stabilization.clip.clip_value": (lambda v: v > 0, "must be > 0"),
-    "stabilization.clip.agc_factor": (lambda v: v > 0, "must be > 0"),
-    "stabilization.clip.agc_eps": (lambda v: v > 0, "must be > 0"),
-    "stabilization.clip.percentile": (lambda v: 0 < v <= 100, "must be in (0, 100]"),
-    "stabilization.clip.z_thresh": (lambda v: v > 0, "must be > 0"),
-    "stabilization.clip.ema_alpha": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-    "stabilization.clip.adaptive_warmup": (lambda v: v >= 1, "must be >= 1"),
-    "stabilization.max_consecutive_skips": (lambda v: v >= 1, "must be >= 1"),
-    "stabilization.explosion_factor": (lambda v: v > 1, "must be > 1"),
-    "stabilization.rollback_lr_factor": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-    "stabilization.max_rollbacks": (lambda v: v >= 0, "must be >= 0"),
-    "stabilization.weight_max_norm": (lambda v: v is None or v > 0, "must be > 0 or null"),
-    "monitoring.layer_stats_every": (lambda v: v >= 1, "must be >= 1"),
-    "monitoring.attribution_top_k": (lambda v: 0 <= v <= 64, "must be between 0 and 64"),
-    "checkpointing.every_steps": (lambda v: v >= 1, "must be >= 1"),
-    "checkpointing.keep_last": (lambda v: 1 <= v <= 100, "must be between 1 and 100"),
+@dataclass(frozen=True)
+class Bound:
+    """An interval a number must lie in (each element, for a tuple); None on a side: unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __call__(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    @property
+    def message(self) -> str:
+        """The refusal's wording, e.g. 'must be between 1 and 64' or 'must be in (0, 10]'."""
+        if self.lo is None:
+            return f"must be {'<' if self.hi_open else '<='} {self.hi}"
+        if self.hi is None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}"
+        if not (self.lo_open or self.hi_open) and isinstance(self.lo, int) and isinstance(self.hi, int):
+            return f"must be between {self.lo} and {self.hi}"
+        return f"must be in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+def _between(lo: float, hi: float) -> Bound:
+    return Bound(lo, hi)
+
+
+def _above(lo: float) -> Bound:
+    return Bound(lo, None, lo_open=True)
+
+
+def _at_least(lo: float) -> Bound:
+    return Bound(lo, None)
+
+
+# Numeric bounds beyond the type, per field. The API's OpenAPI schema is generated from these.
+# A null (where the field allows it) passes; a tuple's elements are checked one by one.
+RULES: dict[str, Bound] = {
+    "model.n_layers": _between(1, 64),
+    "model.d_model": _between(1, 4096),
+    # up to 4 * the largest d_model: a transformer's default FFN width
+    "model.hidden": _between(1, 16384),
+    "model.context": _between(1, 512),
+    "model.n_heads": _at_least(1),
+    "model.init_std": Bound(0, 10, lo_open=True),
+    "model.init_gain": Bound(0, 100, lo_open=True),
+    "model.dropout": Bound(0, 1, hi_open=True),
+    "training.max_steps": _between(1, 10_000_000),
+    "training.batch_size": _between(1, 4096),
+    "training.seq_len": _between(2, 8192),
+    "training.grad_accum_steps": _between(1, 1024),
+    "training.lr": Bound(0, 100, lo_open=True),
+    "training.momentum": Bound(0, 1, hi_open=True),
+    "training.betas": Bound(0, 1, hi_open=True),
+    "training.weight_decay": _between(0, 10),
+    "training.warmup_steps": _at_least(0),
+    "training.min_lr_ratio": _between(0, 1),
+    "training.eval_every": _at_least(1),
+    "training.eval_batches": _between(1, 1000),
+    "training.val_fraction": Bound(0, 0.5, lo_open=True, hi_open=True),
+    "training.seed": _between(0, 2**63 - 1),
+    "stabilization.clip.max_norm": _above(0),
+    "stabilization.clip.norm_type": _above(0),
+    "stabilization.clip.clip_value": _above(0),
+    "stabilization.clip.agc_factor": _above(0),
+    "stabilization.clip.agc_eps": _above(0),
+    "stabilization.clip.percentile": Bound(0, 100, lo_open=True),
+    "stabilization.clip.z_thresh": _above(0),
+    "stabilization.clip.ema_alpha": Bound(0, 1, lo_open=True, hi_open=True),
+    "stabilization.clip.adaptive_warmup": _at_least(1),
+    "stabilization.max_consecutive_skips": _at_least(1),
+    "stabilization.explosion_factor": _above(1),
+    "stabilization.rollback_lr_factor": Bound(0, 1, lo_open=True, hi_open=True),
+    "stabilization.max_rollbacks": _at_least(0),
+    "stabilization.weight_max_norm": _above(0),
+    "monitoring.layer_stats_every": _at_least(1),
+    "monitoring.attribution_top_k": _between(0, 64),
+    "checkpointing.every_steps": _at_least(1),
+    "checkpointing.keep_last": _between(1, 100),
+}
+NAME_MAX_CHARS = 200
+# Floats that may be infinite (an inf-norm clip); every other float must be finite.
+INFINITE_OK = frozenset({"stabilization.clip.norm_type"})
+
+
+def _choices(cls: type, name: str) -> tuple[str, ...]:
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+ARCHS = _choices(ModelConfig, "arch")
+ACTIVATIONS = _choices(ModelConfig, "activation")
+NORMS = _choices(ModelConfig, "norm")
+INITS = _choices(ModelConfig, "init")
+# Schemes that take a gain (model.init_gain); default and normal have none.
+GAINED_INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal")
+RECURRENT_ARCHS = ("rnn", "gru", "lstm")
+_CLIP_MODE = "stabilization.clip.mode"
+# Options that only act under some values of other fields (every condition must hold). Set to
+# anything but its default elsewhere, such an option is refused rather than silently ignored.
+APPLIES_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
+    "model.context": (("model.arch", ("mlp",)),),
+    "model.n_heads": (("model.arch", ("transformer",)),),
+    "model.qk_norm": (("model.arch", ("transformer",)),),
+    "model.recurrent_init": (("model.arch", RECURRENT_ARCHS),),
+    "model.forget_bias": (("model.arch", ("lstm",)),),
+    "model.norm_position": (("model.norm", ("batchnorm", "layernorm", "rmsnorm")),),
+    "model.init_std": (("model.init", ("normal",)),),
+    "model.init_gain": (("model.init", GAINED_INITS),),
+    "training.momentum": (("training.optimizer", ("sgd",)),),
+    "training.betas": (("training.optimizer", ("adam", "adamw")),),
+    "training.min_lr_ratio": (("training.schedule", ("linear", "cosine")),),
+    "stabilization.clip.max_norm": ((_CLIP_MODE, ("norm",)),),
+    "stabilization.clip.clip_value": ((_CLIP_MODE, ("value",)),),
+    "stabilization.clip.agc_factor": ((_CLIP_MODE, ("agc",)),),
+    "stabilization.clip.agc_eps": ((_CLIP_MODE, ("agc",)),),
+    "stabilization.clip.adaptive_method": ((_CLIP_MODE, ("adaptive",)),),
+    "stabilization.clip.adaptive_warmup": ((_CLIP_MODE, ("adaptive",)),),
+    "stabilization.clip.percentile": ((_CLIP_MODE, ("adaptive",)), ("stabilization.clip.adaptive_method", ("percentile",))),
+    "stabilization.clip.z_thresh": ((_CLIP_MODE, ("adaptive",)), ("stabilization.clip.adaptive_method", ("zscore",))),
+    "stabilization.clip.ema_alpha": ((_CLIP_MODE, ("adaptive",)), ("stabilization.clip.adaptive_method", ("zscore",))),
+    "stabilization.rollback_lr_factor": (("stabilization.on_explosion", ("rollback",)),),
+    "stabilization.max_rollbacks": (("stabilization.on_explosion", ("rollback",)),),
 }
 
 
 def parse_spec(raw: Any) -> JobSpec:
     """Build a JobSpec from a JSON-like mapping; raise SpecError naming the field."""
     spec = _build(JobSpec, raw, "")
-    if spec.model.residual is None:
-        spec.model.residual = spec.model.arch == "transformer"
     _check_rules(spec)
     _check_consistency(spec)
+    resolve_model_defaults(spec.model)
+    _check_model(spec.model)
     return spec
+
+
+def resolve_model_defaults(m: ModelConfig) -> ModelConfig:
+    """Fill the architecture-dependent defaults (null residual and hidden) in place."""
+    if m.residual is None:
+        m.residual = m.arch == "transformer"
+    if m.hidden is None:
+        m.hidden = 4 * m.d_model if m.arch == "transformer" else 128
+    return m
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
@@ -248,7 +333,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise SpecError(path, f"must be a list of {len(args)} numbers")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(_coerce(a, v, f"{path}.{i}") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if hint is bool:
         if not isinstance(value, bool):
             raise SpecError(path, "must be a boolean")
@@ -260,7 +345,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(path, "must be a number")
-        if math.isnan(value) or (math.isinf(value) and not path.endswith("norm_type")):
+        if math.isnan(value) or (math.isinf(value) and path not in INFINITE_OK):
             raise SpecError(path, "must be finite")
         return float(value)
     if hint is str:
@@ -278,20 +363,50 @@ def _get(spec: JobSpec, path: str) -> Any:
 
 
 def _check_rules(spec: JobSpec) -> None:
-    for path, (ok, message) in _RULES.items():
-        if not ok(_get(spec, path)):
-            raise SpecError(path, message)
-    if not spec.name or len(spec.name) > 200:
-        raise SpecError("name", "must be 1 to 200 characters")
+    for path, bound in RULES.items():
+        value = _get(spec, path)
+        for i, v in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            if v is not None and not bound(v):
+                raise SpecError(path if i is None else f"{path}.{i}", bound.message)
+    if not spec.name or len(spec.name) > NAME_MAX_CHARS:
+        raise SpecError("name", f"must be 1 to {NAME_MAX_CHARS} characters")
 
 
 def _check_consistency(spec: JobSpec) -> None:
-    m = spec.model
+    if spec.training.warmup_steps > spec.training.max_steps:
+        raise SpecError("training.warmup_steps", "must not exceed training.max_steps")
+    _check_applicable(spec)
+
+
+def _check_applicable(spec: JobSpec) -> None:
+    """Refuse an option set away from its default where nothing reads it (APPLIES_WHEN)."""
+    defaults = JobSpec()
+    for path, conditions in APPLIES_WHEN.items():
+        if _get(spec, path) == _get(defaults, path):
+            continue
+        for control, values in conditions:
+            if _get(spec, control) not in values:
+                raise SpecError(
+                    path, f"only applies when {control} is {' or '.join(map(str, values))}; leave it unset otherwise"
+                )
+
+
+def _check_model(m: ModelConfig) -> None:
+    """Refuse model options that the architecture cannot honour (none is silently ignored)."""
     if m.arch == "transformer" and m.d_model % m.n_heads:
         raise SpecError("model.n_heads", f"must divide model.d_model ({m.d_model})")
     if m.arch == "rnn" and m.activation not in ("tanh", "relu"):
         raise SpecError("model.activation", "a vanilla rnn supports tanh or relu")
-    if m.arch in ("transformer", "rnn", "gru", "lstm") and m.norm == "batchnorm":
+    if m.arch in ("gru", "lstm") and m.activation != "tanh":
+        raise SpecError("model.activation", f"{m.arch} cells have fixed tanh/sigmoid nonlinearities; use tanh")
+    if m.arch != "mlp" and m.norm == "batchnorm":
         raise SpecError("model.norm", "batchnorm is only supported for mlp; use layernorm or rmsnorm")
-    if spec.training.warmup_steps > spec.training.max_steps:
-        raise SpecError("training.warmup_steps", "must not exceed training.max_steps")
+    if m.tie_embeddings and m.arch != "transformer" and m.hidden != m.d_model:
+        raise SpecError(
+            "model.tie_embeddings",
+            f"needs model.hidden ({m.hidden}) to equal model.d_model ({m.d_model}) for {m.arch}",
+        )
+    if m.depth_scaled_init and m.arch in RECURRENT_ARCHS:
+        raise SpecError("model.depth_scaled_init", "applies to transformer and mlp residual branches only")
+    if m.depth_scaled_init and not m.residual:
+        raise SpecError("model.depth_scaled_init", "scales residual branches; needs model.residual true")

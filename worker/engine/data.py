@@ -56,6 +56,13 @@ class TokenData:
         self, split: Literal["train", "val"], batch_size: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows (x, y) of shape [B, seq_len], y = x shifted by one token."""
+        x, y, _ = self.batch_with_offsets(split, batch_size, generator)
+        return x, y
+
+    def batch_with_offsets(
+        self, split: Literal["train", "val"], batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, offsets): `batch` plus each window's start in the token stream (for attribution)."""
         if split == "train":
             lo, hi = 0, self.n_train - self.seq_len - 1
         elif split == "val":
@@ -66,7 +73,11 @@ class TokenData:
         starts = torch.randint(lo, hi + 1, (batch_size,), generator=generator, device=generator.device)
         idx = starts.to(self.tokens.device).unsqueeze(1) + self._offsets
         windows = self.tokens[idx]
-        return windows[:, :-1], windows[:, 1:]
+        return windows[:, :-1], windows[:, 1:], starts
+
+    def excerpt(self, offset: int, n_tokens: int) -> list[int]:
+        """The token ids of the stream from `offset` on (at most n_tokens)."""
+        return self.tokens[offset:offset + n_tokens].tolist()
 
 
 def _too_short_message(n_tokens: int, seq_len: int, val_fraction: float) -> str:

@@ -1,4 +1,6 @@
-"""Weight initialisation per ModelConfig (init, init_std, init_gain, recurrent_init, forget_bias)."""
+"""Weight initialisation per ModelConfig (init, init_std, init_gain, recurrent_init, forget_bias,
+depth_scaled_init). Hidden matrices take the scheme with the activation's gain; embeddings and the
+output head have their own rules (no activation gain)."""
 
 from __future__ import annotations
 
@@ -36,10 +38,8 @@ def _kaiming_(w: torch.Tensor, gain: float, uniform: bool) -> None:
         w.normal_(0.0, std)
 
 
-def init_matrix_(w: torch.Tensor, cfg: ModelConfig) -> None:
-    """Initialise one weight matrix (or gate block) in place per cfg.init."""
-    gain = cfg.init_gain * activation_gain(cfg.activation)
-    scheme = cfg.init
+def init_matrix_(w: torch.Tensor, scheme: str, gain: float, std: float) -> None:
+    """Initialise one weight matrix (or gate block) in place per the scheme (`std`: for normal)."""
     if scheme == "xavier_uniform":
         nn.init.xavier_uniform_(w, gain=gain)
     elif scheme == "xavier_normal":
@@ -51,7 +51,7 @@ def init_matrix_(w: torch.Tensor, cfg: ModelConfig) -> None:
     elif scheme == "orthogonal":
         nn.init.orthogonal_(w, gain=gain)
     elif scheme == "normal":
-        nn.init.normal_(w, mean=0.0, std=cfg.init_std)
+        nn.init.normal_(w, mean=0.0, std=std)
     else:
         raise ValueError(f"unknown init {scheme!r}")
 
@@ -64,21 +64,70 @@ def _blocks(module: nn.Module, name: str, p: torch.Tensor) -> tuple[torch.Tensor
     return (p,)
 
 
-def _init_all(model: nn.Module, cfg: ModelConfig) -> None:
-    """cfg.init on every weight matrix, zero biases, identity norms."""
-    seen: set[int] = set()
+def _is_recurrent_hh(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.RNNBase) and name.startswith("weight_hh")
+
+
+def _matrix_gain(module: nn.Module, name: str, cfg: ModelConfig) -> float:
+    """init_gain times the activation's gain, except on an orthogonal recurrent matrix: its
+    singular values stay at init_gain (1 by default), as a tanh gain would make the recurrence explode."""
+    if cfg.init == "orthogonal" and _is_recurrent_hh(module, name):
+        return cfg.init_gain
+    return cfg.init_gain * activation_gain(cfg.activation)
+
+
+def _init_hidden(module: nn.Module, cfg: ModelConfig) -> None:
+    """cfg.init on a module's own weight matrices, zero biases, identity norms."""
+    for name, p in module.named_parameters(recurse=False):
+        if isinstance(module, _NORMS):
+            p.fill_(1.0 if name == "weight" else 0.0)
+        elif p.dim() >= 2:
+            gain = _matrix_gain(module, name, cfg)
+            for block in _blocks(module, name, p):
+                init_matrix_(block, cfg.init, gain, cfg.init_std)
+        else:
+            p.zero_()
+
+
+def embedding_std(cfg: ModelConfig) -> float:
+    """init normal: init_std. Otherwise N(0, 1) as torch does, except a table tied to the head:
+    1/sqrt(d_model), so the initial logits (hidden . embedding) have std ~1, not ~sqrt(d_model)."""
+    if cfg.init == "normal":
+        return cfg.init_std
+    return 1.0 / math.sqrt(cfg.d_model) if cfg.tie_embeddings else 1.0
+
+
+def _init_embedding(embedding: nn.Embedding, cfg: ModelConfig) -> None:
+    """Every table (tokens, positions) at embedding_std: positions never drown the tokens.
+    N(0, 1) is what torch already drew, so that case is left as it is."""
+    std = embedding_std(cfg)
+    if std != 1.0:
+        nn.init.normal_(embedding.weight, 0.0, std)
+
+
+def _init_head(head: nn.Module, cfg: ModelConfig) -> None:
+    """An untied output head: fan-in scaled (std 1/sqrt(fan_in); init_std for normal), no activation
+    gain since no activation follows it; zero bias. A tied head is its embedding's."""
+    if cfg.tie_embeddings or not isinstance(head, nn.Linear):
+        return
+    std = cfg.init_std if cfg.init == "normal" else 1.0 / math.sqrt(head.in_features)
+    nn.init.normal_(head.weight, 0.0, std)
+    if head.bias is not None:
+        head.bias.zero_()
+
+
+def _init_modules(model: nn.Module, cfg: ModelConfig) -> None:
+    """Each module by its role, in depth order (so a scheme draws in the same order for every role)."""
+    head = model.get_submodule("head")
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:  # tied weights: the first owner (the embedding) decides
-                continue
-            seen.add(id(p))
-            if isinstance(module, _NORMS):
-                p.fill_(1.0 if name == "weight" else 0.0)
-            elif p.dim() >= 2:
-                for block in _blocks(module, name, p):
-                    init_matrix_(block, cfg)
-            else:
-                p.zero_()
+        if isinstance(module, nn.Embedding):
+            _init_embedding(module, cfg)
+        elif cfg.init == "default":  # torch's own init for the rest
+            continue
+        elif module is head:
+            _init_head(head, cfg)
+        else:
+            _init_hidden(module, cfg)
 
 
 def _recurrent_modules(model: nn.Module) -> list[nn.RNNBase]:
@@ -106,13 +155,30 @@ def _set_forget_bias(model: nn.Module, value: float) -> None:
                 p[h : 2 * h].fill_(value / 2)
 
 
+def depth_scale(cfg: ModelConfig) -> float:
+    """GPT-2's residual scaling: each of the 2 * n_layers branches adds variance to the stream."""
+    return 1.0 / math.sqrt(2 * cfg.n_layers)
+
+
+def _scale_residual_branches(model: nn.Module, cfg: ModelConfig) -> None:
+    """The last weight matrix of every residual branch, times depth_scale(cfg)."""
+    for layer in model.residual_branch_outputs():  # type: ignore[operator]
+        layer.weight.mul_(depth_scale(cfg))
+
+
 @torch.no_grad()
 def initialize(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Initialise `model` in place per `cfg`; 'default' keeps torch's own init."""
-    if cfg.init != "default":
-        _init_all(model, cfg)
+    """Initialise `model` in place per `cfg`.
+
+    'default' keeps torch's own init for the hidden layers and the head; the embedding rule
+    (a tied table at 1/sqrt(d_model)), recurrent_init, forget_bias and depth_scaled_init apply
+    under every scheme.
+    """
+    _init_modules(model, cfg)
     if cfg.recurrent_init == "orthogonal":
         _orthogonal_recurrent(model)
     if cfg.forget_bias != 0.0:
         _set_forget_bias(model, cfg.forget_bias)
+    if cfg.depth_scaled_init:
+        _scale_residual_branches(model, cfg)
     return model

@@ -6,12 +6,15 @@ the trainer flushes a batch, so measuring never adds a host sync of its own.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .activations import STAT_KEYS as ACTIVATION_STAT_KEYS
 
 # Consecutive clipped steps that make a "clip burst" event.
 CLIP_BURST = 10
@@ -57,12 +60,20 @@ class PendingLayerStats:
         ]
 
 
-STEP_KEYS = ("step", "loss", "grad_norm", "clipped", "nonfinite", "skipped")
+STEP_KEYS = ("step", "loss", "grad_norm", "clipped", "nonfinite", "skipped", "lr", "val_loss")
 LAYER_KEYS = ("grad_norm", "weight_norm", "update_ratio")
 # Bounds that keep a million-step run's history small: layer records are thinned by half
 # past MAX_LAYER_RECORDS (diagnosis reads medians, which survive thinning); events keep the newest.
 MAX_LAYER_RECORDS = 4096
 MAX_EVENTS = 10_000
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 class RunHistory:
@@ -78,10 +89,18 @@ class RunHistory:
         self.layer_steps: list[int] = []
         self.layer_values: list[list[float]] = []  # per recorded step: LAYER_KEYS x layers, flat
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        # Activation records: sites and kinds once, then per recorded step one flat float array
+        # of ACTIVATION_WIDTH numbers per site (stats, through-time ratio, through-time norms).
+        self.act_sites: list[str] = []
+        self.act_kinds: list[str] = []
+        self.act_positions: list[int] = []
+        self.act_steps: list[int] = []
+        self.act_values: list[array] = []
 
     def add_step(self, row: dict[str, Any]) -> None:
         for key in STEP_KEYS:
-            self.steps[key].append(float(row[key]))
+            value = row.get(key)
+            self.steps[key].append(math.nan if value is None else float(value))
 
     def add_layers(self, step: int, rows: list[dict[str, Any]]) -> None:
         self.layer_names = [r["layer"] for r in rows]
@@ -91,12 +110,49 @@ class RunHistory:
             self.layer_steps = self.layer_steps[::2]
             self.layer_values = self.layer_values[::2]
 
+    def add_activations(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.act_sites = [r["site"] for r in rows]
+        self.act_kinds = [r["kind"] for r in rows]
+        flat = array("d")
+        for row in rows:
+            through_time = row.get("grad_time") or []
+            if through_time:
+                self.act_positions = [int(t) for t, _ in through_time]
+            flat.extend(_num(row.get(k)) for k in ACTIVATION_STAT_KEYS)
+            norms = [n for _, n in through_time] or [math.nan] * len(self.act_positions)
+            flat.extend(_num(v) for v in norms)
+        self.act_steps.append(step)
+        self.act_values.append(flat)
+        if len(self.act_steps) > MAX_LAYER_RECORDS:
+            self.act_steps = self.act_steps[::2]
+            self.act_values = self.act_values[::2]
+
     def step_rows(self) -> list[dict[str, Any]]:
         columns = [self.steps[k] for k in STEP_KEYS]
         return [
-            {"step": int(s), "loss": loss, "grad_norm": g, "clipped": bool(c), "nonfinite": bool(n), "skipped": bool(k)}
-            for s, loss, g, c, n, k in zip(*columns, strict=True)
+            {"step": int(s), "loss": loss, "grad_norm": g, "clipped": bool(c), "nonfinite": bool(n),
+             "skipped": bool(k), "lr": lr, "val_loss": None if math.isnan(v) else v}
+            for s, loss, g, c, n, k, lr, v in zip(*columns, strict=True)
         ]
+
+    @property
+    def activations(self) -> list[dict[str, Any]]:
+        """Activation rows {step, site, kind, <stats>, grad_time, grad_time_ratio} in step then depth order."""
+        n_stats, positions = len(ACTIVATION_STAT_KEYS), self.act_positions
+        width = n_stats + len(positions)
+        rows = []
+        for step, values in zip(self.act_steps, self.act_values, strict=True):
+            for i, (site, kind) in enumerate(zip(self.act_sites, self.act_kinds, strict=True)):
+                chunk = values[i * width:(i + 1) * width]
+                stats = {k: _none_if_nan(v) for k, v in zip(ACTIVATION_STAT_KEYS, chunk[:n_stats], strict=True)}
+                norms = list(chunk[n_stats:])
+                has_time = kind == "recurrent" and norms and not math.isnan(norms[0])
+                rows.append({
+                    "step": step, "site": site, "kind": kind, **stats,
+                    "grad_time": [[t, n] for t, n in zip(positions, norms, strict=True)] if has_time else None,
+                    "grad_time_ratio": norms[0] / norms[-1] if has_time and norms[-1] > 0 else None,
+                })
+        return rows
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -116,14 +172,28 @@ class RunHistory:
             "layer_steps": torch.tensor(self.layer_steps, dtype=torch.int64),
             "layer_values": torch.tensor(self.layer_values, dtype=torch.float64),
             "events": list(self.events),
+            "activations": {
+                "sites": list(self.act_sites), "kinds": list(self.act_kinds),
+                "positions": list(self.act_positions),
+                "steps": torch.tensor(self.act_steps, dtype=torch.int64),
+                "values": torch.tensor([list(v) for v in self.act_values], dtype=torch.float64),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = {k: array("d", state["steps"][k].tolist()) for k in STEP_KEYS}
+        n_steps = len(state["steps"]["step"])
+        self.steps = {k: array("d", state["steps"][k].tolist() if k in state["steps"] else [math.nan] * n_steps)
+                      for k in STEP_KEYS}
         self.layer_names = list(state["layer_names"])
         self.layer_steps = state["layer_steps"].tolist()
         self.layer_values = state["layer_values"].tolist()
         self.events = deque(state["events"], maxlen=MAX_EVENTS)
+        acts = state.get("activations")
+        if acts:
+            self.act_sites, self.act_kinds = list(acts["sites"]), list(acts["kinds"])
+            self.act_positions = list(acts["positions"])
+            self.act_steps = acts["steps"].tolist()
+            self.act_values = [array("d", row) for row in acts["values"].tolist()]
 
     def truncate_after(self, step: int) -> None:
         """Forget everything recorded after `step` (used when resuming)."""
@@ -133,6 +203,9 @@ class RunHistory:
         keep_layers = sum(1 for s in self.layer_steps if s <= step)
         del self.layer_steps[keep_layers:]
         del self.layer_values[keep_layers:]
+        keep_acts = sum(1 for s in self.act_steps if s <= step)
+        del self.act_steps[keep_acts:]
+        del self.act_values[keep_acts:]
         self.events = deque((e for e in self.events if (e.get("step") or 0) <= step), maxlen=MAX_EVENTS)
 
 

@@ -209,10 +209,14 @@ class SpikeGuard:
         """The verdict in words (the rule that fired), for events and errors."""
         if verdict == SpikeGuard.NONFINITE:
             return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-        if grad_norm > self.grad_factor * norm_median:
+        if self.grad_norm_jumped(grad_norm, norm_median):
             return (f"grad norm {grad_norm:.3g} is {grad_norm / norm_median:.0f}x "
                     f"the recent median {norm_median:.3g}")
         return f"loss {loss:.4g} jumped above {self.LOSS_FACTOR}x the recent median {loss_median:.4g}"
+
+    def grad_norm_jumped(self, grad_norm: float, norm_median: float) -> bool:
+        """The grad-norm rule (host floats): the norm is grad_factor times the recent median."""
+        return grad_norm > self.grad_factor * norm_median
 
     def state_dict(self) -> dict:
         return {"norms": self.norms.cpu(), "losses": self.losses.cpu(), "position": self.position}

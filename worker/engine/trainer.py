@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import ActivationMonitor, PendingActivationStats
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import JobSpec, TrainingConfig, spec_to_dict
 from .data import load_text_data
-from .diagnosis import diagnose, summarize
+from .diagnosis import diagnose, health_of, summarize
 from .models import build_model
 from .monitor import (
     HealthTracker,
@@ -54,6 +55,9 @@ HEALTHY_AFTER = 10
 GPU_SYNC_EVERY = 16
 # A live diagnosis waits this many times its own cost since the last one (long runs diagnose less often).
 LIVE_DIAGNOSIS_COST_RATIO = 20
+# A spike event names its worst rows with this much of their text.
+EXCERPT_TOKENS = 120
+EXCERPT_CHARS = 80
 
 
 class Callbacks:
@@ -65,6 +69,9 @@ class Callbacks:
     def on_layer_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Per-layer gradient norm, weight norm and update ratio at `step`."""
 
+    def on_activation_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Per-site activation statistics (and gradients through time) at `step`, in depth order."""
+
     def on_event(self, event: dict[str, Any]) -> None:
         """A lifecycle or stability event: {step, kind, message, data}."""
 
@@ -75,7 +82,7 @@ class Callbacks:
         """keep_last is about to delete this checkpoint file."""
 
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
-        """The diagnosis so far, at each checkpoint of a running job."""
+        """The diagnosis so far, at metric flushes of a running job (throttled by its cost)."""
 
     def may_write_checkpoints(self) -> bool:
         """False once this run no longer owns its checkpoint folder (e.g. a lost lease)."""
@@ -165,6 +172,9 @@ class PendingStep:
     values: torch.Tensor  # loss, grad norm pre/post clip, verdict, median norm, median loss, loss scale
     val_loss: float | None
     layers: PendingLayerStats | None
+    activations: PendingActivationStats | None
+    row_losses: torch.Tensor  # per-example loss of every row of the window (device)
+    offsets: torch.Tensor  # each row's start in the token stream
 
 
 class Trainer:
@@ -206,6 +216,9 @@ class Trainer:
         agc_weights = [w for w in self.weights if w is not head] or self.weights
         self.clipper = GradClipper(stab.clip, self.params, agc_weights)
         self.guard = SpikeGuard(stab.explosion_factor, stab.on_explosion != "none", self.device)
+        self.act_monitor = ActivationMonitor(self.model) if spec.monitoring.activation_stats else None
+        self.pending_activations: list[PendingActivationStats] = []
+        self.latest_findings: list[dict[str, Any]] | None = None
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
         self.pending_steps: list[PendingStep] = []
         self.last_diagnosis_at = -math.inf
@@ -261,9 +274,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = self._forward_backward()
-        self.scaler.unscale_(self.optimizer)  # no-op unless fp16: norms and clipping see true gradients
         want_layers = step % self.spec.monitoring.layer_stats_every == 0
+        monitor_acts = want_layers and self.act_monitor is not None
+        loss, row_losses, offsets, first = self._forward_backward(monitor_acts)
+        activations = self._activation_stats(step, first) if monitor_acts else None
+        self.scaler.unscale_(self.optimizer)  # no-op unless fp16: norms and clipping see true gradients
         grad_norms = layer_grad_norms(self.weights) if want_layers else None
         clip = self.clipper.clip()
         verdict, norm_median, loss_median = self.guard.judge(loss, clip.pre_norm)
@@ -281,24 +296,45 @@ class Trainer:
         val_loss = self.evaluate() if step % t.eval_every == 0 or step == t.max_steps else None
         if val_loss is not None:
             self.last_val_loss = val_loss
-        self.pending_steps.append(PendingStep(step, lr, values, val_loss, layers))
+        self.pending_steps.append(PendingStep(step, lr, values, val_loss, layers, activations, row_losses, offsets))
         if len(self.pending_steps) >= self.sync_every:
             self.sync()
 
-    def _forward_backward(self) -> torch.Tensor:
-        """Accumulate gradients over the window; loss normalized over all its tokens."""
+    def _forward_backward(
+        self, monitor_acts: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Accumulate gradients over the window; loss normalized over all its tokens.
+
+        Returns the loss, every row's own loss and stream offset (for spike attribution)
+        and the first micro-batch (for the through-time probe). With `monitor_acts`, the
+        activation hooks see the first micro-batch's forward pass.
+        """
         t = self.spec.training
         total = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum_steps):
-            x, y = self.data.batch("train", t.batch_size, self.data_gen)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with _autocast(self.device, self.spec.stabilization.precision):
-                logits = self.model(x)
-            # Equal-sized micro-batches: mean / accum == mean over the whole window (one big batch).
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / t.grad_accum_steps
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        return total
+        row_losses, offsets = [], []
+        first: tuple[torch.Tensor, torch.Tensor] | None = None
+        with self.act_monitor.capture() if monitor_acts else nullcontext():
+            for _ in range(t.grad_accum_steps):
+                x, y, starts = self.data.batch_with_offsets("train", t.batch_size, self.data_gen)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                first = first or (x, y)
+                with _autocast(self.device, self.spec.stabilization.precision):
+                    logits = self.model(x)
+                token_losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+                per_row = token_losses.view(x.shape).mean(dim=1)
+                # Equal-sized micro-batches: mean / accum == mean over the whole window (one big batch).
+                loss = per_row.mean() / t.grad_accum_steps
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+                row_losses.append(per_row.detach())
+                offsets.append(starts)
+        assert first is not None
+        return total, torch.cat(row_losses), torch.cat(offsets), first
+
+    def _activation_stats(self, step: int, first: tuple[torch.Tensor, torch.Tensor]) -> PendingActivationStats:
+        """The hooks' statistics and, for recurrent nets, the through-time probe (device tensors)."""
+        assert self.act_monitor is not None
+        return PendingActivationStats(step, self.act_monitor.collected(), self.act_monitor.grad_through_time(*first))
 
     def _apply_or_skip(self, verdict: torch.Tensor) -> None:
         """Optimizer step that the fused kernel skips on the device when the verdict is bad."""
@@ -347,7 +383,8 @@ class Trainer:
                 else:
                     reason = ("fp16 loss scale overflow" if overflow else
                               self.guard.explain(verdict, loss, pre, norm_median, loss_median))
-                    self._troubled(pending.step, verdict, overflow, f"{reason} at step {pending.step}")
+                    spike = self._spike(pending, loss, pre, norm_median, loss_median)
+                    self._troubled(pending.step, verdict, overflow, f"{reason} at step {pending.step}", spike)
             except TrainingFailed as exc:
                 failure = exc
         skipped = verdict != SpikeGuard.HEALTHY or discarded
@@ -360,6 +397,8 @@ class Trainer:
         }
         if pending.layers is not None:
             self.pending_layers.append(pending.layers)
+        if pending.activations is not None:
+            self.pending_activations.append(pending.activations)
         self._record_row(row)
         return failure
 
@@ -368,7 +407,37 @@ class Trainer:
         self.calm_steps += 1
         self.clipper.observe(pre, post)
 
-    def _troubled(self, step: int, verdict: int, overflow: bool, reason: str) -> None:
+    def _spike(self, pending: PendingStep, loss: float, pre: float, norm_median: float,
+               loss_median: float) -> tuple[str, dict[str, Any]]:
+        """Event kind and data of an explosion verdict: which rule fired, by how much, and on which rows."""
+        factor = self.spec.stabilization.explosion_factor
+        if self.guard.grad_norm_jumped(pre, norm_median):
+            kind, data = "grad_norm_spike", {"rule": "grad_norm", "value": pre, "median": norm_median}
+        else:
+            kind, data = "loss_spike", {"rule": "loss", "value": loss, "median": loss_median}
+            factor = SpikeGuard.LOSS_FACTOR
+        data |= {"factor": factor, "policy": self.spec.stabilization.on_explosion,
+                 "attribution": self._attribution(pending)}
+        return kind, data
+
+    def _attribution(self, pending: PendingStep) -> dict[str, Any]:
+        """Where in the dataset the spiking window came from, and its worst rows by their own loss."""
+        offsets = [int(o) for o in pending.offsets.tolist()]
+        losses = pending.row_losses.float().cpu().tolist()
+        ranked = sorted(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf,
+                        reverse=True)
+        top = [{"offset": offsets[i], "loss": losses[i] if math.isfinite(losses[i]) else None,
+                "excerpt": self._excerpt(offsets[i])}
+               for i in ranked[:self.spec.monitoring.attribution_top_k]]
+        return {"offsets": offsets, "top": top}
+
+    def _excerpt(self, offset: int) -> str:
+        # A byte window can start inside a UTF-8 character: drop the partial one.
+        text = self.tokenizer.decode(self.data.excerpt(offset, EXCERPT_TOKENS)).lstrip("\ufffd")
+        return text[:EXCERPT_CHARS]
+
+    def _troubled(self, step: int, verdict: int, overflow: bool, reason: str,
+                  spike: tuple[str, dict[str, Any]]) -> None:
         """A step the device skipped: count it, say why, and stop or roll back per the policies."""
         stab = self.spec.stabilization
         self.calm_steps = 0
@@ -380,7 +449,7 @@ class Trainer:
                     f"{reason} (stabilization.nonfinite is 'stop'); enable clipping or lower training.lr")
         elif verdict == SpikeGuard.EXPLOSION:
             self.health.warn(step)
-            self._event("loss_spike", reason, {"policy": stab.on_explosion}, step)
+            self._event(spike[0], reason, spike[1], step)
         if not overflow and stab.on_explosion == "rollback":
             self._rollback(step, reason)
             return
@@ -454,7 +523,15 @@ class Trainer:
             self.history.add_layers(pending.step, rows)
             self.cb.on_layer_stats(pending.step, rows)
         self.pending_layers = []
+        for acts in self.pending_activations:
+            assert self.act_monitor is not None
+            rows = self.act_monitor.rows(acts.stats, acts.grad_time, self.spec.training.seq_len)
+            self.history.add_activations(acts.step, rows)
+            self.cb.on_activation_stats(acts.step, rows)
+        self.pending_activations = []
         self.last_flush = time.monotonic()
+        if 0 < self.step < self.spec.training.max_steps:  # the final diagnosis comes with the result
+            self._live_diagnosis()
 
     def _event(self, kind: str, message: str, data: dict[str, Any], step: int | None = None) -> None:
         event = {"step": self.step if step is None else step, "kind": kind, "message": message, "data": data}
@@ -482,7 +559,7 @@ class Trainer:
     def diagnose(self) -> list[dict[str, Any]]:
         """Findings over the whole run so far."""
         return diagnose(self.history.step_rows(), self.history.layers, list(self.history.events),
-                        spec_to_dict(self.spec))
+                        spec_to_dict(self.spec), activations=self.history.activations)
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -554,22 +631,24 @@ class Trainer:
                         {"previous": self.last_checkpoint and self.last_checkpoint["step"]})
             return None
         info = {"step": self.step, "path": str(path), **written,
-                "val_loss": self.last_val_loss, "health": self.health.state(self.step)}
+                "val_loss": self.last_val_loss, "health": self._health()}
         self.last_checkpoint = info
         self._event("checkpoint", f"checkpoint written at step {self.step}",
                     {"bytes": written["bytes"], "sha256": written["sha256"]})
         self.cb.on_checkpoint(info)
         self._prune_checkpoints()
-        if self.step < self.spec.training.max_steps:  # the final diagnosis comes with the result
-            self._live_diagnosis()
         return info
+
+    def _health(self) -> str:
+        """The run's health: the worst severity among its latest findings (one health everywhere)."""
+        return health_of(self.latest_findings or [])
 
     def _live_diagnosis(self) -> None:
         """Report the diagnosis so far, spending at most ~5% of the run's time on it."""
         now = time.perf_counter()
         if now - self.last_diagnosis_at < LIVE_DIAGNOSIS_COST_RATIO * self.diagnosis_cost_s:
             return
-        findings = self.diagnose()
+        findings = self.latest_findings = self.diagnose()
         self.last_diagnosis_at = time.perf_counter()
         self.diagnosis_cost_s = self.last_diagnosis_at - now
         self.cb.on_diagnosis(findings, summarize(findings))
@@ -585,10 +664,11 @@ class Trainer:
     # ---- endings -----------------------------------------------------------------------
 
     def _finish_succeeded(self) -> TrainResult:
+        self.flush()
+        # Diagnose before the final checkpoint, so its health is the final diagnosis' health.
+        findings = self.latest_findings = self.diagnose()
         if not self.last_checkpoint or self.last_checkpoint["step"] != self.step:
             self.save()
-        self.flush()
-        findings = self.diagnose()
         self._event("finished", f"finished {self.step} steps; {summarize(findings).splitlines()[0]}",
                     {"val_loss": self.last_val_loss})
         return TrainResult("succeeded", self.step, None, findings, self.last_checkpoint)

@@ -1,7 +1,9 @@
-"""/v1/jobs: submit, list, read, cancel, diagnosis, events."""
+"""/v1/jobs: submit, list, read, cancel, retry, diagnosis, events."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from flask import request
@@ -15,14 +17,39 @@ from app.api.jobs.schemas import (
     JobListQuerySchema,
     JobPageSchema,
     JobSchema,
+    RetryRequestSchema,
 )
 from app.api.utils import json_body
 from app.auth import current_owner_id
 from app.schemas.spec import JobSpecSchema
 from app.services import events as events_service
 from app.services import jobs as service
+from app.services import retry as retry_service
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Training jobs")
+IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}
+
+
+def _idempotency_key() -> str | None:
+    return (request.headers.get("Idempotency-Key") or "").strip()[:200] or None
+
+
+def _job_found_first(view: Callable[..., Any]) -> Callable[..., Any]:
+    """404 for another key's (or no) job before the body is read: such ids look absent whatever is sent."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        service.get_job(current_owner_id(), kwargs["job_id"])
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def _created_or_replayed(job: Any, created: bool) -> Any:
+    """202 with a new job; 200 and Idempotent-Replayed for the job an earlier request made."""
+    if created:
+        return service.job_view(job)
+    return service.job_view(job), 200, {"Idempotent-Replayed": "true"}
 
 
 @blp.route("")
@@ -38,14 +65,10 @@ class Jobs(MethodView):
     @blp.arguments(JobSpecSchema)
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="Idempotent replay: the job an earlier request created")
-    @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}])
+    @blp.doc(parameters=[IDEMPOTENCY_KEY])
     def post(self, spec: dict[str, Any]) -> Any:
         """Submit a job spec; 202 with the queued job (honours Idempotency-Key)."""
-        key = (request.headers.get("Idempotency-Key") or "").strip()[:200] or None
-        job, created = service.submit_job(current_owner_id(), spec, key)
-        if created:
-            return service.job_view(job)
-        return service.job_view(job), 200, {"Idempotent-Replayed": "true"}
+        return _created_or_replayed(*service.submit_job(current_owner_id(), spec, _idempotency_key()))
 
 
 @blp.route("/<string:job_id>")
@@ -65,6 +88,25 @@ class JobCancel(MethodView):
         """Cancel: queued jobs at once (200), running ones at the next step (202); 409 when finished."""
         job = service.cancel_job(current_owner_id(), job_id)
         return service.job_view(job), (200 if job.status == "cancelled" else 202)
+
+
+@blp.route("/<string:job_id>/retry")
+class JobRetry(MethodView):
+    @_job_found_first
+    @json_body
+    @blp.arguments(RetryRequestSchema)
+    @blp.response(202, JobSchema, description="The new job, queued: parent_id and applied_patch say what changed")
+    @blp.alt_response(200, schema=JobSchema, description="Idempotent replay: the job an earlier request created")
+    @blp.alt_response(409, response="CONFLICT", description="The job is still queued or running, or has no "
+                      "recommendations (of the requested kinds) to apply")
+    @blp.doc(parameters=[IDEMPOTENCY_KEY])
+    def post(self, args: dict[str, Any], job_id: str) -> Any:
+        """Retry a finished job with its diagnosis' recommendations and `overrides` applied to its spec.
+
+        Validated, limited and queued like POST /v1/jobs (422 names the patched spec's failing field)."""
+        job, created = retry_service.retry_job(current_owner_id(), job_id, args["apply"], args["overrides"],
+                                               _idempotency_key())
+        return _created_or_replayed(job, created)
 
 
 @blp.route("/<string:job_id>/diagnosis")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields
-from marshmallow.validate import OneOf, Range
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields
+from marshmallow.validate import Length, OneOf, Range, Regexp
 
 from app.models import JOB_STATUSES
 from app.schemas.common import CursorQuerySchema, QuerySchema
@@ -35,6 +37,19 @@ class JobSchema(Schema):
     error = fields.String(allow_none=True)
     attempts = fields.Integer()
     cancel_requested = fields.Boolean()
+    parent_id = fields.String(allow_none=True, metadata={"description": "The job this one retries (null otherwise)"})
+    applied_patch = fields.List(fields.Nested(lambda: PatchEntrySchema()), allow_none=True, metadata={
+        "description": "A retry's spec changes in the order applied (null for a plain submission)"})
+    children = fields.List(fields.String(), metadata={
+        "description": "Ids of the jobs retried from this one, oldest first (single-job answers only, "
+                       "not in GET /v1/jobs listings)"})
+
+
+class PatchEntrySchema(Schema):
+    field = fields.String(metadata={"description": "Dotted spec path, e.g. model.activation"})
+    value = fields.Raw(allow_none=True, metadata={"description": "The value set there (a dict merges into the section)"})
+    from_finding = fields.String(allow_none=True, metadata={
+        "description": "Kind of the finding that recommended it; null for an explicit override"})
 
 
 class JobPageSchema(Schema):
@@ -71,3 +86,46 @@ class EventPageSchema(Schema):
 class EventQuerySchema(QuerySchema):
     after_id = fields.Integer(load_default=0, validate=Range(0, DB_INT_MAX))
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+
+
+MAX_OVERRIDES = 64
+# A dotted spec path: "training.max_steps", "stabilization.clip".
+SPEC_PATH = Regexp(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$", error="is not a dotted spec path like training.max_steps")
+APPLY_DOC = {
+    "description": '"recommendations": every recommendation of the job\'s diagnosis; a list of finding kinds: '
+                   "only those findings' recommendations ([] applies the overrides only). When two "
+                   "recommendations target the same field, the most severe finding's wins.",
+    "oneOf": [{"type": "string", "enum": ["recommendations"]},
+              {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 64}, "maxItems": 32}],
+}
+
+
+class ApplyField(fields.Field):
+    """"recommendations", or a list of finding kinds."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str | list[str]:
+        if value == "recommendations":
+            return value
+        if (isinstance(value, list) and len(value) <= 32
+                and all(isinstance(kind, str) and 0 < len(kind) <= 64 for kind in value)):
+            return list(dict.fromkeys(value))
+        raise ValidationError('must be "recommendations" or a list of finding kinds (e.g. ["vanishing"])')
+
+
+def _at_most_max_overrides(value: dict[str, Any]) -> None:
+    # a Length validator would be documented as maxLength, which means nothing for an object
+    if len(value) > MAX_OVERRIDES:
+        raise ValidationError(f"at most {MAX_OVERRIDES} fields")
+
+
+class RetryRequestSchema(Schema):
+    """POST /v1/jobs/{id}/retry."""
+
+    apply = ApplyField(required=True, metadata=APPLY_DOC)
+    overrides = fields.Dict(
+        keys=fields.String(validate=[Length(1, 200), SPEC_PATH]), values=fields.Raw(allow_none=True),
+        load_default=dict, validate=_at_most_max_overrides,
+        metadata={"maxProperties": MAX_OVERRIDES,
+                  "description": "Dotted spec paths and values set after the recommendations, e.g. "
+                                 '{"training.max_steps": 500}; a dict value merges into a section'})
+

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config import SpecError, parse_spec, spec_to_dict
+from ..config import APPLIES_WHEN, JobSpec, SpecError, parse_spec, spec_to_dict
 from .stats import finite
 
 Rec = dict[str, Any]
@@ -43,14 +43,18 @@ def rec(field: str, value: Any, why: str) -> Rec:
 
 
 def apply(spec: dict[str, Any], recs: list[Rec]) -> dict[str, Any]:
-    """A copy of the spec with the recommendations applied (a dict value replaces the whole section)."""
+    """A copy of the spec with the recommendations applied; a dict value merges into a dict section
+    (as the retry route applies them: {"mode": "norm", "max_norm": 1} keeps the section's other keys)."""
     out = copy.deepcopy(spec)
     for r in recs:
         node = out
         *parents, leaf = r["field"].split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = copy.deepcopy(r["value"])
+        if isinstance(node.get(leaf), dict) and isinstance(r["value"], dict):
+            node[leaf] = {**node[leaf], **copy.deepcopy(r["value"])}
+        else:
+            node[leaf] = copy.deepcopy(r["value"])
     return out
 
 
@@ -78,20 +82,52 @@ def _parses(spec: dict[str, Any]) -> bool:
     return True
 
 
-def fitting(spec: dict[str, Any], recs: list[Rec]) -> list[Rec]:
-    """The recommendations that change the spec and keep it valid, alone and all applied together.
+def _default(path: str) -> Any:
+    return get(spec_to_dict(JobSpec()), path)
 
-    The first recommendation per field wins; one that would make the spec invalid
-    (e.g. batchnorm for a transformer) is dropped rather than shown.
+
+def _with_resets(spec: dict[str, Any], kept: list[Rec], r: Rec) -> list[Rec] | None:
+    """`r`, plus the options it leaves unread put back to their defaults; None when it cannot be valid.
+
+    The spec refuses an option set where nothing reads it (config.APPLIES_WHEN): a switch from
+    init "normal" to "kaiming_normal" needs init_std back at its default. Inside a section value
+    (stabilization.clip) the reset joins the value, so one field still carries the whole change.
+    """
+    resets: list[Rec] = []
+    for _ in range(8):
+        try:
+            parse_spec(apply(spec, [*kept, *resets, r]))
+            return [*resets, r]
+        except (SpecError, TypeError) as exc:
+            path = getattr(exc, "path", "")
+            if path not in APPLIES_WHEN or path == r["field"] or any(x["field"] == path for x in [*kept, *resets]):
+                return None  # not a leftover option, or one an earlier recommendation sets: an alternative
+            if isinstance(r["value"], dict) and path.startswith(r["field"] + "."):
+                r = {**r, "value": {**r["value"], path.removeprefix(r["field"] + "."): _default(path)}}
+            else:
+                resets.append(rec(path, _default(path), f"back to its default: nothing reads it once "
+                                                        f"{r['field']} is {r['value']}"))
+    return None
+
+
+def fitting(spec: dict[str, Any], recs: list[Rec]) -> list[Rec]:
+    """The recommendations that change the spec and keep it valid, in order: each one applied after
+    those before it (and so all of them together) gives a spec that parse_spec accepts.
+
+    The first recommendation per field wins; one that would make the spec invalid (e.g. batchnorm
+    for a transformer) is dropped rather than shown.
     """
     can_check = _parses(spec)
     kept: list[Rec] = []
     for r in recs:
         if any(k["field"] == r["field"] for k in kept) or already_set(spec, r):
             continue
-        if can_check and not _parses(apply(spec, [*kept, r])):
+        if not can_check:
+            kept.append(r)
             continue
-        kept.append(r)
+        valid = _with_resets(spec, kept, r)
+        if valid is not None:
+            kept += valid
     return kept
 
 

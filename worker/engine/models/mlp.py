@@ -11,21 +11,29 @@ from worker.engine.models.layers import TiedHead, check_tie, make_activation, ma
 
 
 class MLPBlock(nn.Module):
-    """Linear -> norm -> activation -> dropout, with an optional residual."""
+    """Linear -> activation -> dropout, with norm (pre or post) and an optional residual."""
 
     def __init__(self, in_dim: int, out_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.residual = cfg.residual
+        # Register in forward order so named_parameters() follows depth.
+        if self.pre:
+            self.norm = make_norm(cfg.norm, in_dim)
         self.linear = nn.Linear(in_dim, out_dim)
-        self.norm = make_norm(cfg.norm, out_dim)
         self.act = make_activation(cfg.activation)
+        # The skip path needs a projection when the block changes width.
+        self.proj = nn.Linear(in_dim, out_dim, bias=False) if cfg.residual and in_dim != out_dim else None
+        if not self.pre:
+            self.norm = make_norm(cfg.norm, out_dim)
         self.drop = nn.Dropout(cfg.dropout)
-        # A skip only makes sense when the widths match (no projection here).
-        self.residual = cfg.residual and in_dim == out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in_dim] -> [N, out_dim]."""
-        h = self.drop(self.act(self.norm(self.linear(x))))
-        return x + h if self.residual else h
+        """x: [N, in_dim] -> [N, out_dim]: pre x(+)f(norm(x)), post norm(x(+)f(x))."""
+        h = self.drop(self.act(self.linear(self.norm(x) if self.pre else x)))
+        if self.residual:
+            h = h + (self.proj(x) if self.proj is not None else x)
+        return h if self.pre else self.norm(h)
 
 
 class MLPLanguageModel(nn.Module):
@@ -33,20 +41,23 @@ class MLPLanguageModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int) -> None:
         super().__init__()
-        check_tie(cfg.tie_embeddings, cfg.hidden, cfg.d_model, "mlp")
+        hidden = cfg.hidden
+        check_tie(cfg.tie_embeddings, hidden, cfg.d_model, "mlp")
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.context = cfg.context
         # Positions before the start of the sequence read an extra padding token.
         self.pad_id = vocab_size
         self.embed = nn.Embedding(vocab_size + 1, cfg.d_model)
-        widths = [cfg.context * cfg.d_model] + [cfg.hidden] * cfg.n_layers
+        widths = [cfg.context * cfg.d_model] + [hidden] * cfg.n_layers
         self.layers = nn.ModuleList(MLPBlock(a, b, cfg) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        # Pre-norm leaves the last block's output unnormalized; normalize it once before the head.
+        self.norm_f = make_norm(cfg.norm, hidden) if cfg.norm_position == "pre" else nn.Identity()
         self.head: nn.Module
         if cfg.tie_embeddings:
             self.head = TiedHead(self.embed, vocab_size)
         else:
-            self.head = nn.Linear(cfg.hidden, vocab_size)
+            self.head = nn.Linear(hidden, vocab_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, vocab]; position t sees tokens t-context+1..t."""
@@ -56,7 +67,11 @@ class MLPLanguageModel(nn.Module):
         x = self.embed(windows).reshape(B * T, -1)
         for layer in self.layers:
             x = layer(x)
-        return self.head(x).view(B, T, self.vocab_size)
+        return self.head(self.norm_f(x)).view(B, T, self.vocab_size)
+
+    def residual_branch_outputs(self) -> list[nn.Linear]:
+        """The linear map of each residual block's branch (for depth-scaled init)."""
+        return [layer.linear for layer in self.layers if layer.residual]
 
     def layer_names(self) -> list[str]:
         """Weight matrices in depth order."""

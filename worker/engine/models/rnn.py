@@ -11,6 +11,8 @@ from worker.engine.models.layers import check_tie, make_norm
 
 def make_recurrent(arch: str, in_dim: int, hidden: int, activation: str) -> nn.RNNBase:
     """One single-layer torch recurrent module (batch_first) of the given kind."""
+    if arch in ("lstm", "gru") and activation != "tanh":
+        raise ValueError(f"{arch} cells have fixed tanh/sigmoid nonlinearities; model.activation must be tanh")
     if arch == "lstm":
         return nn.LSTM(in_dim, hidden, num_layers=1, batch_first=True)
     if arch == "gru":
@@ -25,20 +27,18 @@ def make_recurrent(arch: str, in_dim: int, hidden: int, activation: str) -> nn.R
 class RecurrentBlock(nn.Module):
     """One recurrent layer with optional norm (pre or post), residual and dropout."""
 
-    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_dim: int, hidden: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.pre = cfg.norm_position == "pre"
         self.residual = cfg.residual
         # Register in forward order so named_parameters() follows depth.
         if self.pre:
             self.norm = make_norm(cfg.norm, in_dim)
-        self.rnn = make_recurrent(cfg.arch, in_dim, cfg.hidden, cfg.activation)
+        self.rnn = make_recurrent(cfg.arch, in_dim, hidden, cfg.activation)
         # The skip path needs a projection when the layer changes width.
-        self.proj = (
-            nn.Linear(in_dim, cfg.hidden, bias=False) if cfg.residual and in_dim != cfg.hidden else None
-        )
+        self.proj = nn.Linear(in_dim, hidden, bias=False) if cfg.residual and in_dim != hidden else None
         if not self.pre:
-            self.norm = make_norm(cfg.norm, cfg.hidden)
+            self.norm = make_norm(cfg.norm, hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,15 +55,16 @@ class RecurrentLanguageModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int) -> None:
         super().__init__()
-        check_tie(cfg.tie_embeddings, cfg.hidden, cfg.d_model, cfg.arch)
+        hidden = cfg.hidden
+        check_tie(cfg.tie_embeddings, hidden, cfg.d_model, cfg.arch)
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
-        widths = [cfg.d_model] + [cfg.hidden] * cfg.n_layers
-        self.layers = nn.ModuleList(RecurrentBlock(w, cfg) for w in widths[:-1])
+        widths = [cfg.d_model] + [hidden] * cfg.n_layers
+        self.layers = nn.ModuleList(RecurrentBlock(w, hidden, cfg) for w in widths[:-1])
         # Pre-norm leaves the residual stream unnormalized; normalize it once before the head.
-        self.norm_f = make_norm(cfg.norm, cfg.hidden) if cfg.norm_position == "pre" else nn.Identity()
-        self.head = nn.Linear(cfg.hidden, vocab_size, bias=not cfg.tie_embeddings)
+        self.norm_f = make_norm(cfg.norm, hidden) if cfg.norm_position == "pre" else nn.Identity()
+        self.head = nn.Linear(hidden, vocab_size, bias=not cfg.tie_embeddings)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -73,6 +74,10 @@ class RecurrentLanguageModel(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(self.norm_f(x))
+
+    def residual_branch_outputs(self) -> list[nn.Linear]:
+        """None: a recurrent branch ends in its gated cell, with no projection to scale."""
+        return []
 
     def layer_names(self) -> list[str]:
         """Weight matrices in depth order (input-to-hidden before hidden-to-hidden)."""

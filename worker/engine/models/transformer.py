@@ -44,13 +44,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP of width 4*d_model."""
+    """Position-wise MLP of width model.hidden (4 * d_model unless set)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        hidden = cfg.hidden
+        self.fc = nn.Linear(cfg.d_model, hidden)
         self.act = make_activation(cfg.activation)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.proj = nn.Linear(hidden, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,7 @@ class TransformerLanguageModel(nn.Module):
             raise ValueError(f"model.n_heads ({cfg.n_heads}) must divide model.d_model ({cfg.d_model})")
         self.vocab_size = vocab_size
         self.seq_len = seq_len
+        self.residual = cfg.residual
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -120,6 +122,10 @@ class TransformerLanguageModel(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm_f(x))
+
+    def residual_branch_outputs(self) -> list[nn.Linear]:
+        """The projection that ends each attention and FFN branch (for depth-scaled init)."""
+        return [layer for b in self.blocks for layer in (b.attn.proj, b.mlp.proj)] if self.residual else []
 
     def layer_names(self) -> list[str]:
         """Weight matrices in depth order."""
