@@ -19,7 +19,9 @@ from .spec import full_spec
 
 __all__ = ["SEVERITIES", "Finding", "diagnose", "health_of", "summarize"]
 
-# Order matters only where a detector reads earlier findings (stalled defers to diverging).
+# The order is the order of findings within a severity (root causes first: non-finite values and
+# explosions before what follows from them), and lets a detector read earlier findings
+# (stalled defers to diverging).
 DETECTORS: tuple[Callable[[Run], list[Finding]], ...] = (
     gradients.nonfinite,
     gradients.exploding,
@@ -45,14 +47,14 @@ def diagnose(
     spec: dict[str, Any] | None = None,
     activations: list[dict[str, Any]] | None = None,
 ) -> list[Finding]:
-    """Findings for a run, most severe first (then earliest); empty when the run looks healthy."""
+    """Findings for a run, most severe first (then in DETECTORS order); empty when the run looks healthy."""
     run = Run(list(steps), list(layers), list(events or []), list(activations or []), full_spec(spec))
     for detect in DETECTORS:
         for f in detect(run):
             run.found[f["kind"]] = f
     order = {s: i for i, s in enumerate(SEVERITIES)}
-    return sorted(run.found.values(),
-                  key=lambda f: (order[f["severity"]], (f["steps"] or {}).get("first") or 0))
+    # stable: within a severity, detector order (the retry route applies the first finding's value)
+    return sorted(run.found.values(), key=lambda f: order[f["severity"]])
 
 
 def summarize(findings: list[Finding]) -> str:
