@@ -10,7 +10,7 @@ from flask import Flask, g, request
 from flask_smorest import abort
 from sqlalchemy import select
 
-from app.extensions import db
+from app.extensions import db, spend_unauthenticated
 from app.models import ApiKey
 
 PUBLIC_V1_PATHS = {"/v1/openapi.json"}
@@ -36,6 +36,7 @@ def find_key(secret: str) -> ApiKey | None:
 
 
 def _unauthorized(message: str) -> None:
+    spend_unauthenticated()  # 429 instead once this address has sent too many
     abort(401, message=message, headers={"WWW-Authenticate": 'Bearer realm="stabletrain"'})
 
 

@@ -12,7 +12,12 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_MAX_STEPS                 largest training.max_steps (default 1,000,000)
 - STABLETRAIN_MAX_SEQ_LEN               largest training.seq_len (default 2048)
 - STABLETRAIN_MAX_LIVE_JOBS             queued + running jobs per key (default 8)
+- STABLETRAIN_MAX_QUEUED_SAMPLES        queued + running samples per key (default 8); past it 429
+- STABLETRAIN_SAMPLE_MAX_WAITING        sample requests per API process that may hold their thread for
+                                        `?wait=` at once (default 1); past it they answer 202 at once
 - STABLETRAIN_RATELIMIT_DEFAULT         Flask-Limiter default limit per key (default "600/minute")
+- STABLETRAIN_RATELIMIT_UNAUTHENTICATED per-IP limit of requests without a valid key, 401s included
+                                        (default "30/minute")
 - STABLETRAIN_RATELIMIT_STORAGE_URI     limiter storage (default memory://; e.g. redis://host:6379/1)
 - STABLETRAIN_RATELIMIT_ENABLED         turn rate limiting off with 0/false
 - STABLETRAIN_ENQUEUE_RETRIES           broker publish retries before giving up (default 1)
@@ -45,12 +50,15 @@ def default_config() -> dict[str, Any]:
         "MAX_STEPS": 1_000_000,
         "MAX_SEQ_LEN": 2048,
         "MAX_LIVE_JOBS": 8,
+        "MAX_QUEUED_SAMPLES": 8,
+        "SAMPLE_MAX_WAITING": 1,
         "ENQUEUE_RETRIES": 1,
         "BROKER_TIMEOUT_S": 1.0,
         "SAMPLE_POLL_S": 0.2,
         "LOG_JSON": False,
         "LOG_LEVEL": "INFO",
         "RATELIMIT_DEFAULT": "600/minute",
+        "RATELIMIT_UNAUTHENTICATED": "30/minute",
         "RATELIMIT_STORAGE_URI": "memory://",
         "RATELIMIT_ENABLED": True,
         "RATELIMIT_HEADERS_ENABLED": True,

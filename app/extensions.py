@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -11,9 +13,10 @@ from flask import Flask, current_app, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
-from flask_smorest import Api
+from flask_smorest import Api, abort
 from flask_sqlalchemy import SQLAlchemy
 from kombu import Exchange, Queue
+from limits import parse as parse_limit
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 
@@ -129,5 +132,26 @@ def init_limiter(app: Flask, exempt: tuple[Any, ...] = ()) -> Limiter:
     limiter.init_app(app)
     for blueprint in exempt:
         limiter.exempt(blueprint)
+    app.extensions["stabletrain_limiter"] = limiter
     return limiter
+
+
+def spend_unauthenticated() -> None:
+    """Count a request that has no valid key (it is about to answer 401) against its address's budget,
+    RATELIMIT_UNAUTHENTICATED in the limiter's storage; past it, 429 with Retry-After instead.
+
+    Auth runs before the limiter, so without this a client could send bad keys without limit, each one
+    a database lookup. Requests with a valid key never spend this budget, nor does it spend theirs."""
+    config = current_app.config
+    if not config.get("RATELIMIT_ENABLED", True):
+        return
+    limiter: Limiter = current_app.extensions["stabletrain_limiter"]
+    item = parse_limit(str(config["RATELIMIT_UNAUTHENTICATED"]))
+    bucket = (str(config.get("RATELIMIT_KEY_PREFIX") or ""), "unauthenticated", "ip:" + (get_remote_address() or "unknown"))
+    if limiter.limiter.hit(item, *bucket):
+        return
+    reset_at, _remaining = limiter.limiter.get_window_stats(item, *bucket)
+    retry_after = max(1, math.ceil(reset_at - time.time()))
+    abort(429, message=f"Rate limit exceeded ({item} per address for requests without a valid API key).",
+          headers={"Retry-After": str(retry_after)}, details={"limit": str(item), "scope": "unauthenticated"})
 celery_client = CeleryClient()

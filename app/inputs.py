@@ -3,7 +3,7 @@
 PostgreSQL cannot store NUL in text, and no driver can encode an unpaired UTF-16 surrogate (which a
 JSON `\\ud800` escape produces), so such strings would fail deep in a query as a 500. They are
 answered here instead, with the field path: 422 for a JSON field, a query parameter or the
-Idempotency-Key header. A JSON body nested too deeply for the parser, or with a number too long to
+Idempotency-Key header (over MAX_IDEMPOTENCY_KEY characters: 400, never cut). A JSON body nested too deeply for the parser, or with a number too long to
 convert, is malformed (400), like any body that is not JSON. JSON bodies are small (job specs, sample
 prompts): over MAX_JSON_BYTES they answer 413.
 """
@@ -19,6 +19,7 @@ from flask_smorest import abort
 from werkzeug.exceptions import RequestEntityTooLarge
 
 BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
+MAX_IDEMPOTENCY_KEY = 255
 BAD_TEXT_MESSAGE = "must not contain NUL characters or unpaired surrogates"
 MAX_PATHS = 20
 
@@ -78,6 +79,10 @@ def check_inputs() -> None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and BAD_TEXT.search(key):
         _reject(["Idempotency-Key"])
+    if key is not None and len(key.strip()) > MAX_IDEMPOTENCY_KEY:  # never cut: two keys must not become one
+        abort(400, message=f"Idempotency-Key is {len(key.strip())} characters; at most {MAX_IDEMPOTENCY_KEY} "
+                           "are allowed.",
+              details={"Idempotency-Key": [f"Longer than {MAX_IDEMPOTENCY_KEY} characters."]})
     if request.method in ("POST", "PUT", "PATCH") and request.is_json:
         _check_json_body()
 

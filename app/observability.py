@@ -1,14 +1,30 @@
-"""Prometheus metrics: request counts and latency by endpoint, jobs by status."""
+"""Prometheus metrics: request counts and latency by endpoint, jobs by status.
+
+Under gunicorn every worker process counts its own requests. With
+PROMETHEUS_MULTIPROC_DIR set (gunicorn.conf.py sets and empties it at start)
+prometheus_client keeps each process's values in files there, and a scrape
+merges the files of every worker, live or exited, so one scrape of any worker
+sees the whole server's totals. Without it (tests, `flask run`) the app's own
+registry is used.
+
+No metric carries a tenant: labels are method, endpoint (the route's name,
+never the URL with its ids), status and job status. Nothing per key is exposed,
+so /metrics needs no API key; STABLETRAIN_METRICS_TOKEN, when set, makes it
+require `Authorization: Bearer <token>` for deployments where the scrape port
+is reachable from outside (app/ops.py).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 
 from flask import Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
@@ -16,6 +32,8 @@ from app.extensions import db
 from app.models import JOB_STATUSES, Job
 
 access_log = logging.getLogger("app.access")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class JobsByStatus(Collector):
@@ -61,5 +79,10 @@ def _observe(response: Response) -> Response:
 
 
 def registry() -> CollectorRegistry:
-    """The current app's Prometheus registry."""
-    return current_app.extensions["stabletrain_metrics"][0]
+    """What one scrape exposes: every process's values in multiprocess mode, else this app's registry."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return current_app.extensions["stabletrain_metrics"][0]
+    merged = CollectorRegistry()  # a fresh one per scrape, as prometheus_client's multiprocess docs say
+    MultiProcessCollector(merged)
+    merged.register(JobsByStatus())
+    return merged

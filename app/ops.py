@@ -1,10 +1,11 @@
-"""Unauthenticated operational routes: /healthz, /readyz, /metrics, /docs."""
+"""Operational routes without an API key: /healthz, /readyz, /metrics, /docs."""
 
 from __future__ import annotations
 
+import hmac
 from html import escape
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import error_response
@@ -36,8 +37,17 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus exposition."""
+    """Prometheus exposition; with STABLETRAIN_METRICS_TOKEN set, only for `Bearer <that token>`."""
+    token = current_app.config.get("METRICS_TOKEN")
+    if token and not _bearer_matches(str(token)):
+        return error_response(401, "Metrics need the operator token: send 'Authorization: Bearer <token>'.", {},
+                              headers={"WWW-Authenticate": 'Bearer realm="stabletrain-metrics"'})
     return Response(generate_latest(registry()), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _bearer_matches(token: str) -> bool:
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(secret.strip().encode(), token.encode())
 
 
 @bp.get("/docs")

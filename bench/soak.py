@@ -1,16 +1,21 @@
-"""Soak: a stream of small jobs against two workers, one of them SIGKILLed every so often.
+"""Soak: a stream of jobs against two workers, the one training SIGKILLed every so often.
 
 For `--duration` seconds a job is submitted through the API (in-process Flask
 client) every `--submit-every` seconds while two `celery worker` processes
-train them; every `--kill-every` seconds one worker (alternating) is killed
-with SIGKILL, by pid, and started again. Then the stream stops and every
-accepted job is waited for (bounded by `--drain-timeout`). Prints jobs
-accepted, succeeded, failed, resumed after a kill, lost (accepted but not
-succeeded: must be 0) and duplicated steps (a step row twice, a gap, or a
-succeeded job without exactly max_steps rows: must be 0). Last line `lost: N`;
-exit status 1 when anything was lost or duplicated.
+train them. Every `--kill-every` seconds the soak waits (up to `--kill-wait`
+seconds) for a job that is training, and SIGKILLs, by pid, the worker whose id
+is that job's `worker_id`, then starts it again; a kill with no job in training
+hits the other worker and counts as idle. Jobs last a few seconds each (80 to
+200 steps, a checkpoint every 20), so kills land mid-job. Then the stream stops and
+every accepted job is waited for (bounded by `--drain-timeout`). Prints jobs
+accepted, succeeded, failed, resumed after a kill, kills and how many landed
+mid-job (the job was training on the victim and was later resumed), lost
+(accepted but not succeeded: must be 0) and duplicated steps (a step row
+twice, a gap, or a succeeded job without exactly max_steps rows: must be 0).
+Last line `lost: N`; exit status 1 when anything was lost or duplicated, or
+when fewer than `--min-mid-job` (90 %) of the kills landed mid-job.
 
-    python bench/soak.py [--duration 120] [--kill-every 20] [--submit-every 1]
+    python bench/soak.py [--duration 120] [--kill-every 20] [--submit-every 4]
     python bench/soak.py --servers   # PostgreSQL + Redis from STABLETRAIN_TEST_POSTGRES_URL / _REDIS_URL
 
 Default: the embedded stack (SQLite file + SQLAlchemy broker) in a temp folder.
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +61,15 @@ WORKER_ENV = {
 
 
 def job_spec(rng: random.Random, dataset_id: str, i: int) -> dict[str, Any]:
+    """A job of a few seconds on one CPU core, with checkpoints, so a kill lands while it trains."""
     return {
         "name": f"soak-{i}", "dataset_id": dataset_id,
-        "model": {"arch": rng.choice(["lstm", "gru", "mlp"]), "n_layers": 1, "d_model": 16, "hidden": 16,
+        "model": {"arch": rng.choice(["lstm", "gru", "mlp"]), "n_layers": 1, "d_model": 32, "hidden": 32,
                   "dropout": 0.1},
-        "training": {"max_steps": rng.randint(20, 150), "batch_size": 4, "seq_len": 16, "eval_every": 25,
+        "training": {"max_steps": rng.randint(80, 200), "batch_size": 8, "seq_len": 32, "eval_every": 40,
                      "seed": i},
         "monitoring": {"layer_stats_every": 10},
-        "checkpointing": {"every_steps": 25, "keep_last": 2},
+        "checkpointing": {"every_steps": 20, "keep_last": 2},
     }
 
 
@@ -73,15 +80,32 @@ class Workers:
         self.env, self.root = env, root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.generation: dict[str, int] = {}
+        self.names: dict[str, str] = {}  # Celery node name (before the @host) of each slot's process
 
     def start(self, slot: str) -> None:
         gen = self.generation[slot] = self.generation.get(slot, 0) + 1
+        self.names[slot] = f"soak-{slot}-{uuid.uuid4().hex[:6]}"
         log = open(self.root / f"worker-{slot}.log", "ab")  # noqa: SIM115 - the child owns it
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,samples",
-               "-c", "1", "--pool=solo", "-n", f"soak-{slot}-{uuid.uuid4().hex[:6]}@%h", "--loglevel=INFO"]
+               "-c", "1", "--pool=solo", "-n", f"{self.names[slot]}@%h", "--loglevel=INFO"]
         env = {**self.env, "STABLETRAIN_WORKER_ID": f"{slot}.{gen}"}
         self.procs[slot] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+
+    def worker_id(self, slot: str) -> str:
+        """The STABLETRAIN_WORKER_ID of the slot's current process (what it writes to jobs.worker_id)."""
+        return f"{slot}.{self.generation[slot]}"
+
+    def wait_ready(self, slot: str, timeout_s: float = 180) -> None:
+        """Until the slot's worker logs Celery's `<name>@<host> ready.` (a first start can take long here)."""
+        name = self.names[slot]
+        deadline = time.monotonic() + timeout_s
+        log = self.root / f"worker-{slot}.log"
+        while not any(line.endswith(" ready.") and f" {name}@" in line
+                      for line in log.read_text(errors="replace").splitlines()):
+            if time.monotonic() > deadline or self.procs[slot].poll() is not None:
+                raise SystemExit(f"soak: worker {slot} did not start; see {log}")
+            time.sleep(0.2)
 
     def kill(self, slot: str) -> None:
         proc = self.procs.pop(slot)
@@ -105,7 +129,8 @@ def servers_config(root: Path) -> tuple[dict[str, str], Any]:
     admin = create_engine(pg_base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    broker = redis_base.rsplit("/", 1)[0] + "/13" if redis_base.count("/") > 2 else redis_base + "/13"
+    db_number = os.environ.get("STABLETRAIN_TEST_REDIS_DB", "13")  # a db of its own: no one else's messages
+    broker = (redis_base.rsplit("/", 1)[0] if redis_base.count("/") > 2 else redis_base) + f"/{db_number}"
     redis.Redis.from_url(broker).flushdb()
 
     def cleanup() -> None:
@@ -118,11 +143,28 @@ def servers_config(root: Path) -> tuple[dict[str, str], Any]:
     return {"DATABASE_URL": url, "BROKER_URL": broker, "STORAGE_DIR": str(root / "storage")}, cleanup
 
 
+def training_job(engine: Any, workers: Workers) -> tuple[str, str, int, int] | None:
+    """(slot, job id, step, max_steps) of a worker training a job right now: past its first step and short
+    of its last fifth, so the job cannot end on its own before the kill lands."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(Job.id, Job.worker_id, Job.step, Job.max_steps)
+                            .where(Job.status == "running", Job.step >= 1)).all()
+    training = {row.worker_id: row for row in rows if row.step <= 0.8 * row.max_steps}
+    for slot in workers.procs:
+        if (row := training.get(workers.worker_id(slot))) is not None:
+            return slot, row.id, row.step, row.max_steps
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=120, help="seconds of job stream (default 120)")
     parser.add_argument("--kill-every", type=float, default=20, help="SIGKILL a worker this often (s)")
-    parser.add_argument("--submit-every", type=float, default=1.0, help="one job this often (s)")
+    parser.add_argument("--kill-wait", type=float, default=15,
+                        help="at a kill, wait up to this long for a job in training (s)")
+    parser.add_argument("--min-mid-job", type=float, default=0.9,
+                        help="fail when a smaller share of the kills landed mid-job (default 0.9)")
+    parser.add_argument("--submit-every", type=float, default=4.0, help="one job this often (s)")
     parser.add_argument("--drain-timeout", type=float, default=300, help="bound on waiting for the backlog (s)")
     parser.add_argument("--servers", action="store_true", help="PostgreSQL + Redis instead of the embedded stack")
     parser.add_argument("--seed", type=int, default=0)
@@ -154,10 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     workers = Workers(env, root)
     rng = random.Random(args.seed)
     accepted: dict[str, int] = {}
-    refused = kills = mid_job = 0
+    refused = kills = 0
+    victims: list[str] = []  # the job each mid-job kill interrupted
     try:
         for slot in ("a", "b"):
             workers.start(slot)
+        for slot in ("a", "b"):  # the clock starts with both workers up
+            workers.wait_ready(slot)
         print(f"soak: {args.duration:g} s of jobs every {args.submit_every:g} s, SIGKILL a worker every "
               f"{args.kill_every:g} s ({'PostgreSQL + Redis' if args.servers else 'embedded'}; {root})", flush=True)
         start = time.monotonic()
@@ -165,17 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() - start < args.duration:
             now = time.monotonic()
             if now >= next_kill:
-                # prefer the worker that is training right now: the kill then lands mid-job
-                with engine.connect() as conn:
-                    owners = conn.execute(select(Job.worker_id).where(Job.status == "running")).scalars().all()
-                busy = [slot for slot in ("a", "b") if f"{slot}.{workers.generation[slot]}" in owners]
-                victim = busy[0] if busy else victim
-                workers.kill(victim)
-                workers.start(victim)
-                kills += 1
-                mid_job += bool(busy)
-                victim = "b" if victim == "a" else "a"
-                next_kill += args.kill_every
+                # the victim is the worker named by a training job's worker_id, so the kill lands mid-job;
+                # look for one on every turn of the loop (submissions go on) until --kill-wait runs out
+                found = training_job(engine, workers)
+                if found or now >= next_kill + args.kill_wait:
+                    if found:
+                        victim = found[0]
+                        victims.append(found[1])
+                    print(f"soak: kill {kills + 1} at {now - start:.0f} s: worker {workers.worker_id(victim)}, "
+                          + (f"training {found[1]} at step {found[2]}/{found[3]}" if found else "idle"), flush=True)
+                    workers.kill(victim)
+                    workers.start(victim)
+                    kills += 1
+                    victim = "b" if victim == "a" else "a"
+                    next_kill = time.monotonic() + args.kill_every
             if now >= next_submit:
                 i = len(accepted) + refused
                 spec = job_spec(rng, dataset_id, i)
@@ -210,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                        func.max(StepMetric.step).label("hi")).group_by(StepMetric.job_id)).all()}
             requeued = conn.execute(select(func.count()).select_from(Event)
                                     .where(Event.kind == "requeued")).scalar_one()
+        attempts = {j.id: j.attempts for j in jobs}
+        # a kill landed mid-job when the job it interrupted was resumed for it (one more attempt per kill)
+        mid_job = sum(min(n, attempts.get(job_id, 1) - 1) for job_id, n in Counter(victims).items())
+        for job_id in dict.fromkeys(victims):
+            print(f"soak: {job_id} was killed {victims.count(job_id)}x mid-job, {attempts.get(job_id)} attempts")
+        mid_job_ok = kills > 0 and mid_job >= args.min_mid_job * kills
         bad_steps = [j.id for j in jobs if j.status == "succeeded" and steps.get(j.id) != (j.max_steps, 1,
                                                                                             j.max_steps)]
         succeeded = status.get("succeeded", 0)
@@ -217,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = [f"{j.id}: {j.status} {j.error or ''}" for j in jobs if j.status != "succeeded"]
         print(f"duration_s: {args.duration:g}")
         print(f"backend: {'postgresql+redis' if args.servers else 'embedded'}")
-        print(f"workers: 2  kills: {kills} ({mid_job} mid-job)")
+        print(f"workers: 2  kills: {kills}  mid-job: {mid_job} ({mid_job / max(kills, 1):.0%})")
         print(f"jobs accepted: {len(accepted)}  refused: {refused}")
         print(f"jobs succeeded: {succeeded}  failed: {status.get('failed', 0)}  "
               f"unfinished: {len(accepted) - sum(status.get(s, 0) for s in TERMINAL)}")
@@ -225,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metric rows: {sum(n for n, _, _ in steps.values())}  drain_s: {drained_s:.1f}")
         for line in failures[:10]:
             print(f"  not succeeded: {line}")
+        if not mid_job_ok:
+            print(f"too few kills mid-job: {mid_job} of {kills} (need {args.min_mid_job:.0%})")
         print(f"duplicated steps: {len(doubled) + len(bad_steps)}")
         print(f"lost: {lost}")
-        return 0 if lost == 0 and not doubled and not bad_steps else 1
+        return 0 if lost == 0 and not doubled and not bad_steps and mid_job_ok else 1
     finally:
         workers.stop_all()
         with app.app_context():

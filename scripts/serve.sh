@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Run StableTrain on this machine: the API (gunicorn, foreground) plus one Celery
-# worker for training and one for samples (background, stopped on exit).
+# Run StableTrain on this machine: the API (gunicorn) plus one Celery worker for training and one for
+# samples, all under supervisord (scripts/supervisord.conf), which starts again any of them that dies.
+# Ctrl-C (or SIGTERM) stops them all: the workers get a warm shutdown (a running job checkpoints and is
+# requeued) for up to STOP_WAIT_S seconds.
 #
-# Defaults need no servers (SQLite database and broker under var/). For production
-# set STABLETRAIN_DATABASE_URL (PostgreSQL), STABLETRAIN_BROKER_URL (Redis) and
-# STABLETRAIN_STORAGE_DIR. HOST/PORT pick the listen address (127.0.0.1:8000).
+# Defaults need no servers (SQLite database and broker under var/). For production set
+# STABLETRAIN_DATABASE_URL (PostgreSQL), STABLETRAIN_BROKER_URL (Redis) and STABLETRAIN_STORAGE_DIR.
+# HOST/PORT pick the listen address (127.0.0.1:8000); SERVE_DIR (var) holds the logs, the dev key and
+# supervisord's socket.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-HOST=${HOST:-127.0.0.1}
-PORT=${PORT:-8000}
+export HOST=${HOST:-127.0.0.1}
+export PORT=${PORT:-8000}
+export WEB_CONCURRENCY=${WEB_CONCURRENCY:-2}
+export STOP_WAIT_S=${STOP_WAIT_S:-60}
+mkdir -p "${SERVE_DIR:-var}/log"
+SERVE_DIR=$(cd "${SERVE_DIR:-var}" && pwd)
+export SERVE_DIR SERVE_REPO=$PWD SERVE_BIN=$PWD/.venv/bin
 BIN=.venv/bin
-LOG_DIR=var/log
-KEY_FILE=var/dev-api-key
-STOP_WAIT_S=${STOP_WAIT_S:-60}
+LOG_DIR=$SERVE_DIR/log
+KEY_FILE=$SERVE_DIR/dev-api-key
 
 scripts/setup.sh
-mkdir -p "$LOG_DIR"
 
 echo "serve: applying database migrations" >&2
 "$BIN/flask" --app app db upgrade
@@ -41,7 +47,7 @@ sys.exit(0 if row else 1)
 PY
 }
 
-# Reuse var/dev-api-key while the database knows it, so reruns print the same key.
+# Reuse the dev key file while the database knows the key, so reruns print the same key.
 dev_api_key() {
   if [ -s "$KEY_FILE" ] && key_is_valid "$(cat "$KEY_FILE")"; then
     cat "$KEY_FILE"
@@ -56,29 +62,6 @@ dev_api_key() {
 
 API_KEY=$(dev_api_key)
 
-pids=()
-stop_all() {
-  trap - EXIT INT TERM
-  # SIGTERM = Celery warm shutdown: a running job checkpoints at its next step and is requeued.
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  local deadline=$((SECONDS + STOP_WAIT_S))
-  for pid in "${pids[@]}"; do
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  echo "serve: stopped" >&2
-}
-trap stop_all EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# --pool=solo: one job per worker process, and the warm-shutdown flag reaches the running job.
-for queue in train samples; do
-  "$BIN/celery" -A worker.celery_app worker -Q "$queue" -c 1 --pool=solo -n "$queue@%h" --loglevel=INFO \
-    >>"$LOG_DIR/worker-$queue.log" 2>&1 &
-  pids+=($!)
-done
-
 URL="http://$HOST:$PORT"
 cat <<EOF
 StableTrain is starting
@@ -86,13 +69,11 @@ StableTrain is starting
   docs       $URL/docs   (OpenAPI: $URL/v1/openapi.json)
   dashboard  $URL/ui
   dev key    $API_KEY    (stored in $KEY_FILE)
-  logs       $LOG_DIR/worker-train.log, $LOG_DIR/worker-samples.log
+  logs       $LOG_DIR/worker-train.log, $LOG_DIR/worker-samples.log, $LOG_DIR/supervisord.log
+  processes  SERVE_DIR=$SERVE_DIR $BIN/supervisorctl -c scripts/supervisord.conf status
   try        curl -H "Authorization: Bearer $API_KEY" $URL/v1/jobs
 Press Ctrl-C to stop.
 EOF
 
-# gthread: a sample request may wait for its result; threads keep other requests flowing meanwhile.
-"$BIN/gunicorn" --bind "$HOST:$PORT" --workers "${WEB_CONCURRENCY:-2}" --worker-class gthread --threads 4 \
-  --timeout 120 --no-control-socket --access-logfile - "app:create_app()" &
-pids+=($!)
-wait "${pids[-1]}"
+# supervisord replaces this shell: Ctrl-C and SIGTERM reach it and it stops every process it runs.
+exec "$BIN/supervisord" --nodaemon --configuration scripts/supervisord.conf

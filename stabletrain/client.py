@@ -35,6 +35,7 @@ log = logging.getLogger("stabletrain")
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 SAMPLE_DONE = frozenset({"succeeded", "failed"})
+SAMPLE_MAX_WAIT_S = 10.0  # the server's bound on ?wait= for samples
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # answers after which the server has stored nothing (safe to repeat a non-idempotent POST)
 NOTHING_STORED_STATUSES = frozenset({429, 503})
@@ -434,21 +435,26 @@ class Client:
 
     # -- samples ----------------------------------------------------------------------------
 
-    def sample(self, job_id: str, prompt: str, *, wait: float = 10.0, timeout: float = 300.0,
-               poll_s: float = 0.5, **params: Any) -> dict[str, Any]:
+    def sample(self, job_id: str, prompt: str, *, wait: float = 0.0, timeout: float = 300.0,
+               poll_s: float = 0.25, max_poll_s: float = 2.0, **params: Any) -> dict[str, Any]:
         """Generate text from a checkpoint (params: max_new_tokens, temperature, top_k, seed, step;
-        None means the server's default). The server answers 201 when done within `wait` s, else
-        202: then the sample is polled until succeeded/failed. Returns the sample
-        (status, text, error); raises StableTrainError when still unfinished after `timeout` s."""
+        None means the server's default). The server queues the sample and answers 202 at once (or,
+        with `wait` <= SAMPLE_MAX_WAIT_S, 201 when done within it); the sample is then polled, every
+        `poll_s` doubling up to `max_poll_s`, until succeeded/failed. Returns the sample (status,
+        text, error); raises StableTrainError when still unfinished after `timeout` s. A 429 (the
+        key's queued-samples cap) is retried after its Retry-After like any 429."""
         body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+        wait = min(max(wait, 0.0), SAMPLE_MAX_WAIT_S)
         response = self.request("POST", f"/v1/jobs/{job_id}/samples", policy="unsafe", expect=(201, 202),
                                 params={"wait": wait}, json=body, timeout=self.timeout + wait)
         sample = response.json()
         deadline = time.monotonic() + timeout
+        delay = poll_s
         while sample.get("status") not in SAMPLE_DONE:
             if time.monotonic() >= deadline:
                 raise StableTrainError(f"sample {sample['id']} still {sample.get('status')} after {timeout:g} s")
-            self._sleep(poll_s)
+            self._sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            delay = min(delay * 2, max_poll_s)
             sample = self._json("GET", f"/v1/jobs/{job_id}/samples/{sample['id']}")
         return sample
 

@@ -23,6 +23,7 @@ from worker.settings import WORKER_DEFAULTS
 REPO = Path(__file__).resolve().parents[1]
 APP_SERVICES = ("migrate", "api", "worker", "samples")
 WORKER_ONLY_KEYS = {"DEVICE", "WORKER_ID"}
+IMAGE_TARGETS = {"migrate": "api", "api": "api", "worker": "worker", "samples": "worker"}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,45 @@ def test_schema_check_rejects_a_broken_file(compose: dict[str, Any], validator: 
 def test_services_present(compose: dict[str, Any]) -> None:
     assert set(services(compose)) == {"postgres", "redis", "migrate", "api", "worker", "samples"}
     for name in APP_SERVICES:
-        assert services(compose)[name]["image"] == "stabletrain:latest"
+        target = IMAGE_TARGETS[name]
+        assert services(compose)[name]["image"] == f"stabletrain-{target}:latest", name
+        assert services(compose)[name]["build"] == {"context": ".", "target": target}, name
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Instruction lines of each named stage (continuation lines joined)."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(2) or match.group(1), [f"FROM {match.group(1)}"])
+        elif line.strip() and not line.startswith("#"):
+            current.append(line.strip())
+    return stages
+
+
+def stage_chain(stages: dict[str, list[str]], name: str) -> list[str]:
+    """A stage's lines with those of the stages it is built FROM."""
+    base = stages[name][0].split()[1]
+    return (stage_chain(stages, base) if base in stages else []) + stages[name][1:]
+
+
+def test_api_image_has_no_torch() -> None:
+    """The API target installs the torch-free lock and nothing that names torch; the worker adds torch."""
+    stages = dockerfile_stages()
+    assert {"api", "worker"} <= set(stages), sorted(stages)
+    api = stage_chain(stages, "api")
+    installs = [line for line in api if line.startswith("RUN") and "pip install" in line]
+    assert installs and not [line for line in installs if "torch" in line or "requirements.txt" in line], installs
+    assert any("--require-hashes" in line and "requirements-api.lock" in line for line in installs), installs
+    locked = {line.split("==")[0] for line in (REPO / "requirements-api.lock").read_text().splitlines()
+              if re.match(r"[a-z0-9]", line)}
+    assert locked and not {"torch", "triton"} & locked and not [n for n in locked if n.startswith("nvidia")]
+    assert {"flask", "celery", "gunicorn", "sqlalchemy"} <= locked
+    worker = stage_chain(stages, "worker")
+    assert any("torch==" in line or "requirements.txt" in line for line in worker if line.startswith("RUN"))
 
 
 def test_start_order_waits_for_healthy_stores_and_finished_migration(compose: dict[str, Any]) -> None:

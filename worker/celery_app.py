@@ -8,11 +8,15 @@ lives in the database.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from celery import Celery, Task, signals
+from celery.worker.consumer import Consumer
 from flask import Flask
 from kombu import Exchange, Queue
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
@@ -23,8 +27,9 @@ from app import create_app
 from app.extensions import db
 from worker import logs as worker_logs
 from worker.db import utcnow
-from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile
-from worker.service import SHUTDOWN
+from worker.leases import bound_idle_transactions
+from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile, relay
+from worker.service import ACTIVITY, SHUTDOWN
 from worker.settings import WorkerSettings, load_settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,20 @@ def broker_transport_options(broker_url: str, settings: WorkerSettings) -> dict[
     return {}  # the SQLAlchemy transport would pass unknown options to create_engine()
 
 
+# kombu's consumer reconnects after 2, 4, 6 ... up to 30 s between tries: after a minute-long broker
+# outage, a worker would sit out up to 30 s of the broker being back. Try every second instead.
+RECONNECT_INTERVAL_S = 1.0
+
+
+class PromptConsumer(Consumer):
+    """Celery's consumer, reconnecting to a returning broker within a second."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(conn.ensure_connection, interval_start=RECONNECT_INTERVAL_S,
+                                                   interval_step=0, interval_max=RECONNECT_INTERVAL_S)
+        return super().ensure_connected(conn)
+
+
 def make_celery(flask_app: Flask, settings: WorkerSettings) -> Celery:
     """Celery app whose tasks run inside `flask_app`'s app context."""
 
@@ -62,6 +81,9 @@ def make_celery(flask_app: Flask, settings: WorkerSettings) -> Celery:
         broker_url=settings.broker_url,
         broker_transport_options=broker_transport_options(settings.broker_url, settings),
         broker_connection_retry_on_startup=True,
+        # never give up on the broker (the default, 100 tries, would end the worker after ~2 minutes)
+        broker_connection_max_retries=None,
+        worker_consumer="worker.celery_app:PromptConsumer",
         # explicit exchange + key per queue: with the defaults both queues would bind to the
         # "train" exchange and a message routed to one would also land in the other
         task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
@@ -83,6 +105,8 @@ def make_celery(flask_app: Flask, settings: WorkerSettings) -> Celery:
 flask_app = create_app()
 settings = load_settings(flask_app.config)
 celery = make_celery(flask_app, settings)
+with flask_app.app_context():
+    bound_idle_transactions(db.engine, max(settings.lease_s, 10.0))
 
 
 def engine() -> Engine:
@@ -97,10 +121,42 @@ def send(task: str, record_id: str, queue: str) -> None:
                      retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0})
 
 
+class BrokerWatch:
+    """When the broker last started, for brokers that may restart without their messages (Redis).
+
+    None for the embedded broker (its messages live in a database file) and while Redis is down.
+    """
+
+    def __init__(self, broker_url: str) -> None:
+        self.client = (redis.Redis.from_url(broker_url, socket_timeout=1, socket_connect_timeout=1)
+                       if broker_url.startswith(("redis://", "rediss://")) else None)
+
+    def started_at(self) -> datetime | None:
+        if self.client is None:
+            return None
+        try:
+            uptime_s = int(self.client.info("server")["uptime_in_seconds"])
+        except (redis.RedisError, KeyError, ValueError):
+            return None
+        return utcnow() - timedelta(seconds=uptime_s)
+
+
+broker_watch = BrokerWatch(settings.broker_url)
+# set when this process is a worker consuming the train queue (its idleness then means lost messages)
+consumes_train: list[bool] = []
+
+
 def reconcile_now() -> ReconcileReport:
     """One reconciler pass with this process's settings."""
+    idle_for_s = ACTIVITY.idle_for_s() if consumes_train else 0.0
     return reconcile(utcnow(), engine=engine(), send=send, resend_after_s=settings.resend_after_s,
-                     sample_timeout_s=settings.sample_timeout_s, max_attempts=settings.max_attempts)
+                     sample_timeout_s=settings.sample_timeout_s, max_attempts=settings.max_attempts,
+                     idle_for_s=idle_for_s, idle_resend_s=settings.idle_resend_s)
+
+
+def relay_now() -> int:
+    """One relay pass (the outbox's sender) with this process's settings."""
+    return relay(utcnow(), engine=engine(), send=send, broker_started_at=broker_watch.started_at())
 
 
 _reconciler: list[ReconcilerThread] = []
@@ -153,10 +209,16 @@ def _declare_queues(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _start_reconciler(**_: Any) -> None:
+def _start_reconciler(sender: Any = None, **_: Any) -> None:
+    task_consumer = getattr(sender, "task_consumer", None)
+    if task_consumer is not None and "train" in {q.name for q in task_consumer.queues}:
+        consumes_train.append(True)
     if settings.reconcile_every_s > 0:
         _reconciler.append(ReconcilerThread(reconcile_now, settings.reconcile_every_s))
-        _reconciler[-1].start()
+    if settings.relay_every_s > 0:
+        _reconciler.append(ReconcilerThread(relay_now, settings.relay_every_s, name="relay"))
+    for thread in _reconciler:
+        thread.start()
 
 
 @signals.worker_shutting_down.connect

@@ -1,12 +1,23 @@
-"""Reconciler: accepted work is never lost, whatever happened to the broker or a worker.
+"""Reconciler and relay: accepted work is never lost, and never waits, whatever the broker or a worker did.
 
-- queued jobs never enqueued (publish failed) or enqueued long ago (message lost) are re-sent;
-- running jobs whose lease expired (worker died) go back to queued and are re-sent;
+The relay (`relay`, every second in each worker) is the outbox's sender:
+
+- queued jobs and samples without a live message (`enqueued_at` null: the API's publish
+  failed, a job was handed back or requeued) are sent;
+- when the broker restarted since a record was sent (Redis `uptime_in_seconds`), the record
+  is sent again: a broker restarted without its data lost the message.
+
+The reconciler (`reconcile`, every few seconds in each worker):
+
+- running jobs whose lease expired (worker died) go back to queued (the relay re-sends them);
 - cancelling jobs whose lease expired are cancelled (no worker is left to stop them);
-- queued samples are re-sent after a while, running samples that outlived their timeout fail.
+- queued jobs waiting longer than this worker has been idle are re-sent (their message is
+  lost, or this idle worker would have received it), and any queued record after `resend_after_s`;
+- running samples that outlived their timeout fail.
 
-Every change is a conditional UPDATE checked by rowcount, so any number of
-reconcilers may run at once; a duplicate message is harmless (the claim drops it).
+Lease expiry is compared with the database's clock. Every change is a conditional
+UPDATE checked by rowcount, so any number of reconcilers may run at once; a duplicate
+message is harmless (a train message only says "work available"; the claim is atomic).
 
 Run once: `python -m worker.reconciler --once`.
 """
@@ -21,9 +32,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, or_, select, update
 
 from app.models import Event, Job, Sample
+from app.models.clock import db_now
 from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, TRAIN_QUEUE, TRAIN_TASK
 
 log = logging.getLogger(__name__)
@@ -38,6 +50,7 @@ class ReconcileReport:
     """What one pass changed."""
 
     resent: int = 0
+    idle_resent: int = 0
     requeued: int = 0
     cancelled: int = 0
     samples_resent: int = 0
@@ -52,11 +65,11 @@ def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> lis
     """
     with engine.connect() as conn:
         rows = conn.execute(
-            select(Job.id, Job.attempts).where(Job.status == "running", Job.lease_expires_at < now).limit(BATCH)
+            select(Job.id, Job.attempts).where(Job.status == "running", Job.lease_expires_at < db_now()).limit(BATCH)
         ).all()
     done = []
     for job_id, attempts in rows:
-        expired = (Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
+        expired = (Job.id == job_id, Job.status == "running", Job.lease_expires_at < db_now())
         if attempts >= max_attempts:
             error = (f"the worker running this job died {attempts} times (its lease expired each time); "
                      "it may run out of memory: lower model size, batch_size or seq_len")
@@ -68,7 +81,7 @@ def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> lis
         with engine.begin() as conn:
             changed = conn.execute(
                 update(Job).where(*expired)
-                .values(worker_id=None, lease_expires_at=None, updated_at=now, **values)
+                .values(worker_id=None, lease_token=None, lease_expires_at=None, updated_at=now, **values)
             ).rowcount
             if changed:
                 conn.execute(Event.__table__.insert().values(
@@ -83,27 +96,59 @@ def cancel_orphaned(engine: Engine, now: datetime) -> int:
     with engine.begin() as conn:
         return conn.execute(
             update(Job)
-            .where(Job.status == "cancelling", Job.lease_expires_at < now)
-            .values(status="cancelled", lease_expires_at=None, finished_at=now, updated_at=now)
+            .where(Job.status == "cancelling", Job.lease_expires_at < db_now())
+            .values(status="cancelled", lease_token=None, lease_expires_at=None, finished_at=now, updated_at=now)
         ).rowcount
+
+
+# updated_at stays: (re-)sending is bookkeeping, not a change a client can see
+KEEP = {Job: {"updated_at": Job.updated_at}, Sample: {}}
+KINDS = ((Job, TRAIN_TASK, TRAIN_QUEUE), (Sample, SAMPLE_TASK, SAMPLE_QUEUE))
 
 
 def resend_queued(engine: Engine, now: datetime, resend_after_s: float, send: Send) -> int:
     """Re-send queued jobs never enqueued or enqueued before the cutoff."""
-    # updated_at stays: re-sending is bookkeeping, not a change a client can see
-    return resend_stale(engine, now, resend_after_s, send, Job, TRAIN_TASK, TRAIN_QUEUE,
-                        keep={"updated_at": Job.updated_at})
+    return resend_stale(engine, now, resend_after_s, send, Job, TRAIN_TASK, TRAIN_QUEUE)
 
 
-def resend_stale(engine: Engine, now: datetime, resend_after_s: float, send: Send, model: Any,
-                 task: str, queue: str, keep: dict[str, Any] | None = None) -> int:
-    """Re-send queued records (jobs, samples) never enqueued or enqueued before the cutoff.
+def send_unsent(engine: Engine, now: datetime, send: Send) -> int:
+    """The outbox: send every queued job and sample that has no message (`enqueued_at` null)."""
+    return sum(resend_stale(engine, now, None, send, model, task, queue) for model, task, queue in KINDS)
+
+
+def forget_sends_before(engine: Engine, broker_started_at: datetime) -> int:
+    """Mark records sent before the broker (re)started as unsent: a broker restarted empty lost them.
+
+    Idempotent across workers: a record the relay re-sent since carries a newer stamp.
+    """
+    forgotten = 0
+    with engine.begin() as conn:
+        for model, _, _ in KINDS:
+            forgotten += conn.execute(
+                update(model).where(model.status == "queued", model.enqueued_at < broker_started_at)
+                .values(enqueued_at=None, **KEEP[model])
+            ).rowcount
+    if forgotten:
+        log.warning("the broker restarted at %s: re-sending %d queued records sent before", broker_started_at,
+                    forgotten)
+    return forgotten
+
+
+def relay(now: datetime, *, engine: Engine, send: Send, broker_started_at: datetime | None = None) -> int:
+    """One relay pass: forget messages sent to a broker that restarted since, then send what has none."""
+    if broker_started_at is not None:
+        forget_sends_before(engine, broker_started_at)
+    return send_unsent(engine, now, send)
+
+
+def resend_stale(engine: Engine, now: datetime, resend_after_s: float | None, send: Send, model: Any,
+                 task: str, queue: str) -> int:
+    """Send queued records (jobs, samples) never enqueued, or (`resend_after_s`) enqueued before the cutoff.
 
     The stamp comes first, conditionally, so only one reconciler sends each record per period.
     """
-    keep = keep or {}
-    cutoff = now - timedelta(seconds=resend_after_s)
-    stale = and_(model.status == "queued", or_(model.enqueued_at.is_(None), model.enqueued_at < cutoff))
+    keep = KEEP[model]
+    stale = and_(model.status == "queued", unsent_or_sent_before(model, now, resend_after_s))
     with engine.connect() as conn:
         ids = conn.execute(select(model.id).where(stale).order_by(model.created_at).limit(BATCH)).scalars().all()
     sent = 0
@@ -122,6 +167,13 @@ def resend_stale(engine: Engine, now: datetime, resend_after_s: float, send: Sen
                                                  model.enqueued_at == now).values(enqueued_at=None, **keep))
             break
     return sent
+
+
+def unsent_or_sent_before(model: Any, now: datetime, resend_after_s: float | None) -> ColumnElement[bool]:
+    """Never sent, or (with `resend_after_s`) last sent more than that long before `now`."""
+    if resend_after_s is None:
+        return model.enqueued_at.is_(None)
+    return or_(model.enqueued_at.is_(None), model.enqueued_at < now - timedelta(seconds=resend_after_s))
 
 
 def reconcile_samples(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
@@ -147,11 +199,20 @@ def reconcile(
     resend_after_s: float = 600.0,
     sample_timeout_s: float = 600.0,
     max_attempts: int = 5,
+    idle_for_s: float = 0.0,
+    idle_resend_s: float = 10.0,
 ) -> ReconcileReport:
-    """One pass: requeue expired leases, finish orphaned cancels, re-send what looks lost."""
+    """One pass: requeue expired leases, finish orphaned cancels, re-send what looks lost.
+
+    `idle_for_s`: how long the calling worker (a consumer of the train queue) has been idle.
+    Once that reaches `idle_resend_s`, queued jobs sent more than `idle_resend_s` ago are
+    re-sent: had their message been in the queue, this worker would have received it.
+    """
     report = ReconcileReport()
     report.requeued = len(requeue_expired(engine, now, max_attempts))
     report.cancelled = cancel_orphaned(engine, now)
+    if idle_for_s >= idle_resend_s:
+        report.idle_resent = resend_queued(engine, now, idle_resend_s, send)
     report.resent = resend_queued(engine, now, resend_after_s, send)
     report.samples_resent, report.samples_failed = reconcile_samples(
         engine, now, resend_after_s, sample_timeout_s, send
@@ -162,10 +223,10 @@ def reconcile(
 
 
 class ReconcilerThread(threading.Thread):
-    """Runs `reconcile` every `every_s` seconds until stopped; errors are logged, never fatal."""
+    """Runs `run_once` (a reconciler or relay pass) every `every_s` seconds until stopped; errors are logged."""
 
-    def __init__(self, run_once: Callable[[], object], every_s: float) -> None:
-        super().__init__(name="reconciler", daemon=True)
+    def __init__(self, run_once: Callable[[], object], every_s: float, name: str = "reconciler") -> None:
+        super().__init__(name=name, daemon=True)
         self.run_once, self.every_s = run_once, every_s
         self.stopped = threading.Event()
 
@@ -174,7 +235,7 @@ class ReconcilerThread(threading.Thread):
             try:
                 self.run_once()
             except Exception:  # database or broker down: try again next period
-                log.exception("reconciler pass failed")
+                log.exception("%s pass failed", self.name)
 
     def stop(self) -> None:
         self.stopped.set()

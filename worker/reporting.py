@@ -4,6 +4,10 @@ Every write is an upsert keyed like the records' primary keys, so a batch sent
 twice, or a resumed run re-sending the steps after its checkpoint, leaves one
 row per step. Writes are retried with backoff (PostgreSQL restart) instead of
 failing the job; only after `retry_s` does the error reach the task.
+
+Every write is fenced in the database: its transaction first locks the job row with
+the worker's lease token (`worker.leases.hold`) and writes nothing when another worker
+has claimed the job since, however late a retried write arrives.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, update
+from sqlalchemy.exc import DBAPIError
 
 from app.models import Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import finite_or_none, without_nonfinite
 from worker.db import upsert, utcnow, with_retry
 from worker.engine.diagnosis import health_of
 from worker.engine.trainer import Callbacks
+from worker.leases import Lease, hold, still_held
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class DbReporter(Callbacks):
         retry_s: float = 300.0,
         stop: Callable[[], bool] = lambda: False,
         fenced: Callable[[], bool] = lambda: False,
+        lease: Lease | None = None,
+        on_lease_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.engine = engine
         self.job_id = job_id
@@ -65,6 +73,9 @@ class DbReporter(Callbacks):
         self._stop = stop
         # True once another worker owns the job: then our writes would fight theirs
         self._fenced = fenced
+        # the claim's token: every write's transaction must still find it on the job (None: unfenced, tests)
+        self.lease = lease
+        self._on_lease_lost = on_lease_lost
         # message of the last checkpoint the engine could not write (storage full, read-only, ...)
         self.checkpoint_error: str | None = None
 
@@ -73,6 +84,10 @@ class DbReporter(Callbacks):
             # checked on every try: a write held up by an outage may outlive the lease
             if self._fenced():
                 log.info("job %s: dropping %s write, lease lost", self.job_id, what)
+                return
+            if self.lease is not None and not hold(conn, self.lease):
+                log.warning("job %s: dropping %s write, another worker holds the job now", self.job_id, what)
+                self._on_lease_lost()
                 return
             work(conn)
 
@@ -145,7 +160,14 @@ class DbReporter(Callbacks):
 
     def may_write_checkpoints(self) -> bool:
         """Once another worker owns the job, its checkpoint folder is theirs: write and prune nothing."""
-        return not self._fenced()
+        if self._fenced():
+            return False
+        if self.lease is None:
+            return True
+        try:
+            return still_held(self.engine, self.lease)
+        except DBAPIError:  # database down: the in-memory fence decides; the record's write is fenced anyway
+            return True
 
     def should_stop(self) -> bool:
         """Cancel, time limit, shutdown or lost lease: all in-memory flags."""

@@ -2,6 +2,11 @@
 
 Every path out of `run_train_job` leaves the job in a final state or handed back
 to the queue; an unexpected exception marks it failed, never leaves it running.
+
+A train message is a "work available" token: the worker claims the fair next queued
+job (`worker.leases.next_fair_job`), not necessarily the one the message names, so
+one key's backlog cannot starve another key; a stale or duplicate message claims
+nothing. Every write after the claim is fenced by the claim's lease token.
 """
 
 from __future__ import annotations
@@ -9,16 +14,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
 
-from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric
+from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
-from worker.leases import Heartbeat, add_event, claim_job, finish_job, release_job
+from worker.leases import (
+    Heartbeat,
+    Lease,
+    add_event,
+    claim_job,
+    claim_next_job,
+    finish_job,
+    hold,
+    release_job,
+)
+from worker.logs import log_context
 from worker.reporting import DbReporter, diagnosis_values
 from worker.settings import WorkerSettings, pick_device
 
@@ -28,10 +45,47 @@ log = logging.getLogger(__name__)
 SHUTDOWN = threading.Event()
 
 SAMPLE_PARAMS = ("max_new_tokens", "temperature", "top_k", "seed")
+CLAIM_TRIES = 5
+
+
+class Activity:
+    """Whether this worker process is running a task, and since when it has been idle.
+
+    The reconciler of an idle worker re-sends queued jobs that waited longer than it has
+    been idle: their messages must be lost, or this worker would have received one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle_since = time.monotonic()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._idle_since = time.monotonic()
+
+    def idle_for_s(self) -> float:
+        """Seconds since the last task ended (or the process started); 0 while one runs."""
+        with self._lock:
+            return 0.0 if self._running else time.monotonic() - self._idle_since
+
+
+ACTIVITY = Activity()
 
 
 class JobInputError(Exception):
     """The job cannot start for a reason the user can act on (missing dataset, bad spec)."""
+
+
+class LeaseLost(Exception):
+    """Another worker claimed the job (our lease expired): stop, writing nothing more."""
 
 
 @dataclass
@@ -75,9 +129,12 @@ def find_resume_point(engine: Engine, job_id: str, storage: Path) -> tuple[Path 
     return None, 0
 
 
-def forget_after(engine: Engine, job_id: str, step: int, storage: Path) -> None:
+def forget_after(engine: Engine, lease: Lease, step: int, storage: Path) -> None:
     """Drop records and files past the resume point: the lost attempt's steps are re-run and rewritten."""
+    job_id = lease.job_id
     with engine.begin() as conn:
+        if not hold(conn, lease):
+            raise LeaseLost(job_id)
         conn.execute(delete(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step > step))
         conn.execute(delete(LayerMetric).where(LayerMetric.job_id == job_id, LayerMetric.step > step))
         conn.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step))
@@ -117,19 +174,36 @@ def format_seconds(value: float) -> str:
 
 
 def run_train_job(engine: Engine, job_id: str, settings: WorkerSettings) -> str:
-    """Claim and train one job; returns what happened (for logs and tests)."""
-    worker_id = settings.worker_id
-    if not claim_job(engine, job_id, worker_id, settings.lease_s):
-        log.info("job %s not claimable (another worker has it, or it is finished or cancelled)", job_id)
-        return "skipped"
+    """On a train message for `job_id`: claim the fair next queued job and train it.
+
+    Returns what happened (for logs and tests). The message's own job is claimed only when
+    nothing is queued and its lease expired (its worker died and no reconciler requeued it yet).
+    """
+    with ACTIVITY.busy():
+        lease = (claim_next_job(engine, settings.worker_id, settings.lease_s)
+                 or claim_job(engine, job_id, settings.worker_id, settings.lease_s))
+        if lease is None:
+            log.info("job %s not claimable and no job is queued (another worker has it, or it is finished "
+                     "or cancelled)", job_id)
+            return "skipped"
+        if lease.job_id != job_id:
+            log.info("message for job %s: claimed %s, the fair next job", job_id, lease.job_id)
+        with log_context(job_id=lease.job_id):
+            return _train(engine, lease, settings)
+
+
+def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     try:
-        return _train_claimed(engine, job_id, settings)
+        return _train_claimed(engine, lease, settings)
+    except LeaseLost:
+        log.warning("job %s was taken over by another worker; stopped without writing", lease.job_id)
+        return "lost"
     except JobInputError as exc:
-        _fail(engine, job_id, worker_id, str(exc))
+        _fail(engine, lease, str(exc))
         return "failed"
     except Exception as exc:
-        log.exception("job %s crashed", job_id)
-        _fail(engine, job_id, worker_id, describe_crash(exc))
+        log.exception("job %s crashed", lease.job_id)
+        _fail(engine, lease, describe_crash(exc))
         return "failed"
 
 
@@ -141,27 +215,28 @@ def describe_crash(exc: Exception) -> str:
     return f"internal error in the worker: {type(exc).__name__}: {exc}"
 
 
-def _fail(engine: Engine, job_id: str, worker_id: str, error: str) -> None:
-    if finish_job(engine, job_id, worker_id, "failed", error=error):
-        add_event(engine, job_id, "failed", error)
+def _fail(engine: Engine, lease: Lease, error: str) -> None:
+    finish_job(engine, lease, "failed", error=error, event=("failed", error))
 
 
-def _train_claimed(engine: Engine, job_id: str, settings: WorkerSettings) -> str:
+def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     from worker.engine.config import SpecError, parse_spec
     from worker.engine.data import DataError
     from worker.engine.trainer import Trainer
 
+    job_id = lease.job_id
     raw_spec, text, started_at = load_inputs(engine, job_id, settings.storage_dir)
     try:
         spec = parse_spec(raw_spec)
     except SpecError as exc:
         raise JobInputError(f"invalid spec: {exc}") from exc
     resume_from, resume_step = find_resume_point(engine, job_id, settings.storage_dir)
-    forget_after(engine, job_id, resume_step, settings.storage_dir)
+    forget_after(engine, lease, resume_step, settings.storage_dir)
     device = pick_device(settings.device)
-    with Heartbeat(engine, job_id, settings.worker_id, settings.lease_s, settings.heartbeat_s) as hb:
+    with Heartbeat(engine, lease, settings.lease_s, settings.heartbeat_s) as hb:
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
-        reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, fenced=hb.lost.is_set)
+        reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, fenced=hb.lost.is_set,
+                              lease=lease, on_lease_lost=hb.lost.set)
         try:
             trainer = Trainer(spec, text, checkpoint_dir(settings.storage_dir, job_id), reporter,
                               device=device, resume_from=resume_from)
@@ -170,7 +245,7 @@ def _train_claimed(engine: Engine, job_id: str, settings: WorkerSettings) -> str
         except ValueError as exc:  # a spec this device cannot run (e.g. fp16 recurrent layers on CPU)
             raise JobInputError(f"cannot train this spec here: {exc}") from exc
         result = trainer.run()
-    return _record_result(engine, job_id, settings, result, stop, hb, reporter.checkpoint_error)
+    return _record_result(engine, lease, settings, result, stop, hb, reporter.checkpoint_error)
 
 
 def final_checkpoint_missing(result: Any, checkpoint_error: str | None) -> str | None:
@@ -186,10 +261,10 @@ def final_checkpoint_missing(result: Any, checkpoint_error: str | None) -> str |
             "(or make it writable) and submit the job again")
 
 
-def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result: Any,
+def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, result: Any,
                    stop: StopFlags, hb: Heartbeat, checkpoint_error: str | None = None) -> str:
-    """Map the trainer's ending onto the job's final state."""
-    worker_id = settings.worker_id
+    """Map the trainer's ending onto the job's final state (every write fenced by the lease)."""
+    job_id = lease.job_id
     diagnosed = diagnosis_values(result.diagnosis, result.summary)
     if hb.lost.is_set():
         return "lost"
@@ -199,25 +274,38 @@ def _record_result(engine: Engine, job_id: str, settings: WorkerSettings, result
         missing = None  # resumed at its last step: the stored final checkpoint is the one it resumed from
     if missing:  # a "succeeded" job must have its result stored and downloadable
         status, error = "failed", missing
-        add_event(engine, job_id, "failed", error, step=result.step)
+        add_event(engine, lease, "failed", error, step=result.step)
     if status == "cancelled" and not hb.cancel.is_set():
         if stop.timed_out:
             status, error = "failed", f"time limit of {format_seconds(settings.job_time_limit_s)} s exceeded"
-            add_event(engine, job_id, "failed", error, step=result.step)
-        elif SHUTDOWN.is_set() and release_job(engine, job_id, worker_id):
-            add_event(engine, job_id, "requeued", "worker shutting down; the job resumes from its checkpoint",
-                      step=result.step)
+            add_event(engine, lease, "failed", error, step=result.step)
+        elif SHUTDOWN.is_set() and release_job(
+                engine, lease, "worker shutting down; the job resumes from its checkpoint", step=result.step):
             return "released"
-    finish_job(engine, job_id, worker_id, status, error=error, **diagnosed)
+    if not finish_job(engine, lease, status, error=error, **diagnosed):
+        return "lost"
     return status
 
 
-def claim_sample(engine: Engine, sample_id: str) -> bool:
-    """Take a queued sample request; False when it was already taken."""
-    with engine.begin() as conn:
-        stmt = (update(Sample).where(Sample.id == sample_id, Sample.status == "queued")
-                .values(status="running", started_at=utcnow()))
-        return conn.execute(stmt).rowcount == 1
+def claim_sample(engine: Engine) -> str | None:
+    """Take the queued sample next in fairness order (app.models.next_fair_sample); None when none is queued.
+
+    A message runs whichever sample is fairest, not necessarily its own: every queued sample has a
+    message of its own, so each message runs one sample and a message finding nothing queued (its
+    sample ran on an earlier message's turn, or a duplicate delivery) is skipped."""
+    pick = next_fair_sample().correlate(None).scalar_subquery()
+    for _ in range(CLAIM_TRIES):
+        # one UPDATE picks and takes: it holds SQLite's write lock before it reads, and on PostgreSQL
+        # a worker that lost the row to another finds it no longer queued and picks again
+        with engine.begin() as conn:
+            taken = conn.execute(update(Sample).where(Sample.id == pick, Sample.status == "queued")
+                                 .values(status="running", started_at=utcnow()).returning(Sample.id)).scalar_one_or_none()
+        if taken is not None:
+            return taken
+        with engine.connect() as conn:
+            if conn.execute(select(pick)).scalar_one_or_none() is None:
+                return None
+    return None  # other workers kept taking the pick first: their messages cover what is left
 
 
 def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str | None) -> None:
@@ -228,10 +316,18 @@ def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str |
         conn.execute(update(Sample).where(Sample.id == sample_id, Sample.status == "running").values(**values))
 
 
-def run_sample(engine: Engine, sample_id: str, settings: WorkerSettings) -> str:
-    """Generate text for one sample request from its checkpoint."""
-    if not claim_sample(engine, sample_id):
+def run_sample(engine: Engine, message_sample_id: str, settings: WorkerSettings) -> str:
+    """Generate text for the fairest queued sample request (see claim_sample) from its checkpoint."""
+    with ACTIVITY.busy():
+        return _run_sample(engine, message_sample_id, settings)
+
+
+def _run_sample(engine: Engine, message_sample_id: str, settings: WorkerSettings) -> str:
+    sample_id = claim_sample(engine)
+    if sample_id is None:
         return "skipped"
+    if sample_id != message_sample_id:
+        log.info("message of sample %s runs sample %s (fair order across keys)", message_sample_id, sample_id)
     try:
         with engine.connect() as conn:
             sample = conn.execute(select(Sample).where(Sample.id == sample_id)).one()

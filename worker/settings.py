@@ -7,9 +7,12 @@ Worker-only environment variables (all optional):
 - STABLETRAIN_HEARTBEAT_S         how often the lease is renewed and cancel is polled (default 2)
 - STABLETRAIN_RECONCILE_EVERY_S   how often each worker runs the reconciler; 0 turns it off (default 5)
 - STABLETRAIN_RESEND_AFTER_S      re-send a queued job whose last enqueue is older than this (default 600)
+- STABLETRAIN_RELAY_EVERY_S       how often each worker sends unsent queued work (the outbox); 0 turns it off (default 1)
+- STABLETRAIN_IDLE_RESEND_S       an idle worker re-sends queued jobs sent longer ago than this, once idle this long (default 10)
 - STABLETRAIN_SAMPLE_TIMEOUT_S    a running sample older than this is marked failed (default 600)
 - STABLETRAIN_DB_RETRY_S          how long the reporter retries a failing database write (default 300)
-- STABLETRAIN_MAX_ATTEMPTS        worker deaths (expired leases) after which a job fails instead of requeueing (default 5)
+- STABLETRAIN_MAX_ATTEMPTS        worker deaths (expired leases) after which a job fails instead of requeueing (default 5);
+                                  graceful hand-backs (warm shutdown) do not count
 - STABLETRAIN_DEVICE              torch device override (cpu, cuda, cuda:1, ...)
 - STABLETRAIN_WORKER_ID           name written to jobs.worker_id (default <host>:<pid>)
 """
@@ -33,6 +36,8 @@ WORKER_DEFAULTS: dict[str, float] = {
     "HEARTBEAT_S": 2,
     "RECONCILE_EVERY_S": 5,
     "RESEND_AFTER_S": 600,
+    "RELAY_EVERY_S": 1,
+    "IDLE_RESEND_S": 10,
     "SAMPLE_TIMEOUT_S": 600,
     "DB_RETRY_S": 300,
     "MAX_ATTEMPTS": 5,
@@ -55,6 +60,8 @@ class WorkerSettings:
     heartbeat_s: float
     reconcile_every_s: float
     resend_after_s: float
+    relay_every_s: float
+    idle_resend_s: float
     sample_timeout_s: float
     db_retry_s: float
     max_attempts: int
@@ -89,6 +96,8 @@ def load_settings(config: Mapping[str, Any] | None = None, env: Mapping[str, str
         heartbeat_s=float(value("HEARTBEAT_S")),
         reconcile_every_s=float(value("RECONCILE_EVERY_S")),
         resend_after_s=float(value("RESEND_AFTER_S")),
+        relay_every_s=float(value("RELAY_EVERY_S")),
+        idle_resend_s=float(value("IDLE_RESEND_S")),
         sample_timeout_s=float(value("SAMPLE_TIMEOUT_S")),
         db_retry_s=float(value("DB_RETRY_S")),
         max_attempts=int(value("MAX_ATTEMPTS")),

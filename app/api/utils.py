@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from functools import wraps
@@ -40,3 +41,25 @@ def json_response(payload: Any, status: int = 200) -> Response:
     except ValueError:
         body = json.dumps(without_nonfinite(payload), allow_nan=False, separators=(",", ":"))
     return Response(body, status=status, mimetype="application/json")
+
+
+STORED_KEY_CHARS = 200  # jobs.idempotency_key
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key as stored: trimmed, None when absent or blank (app.inputs refuses
+    keys over 255 characters). Keys longer than the column are stored as "sha256:" + their digest, so
+    every distinct key stays distinct (the column is not widened: on SQLite that means rebuilding the
+    jobs table, whose cascading foreign keys would empty the metrics tables)."""
+    key = (request.headers.get("Idempotency-Key") or "").strip()
+    if len(key) > STORED_KEY_CHARS:
+        return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return key or None
+
+
+def request_body_hash() -> str:
+    """sha256 hex of the canonical JSON body (keys sorted, no spaces): what an idempotent replay must repeat.
+
+    Key order and whitespace do not make two bodies different; any changed value does."""
+    canonical = json.dumps(request.get_json(silent=True), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -3,24 +3,27 @@
 from app.models._common import ID_PATTERN, is_server_id, new_id, utcnow
 from app.models.api_key import ApiKey
 from app.models.checkpoint import Checkpoint
-from app.models.dataset import Dataset
+from app.models.dataset import Dataset, DatasetFile
 from app.models.event import Event
 from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
 from app.models.metrics import LayerMetric, StepMetric
-from app.models.sample import SAMPLE_STATUSES, Sample
+from app.models.sample import PENDING_SAMPLE_STATUSES, SAMPLE_STATUSES, Sample, next_fair_sample
 
 __all__ = [
     "ApiKey",
     "Checkpoint",
     "Dataset",
+    "DatasetFile",
     "Event",
     "HEALTH_STATES",
     "JOB_STATUSES",
     "LIVE_STATUSES",
     "Job",
     "LayerMetric",
+    "PENDING_SAMPLE_STATUSES",
     "SAMPLE_STATUSES",
     "Sample",
+    "next_fair_sample",
     "StepMetric",
     "TERMINAL_STATUSES",
     "ID_PATTERN",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -26,3 +26,16 @@ class Dataset(db.Model):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DatasetFile(db.Model):
+    """One stored file, shared by every Dataset row with its sha256: `refs` counts those rows.
+
+    Uploads and deletes of a content hash update this row first, which holds its lock (a row lock on
+    PostgreSQL, the write lock on SQLite) until they commit: the file is placed, or removed at
+    refs == 0, by one request at a time, so a delete never removes a file another row points at."""
+
+    __tablename__ = "dataset_files"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    refs: Mapped[int] = mapped_column(Integer, default=0)

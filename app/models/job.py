@@ -27,6 +27,8 @@ class Job(db.Model):
         Index("ix_jobs_status_enqueued", "status", "enqueued_at"),
         Index("ix_jobs_dataset_id", "dataset_id"),
         Index("ix_jobs_parent_id", "parent_id"),
+        # the fair pick reads each key's last claim
+        Index("ix_jobs_owner_claimed", "owner_id", "claimed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -36,6 +38,8 @@ class Job(db.Model):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # sha256 of the canonical body that first used the key: a replay with another body is refused
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -58,3 +62,7 @@ class Job(db.Model):
     # into every job's metrics. Parent and child always share an owner, so they are deleted together.
     parent_id: Mapped[str | None] = mapped_column(String(40))
     applied_patch: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # set at each claim; every worker write is conditional on it (a taken-over worker writes nothing)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    # the database's time of the last claim: the training queue serves the key served least recently
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -39,5 +39,11 @@ def checkpoint_file(ckpt: Checkpoint) -> Path:
     """Path of an existing checkpoint file, built from server-made ids only; 404 when pruned."""
     path = checkpoint_path(ckpt.job_id, ckpt.step)
     if not path.is_file():
-        abort(404, message=f"Checkpoint file for step {ckpt.step} is no longer stored.")
+        gone(ckpt)
     return path
+
+
+def gone(ckpt: Checkpoint) -> None:
+    """404: the record exists but its file was pruned or deleted."""
+    abort(404, message=f"Checkpoint file for step {ckpt.step} is no longer stored.",
+          details={"job_id": ckpt.job_id, "step": ckpt.step})

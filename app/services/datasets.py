@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +15,17 @@ from typing import IO
 
 from flask import current_app
 from flask_smorest import abort
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import db
 from app.inputs import BAD_TEXT
-from app.models import LIVE_STATUSES, Dataset, Job
+from app.models import LIVE_STATUSES, Dataset, DatasetFile, Job
 from app.services.common import get_owned, lock_owner, newest_first_page
 from app.services.storage import dataset_path, tmp_dir
 
 CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,16 +79,28 @@ def _check_quota(owner_id: str, size: int) -> None:
               details={"used_bytes": int(used), "quota_bytes": quota, "upload_bytes": size})
 
 
+def _count_file_ref(sha256: str, delta: int) -> int:
+    """Add delta to the references of a stored file and return the new count.
+
+    The UPDATE locks the hash's row until the caller commits (a row lock on PostgreSQL, the write lock on
+    SQLite); every upload and delete of that content passes here first, so they take turns. Rows stay at
+    refs 0 when unused, so the row to lock always exists once a content was stored."""
+    insert = postgresql.insert if db.session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    db.session.execute(insert(DatasetFile).values(sha256=sha256, refs=0).on_conflict_do_nothing(index_elements=["sha256"]))
+    db.session.execute(update(DatasetFile).where(DatasetFile.sha256 == sha256).values(refs=DatasetFile.refs + delta)
+                       .execution_options(synchronize_session=False))
+    return db.session.execute(select(DatasetFile.refs).where(DatasetFile.sha256 == sha256)).scalar_one()
+
+
 def create_dataset(owner_id: str, stream: IO[bytes], name: str | None) -> Dataset:
-    """Validate, store content-addressed, and record an upload."""
+    """Validate, store content-addressed, and record an upload (one more reference to its file)."""
     stored = _spool(stream, int(current_app.config["MAX_DATASET_BYTES"]))
     try:
         lock_owner(owner_id)  # after the upload, until the commit below: concurrent uploads queue here
         _check_quota(owner_id, stored.size)
+        _count_file_ref(stored.sha256, +1)  # under the hash's lock until the commit: no delete removes it
         target = dataset_path(stored.sha256)
-        if target.exists():
-            stored.tmp_path.unlink(missing_ok=True)
-        else:
+        if not target.exists():
             os.replace(stored.tmp_path, target)
     finally:
         stored.tmp_path.unlink(missing_ok=True)
@@ -107,7 +123,7 @@ def get_dataset(owner_id: str, dataset_id: str) -> Dataset:
 
 
 def delete_dataset(owner_id: str, dataset_id: str) -> None:
-    """Delete unless a live job uses it; remove the file when no other row shares it."""
+    """Delete unless a live job uses it; remove the file when its last reference goes (under the hash's lock)."""
     dataset = get_dataset(owner_id, dataset_id)
     lock_owner(owner_id)  # a concurrent submit of this key either commits first (409 here) or sees it gone
     live = db.session.execute(
@@ -117,8 +133,40 @@ def delete_dataset(owner_id: str, dataset_id: str) -> None:
         abort(409, message=f"Dataset {dataset.id} is used by live job {live}; cancel it or wait.",
               details={"job_id": live})
     sha = dataset.sha256
+    refs = _count_file_ref(sha, -1)
     db.session.delete(dataset)
-    db.session.commit()
-    shared = db.session.execute(select(Dataset.id).where(Dataset.sha256 == sha).limit(1)).scalar_one_or_none()
-    if shared is None:
-        dataset_path(sha).unlink(missing_ok=True)
+    db.session.flush()
+    if _rows_sharing(sha, refs) > 0:
+        db.session.commit()
+        return
+    # the last reference: the file goes with the commit, while no upload of this content can run
+    aside = _move_aside(dataset_path(sha))
+    try:
+        db.session.commit()
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, dataset_path(sha))
+        db.session.rollback()
+        raise
+    if aside is not None:
+        aside.unlink(missing_ok=True)
+
+
+def _rows_sharing(sha256: str, refs: int) -> int:
+    """Dataset rows (any key's) still pointing at the file; the count is set to it when they disagree
+    (rows written before the counts existed, or by hand), so a wrong count never removes a used file."""
+    rows = db.session.execute(select(func.count()).select_from(Dataset).where(Dataset.sha256 == sha256)).scalar_one()
+    if rows != refs:
+        log.warning("dataset file %s: %s references counted, %s rows; using the rows", sha256, refs, rows)
+        db.session.execute(update(DatasetFile).where(DatasetFile.sha256 == sha256).values(refs=rows))
+    return rows
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename a file into tmp/ (same filesystem), so a failed commit can put it back; None when absent."""
+    aside = tmp_dir() / f"{path.name}.{uuid.uuid4().hex}.deleting"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    return aside

@@ -67,20 +67,27 @@ def _check_live_jobs(owner_id: str) -> None:
               headers={"Retry-After": "30"}, details={"live_jobs": live, "limit": limit})
 
 
-def find_idempotent(owner_id: str, key: str | None) -> Job | None:
-    """The job an earlier request with this Idempotency-Key created, if any."""
+def find_idempotent(owner_id: str, key: str | None, body_hash: str | None = None) -> Job | None:
+    """The job an earlier request with this Idempotency-Key created, if any; 422 `idempotency_mismatch`
+    when that request's body was different (jobs stored before body hashes were kept match any body)."""
     if not key:
         return None
-    return db.session.execute(
+    job = db.session.execute(
         select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)
     ).scalar_one_or_none()
+    if job is not None and body_hash and job.idempotency_hash and job.idempotency_hash != body_hash:
+        abort(422, code="idempotency_mismatch",
+              message="This Idempotency-Key was already used with a different request body; "
+                      "send a new key for a new job.",
+              details={"Idempotency-Key": ["Used before with a different body."], "job_id": job.id})
+    return job
 
 
-def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None, parent_id: str | None = None,
-               applied_patch: list[dict[str, Any]] | None = None) -> tuple[Job, bool]:
+def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None, body_hash: str | None = None,
+               parent_id: str | None = None, applied_patch: list[dict[str, Any]] | None = None) -> tuple[Job, bool]:
     """Validate limits, record the job, commit, then enqueue; returns (job, created).
     A retry (app.services.retry) passes its parent's id and the spec changes it applied."""
-    existing = find_idempotent(owner_id, idempotency_key)
+    existing = find_idempotent(owner_id, idempotency_key, body_hash)
     if existing is not None:
         return existing, False
     check_limits(spec)
@@ -91,13 +98,14 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None,
     # between this commit and the publish must not send the job a second time
     job = Job(owner_id=owner_id, dataset_id=spec["dataset_id"], name=spec["name"], spec=spec_to_json(spec),
               status="queued", max_steps=spec["training"]["max_steps"], idempotency_key=idempotency_key,
-              enqueued_at=utcnow(), parent_id=parent_id, applied_patch=applied_patch)
+              idempotency_hash=body_hash if idempotency_key else None, enqueued_at=utcnow(),
+              parent_id=parent_id, applied_patch=applied_patch)
     db.session.add(job)
     try:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
-        existing = find_idempotent(owner_id, idempotency_key)
+        existing = find_idempotent(owner_id, idempotency_key, body_hash)
         if existing is None:
             raise
         return existing, False

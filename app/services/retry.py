@@ -17,6 +17,7 @@ from app.models import LIVE_STATUSES, Job
 from app.schemas.spec import JobSpecSchema
 from app.services import jobs as jobs_service
 from app.services.events import diagnosis_view
+from worker.engine.config import inapplicable_fields
 
 APPLY_ALL = "recommendations"
 
@@ -95,6 +96,20 @@ def patched_spec(spec: dict[str, Any], changes: list[Change]) -> dict[str, Any]:
     return out
 
 
+def resets_for(spec: dict[str, Any], changes: list[Change]) -> list[Change]:
+    """Fields the changes made meaningless (init_std once init is no longer normal) go back to their
+    defaults, credited to the change that switched their control; a field the patch set itself is
+    left as it is, so a contradictory override still answers 422."""
+    patched = {c["field"] for c in changes}
+    resets = []
+    for path, control, default in inapplicable_fields(spec):
+        if path in patched:
+            continue
+        cause = next((c for c in changes if _inside(control, c["field"])), None)
+        resets.append({"field": path, "value": default, "from_finding": cause and cause["from_finding"]})
+    return resets
+
+
 def validated_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the patched spec like a submitted one; 422 with the field paths that fail."""
     try:
@@ -108,11 +123,11 @@ def validated_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def retry_job(owner_id: str, job_id: str, apply: str | list[str], overrides: dict[str, Any],
-              idempotency_key: str | None) -> tuple[Job, bool]:
+              idempotency_key: str | None, body_hash: str | None = None) -> tuple[Job, bool]:
     """Submit the parent's spec with the selected recommendations and the overrides applied;
     returns (child, created). 409 while the parent is live or when it has nothing to apply."""
     parent = jobs_service.get_job(owner_id, job_id)
-    existing = jobs_service.find_idempotent(owner_id, idempotency_key)
+    existing = jobs_service.find_idempotent(owner_id, idempotency_key, body_hash)
     if existing is not None:
         return existing, False
     if parent.status in LIVE_STATUSES:
@@ -127,5 +142,7 @@ def retry_job(owner_id: str, job_id: str, apply: str | list[str], overrides: dic
                                f"({'no findings' if not findings else 'its findings recommend no change'}).",
                   details={"findings": [f.get("kind") for f in findings]})
     changes = with_overrides(changes, overrides)
+    changes += resets_for(patched_spec(parent.spec, changes), changes)
     spec = validated_spec(patched_spec(parent.spec, changes))
-    return jobs_service.submit_job(owner_id, spec, idempotency_key, parent_id=parent.id, applied_patch=changes)
+    return jobs_service.submit_job(owner_id, spec, idempotency_key, body_hash, parent_id=parent.id,
+                                   applied_patch=changes)

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 from flask import current_app
 from flask_smorest import abort
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from app.extensions import db
-from app.models import Job, Sample, utcnow
+from app.models import PENDING_SAMPLE_STATUSES, Job, Sample, utcnow
 from app.services.checkpoints import get_checkpoint, newest_checkpoint
-from app.services.common import get_owned
+from app.services.common import get_owned, lock_owner
 from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, publish
 
 DONE = ("succeeded", "failed")
+
+# Request threads of this process now polling for a sample's text (`?wait=`), at most SAMPLE_MAX_WAITING.
+_waiting = 0
+_waiting_lock = threading.Lock()
+
+
+def _check_pending_samples(owner_id: str) -> None:
+    """429 when the key already has MAX_QUEUED_SAMPLES queued or running (called under the key's lock)."""
+    limit = int(current_app.config["MAX_QUEUED_SAMPLES"])
+    pending = db.session.execute(
+        select(func.count()).select_from(Sample)
+        .where(Sample.owner_id == owner_id, Sample.status.in_(PENDING_SAMPLE_STATUSES))
+    ).scalar_one()
+    if pending >= limit:
+        abort(429, message=f"This key already has {pending} queued or running samples (limit {limit}); "
+                           "poll them and ask again when one is done.",
+              headers={"Retry-After": "5"}, details={"pending_samples": pending, "limit": limit})
 
 
 def create_sample(owner_id: str, job: Job, args: dict[str, Any]) -> Sample:
@@ -27,6 +45,8 @@ def create_sample(owner_id: str, job: Job, args: dict[str, Any]) -> Sample:
         if ckpt is None:
             abort(409, message=f"Job {job.id} has no checkpoint yet; sample after the first one is written.")
     params = {k: args[k] for k in ("max_new_tokens", "temperature", "top_k", "seed")}
+    lock_owner(owner_id)  # until the commit below: concurrent requests of the key cannot pass the cap together
+    _check_pending_samples(owner_id)
     # enqueued_at is stamped with the record, as for jobs: a reconciler pass between the commit and
     # the publish must not send it twice; a failed publish clears it so the next pass sends it
     sample = Sample(job_id=job.id, owner_id=owner_id, checkpoint_step=ckpt.step, prompt=args["prompt"],
@@ -41,12 +61,30 @@ def create_sample(owner_id: str, job: Job, args: dict[str, Any]) -> Sample:
 
 
 def wait_for(sample: Sample, wait_s: float) -> Sample:
-    """Poll the record until the worker finishes it or wait_s passes."""
-    deadline = time.monotonic() + wait_s
-    while sample.status not in DONE and time.monotonic() < deadline:
-        time.sleep(float(current_app.config["SAMPLE_POLL_S"]))
-        db.session.commit()  # end the read transaction so the next read sees the worker's commit
-        db.session.refresh(sample)
+    """Poll the record until the worker finishes it or wait_s passes.
+
+    Only SAMPLE_MAX_WAITING request threads of this process wait at once; past that the sample is
+    returned as it is (the caller answers 202), so waiting requests can never take every thread."""
+    global _waiting
+    if wait_s <= 0 or sample.status in DONE:
+        return sample
+    with _waiting_lock:
+        if _waiting >= int(current_app.config["SAMPLE_MAX_WAITING"]):
+            return sample
+        _waiting += 1
+    sample_id = sample.id
+    try:
+        deadline = time.monotonic() + wait_s
+        while sample.status not in DONE and time.monotonic() < deadline:
+            time.sleep(float(current_app.config["SAMPLE_POLL_S"]))
+            db.session.commit()  # end the read transaction so the next read sees the worker's commit
+            current = db.session.get(Sample, sample_id, populate_existing=True)
+            if current is None:  # deleted meanwhile (its job or key went)
+                abort(404, message=f"Sample {sample_id} no longer exists.")
+            sample = current
+    finally:
+        with _waiting_lock:
+            _waiting -= 1
     return sample
 
 

@@ -64,3 +64,61 @@ def test_unknown_step_and_missing_file(app: Flask, client: FlaskClient, auth: di
     pruned = client.get(f"/v1/jobs/{job['id']}/checkpoints/8/file", headers=auth)
     assert pruned.status_code == 404 and "no longer" in pruned.json["error"]["message"]
     assert client.get(f"/v1/jobs/{job['id']}/checkpoints/..%2F..%2Fetc/file", headers=auth).status_code == 404
+
+
+def _assert_gone(response: Any, step: int) -> None:
+    assert response.status_code == 404, (response.status_code, response.data[:200])
+    error = response.json["error"]
+    assert error["code"] == "not_found" and error["details"].get("step", step) == step, error
+
+
+def test_pruned_between_listing_and_download(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                             job: dict[str, Any]) -> None:
+    """keep_last removes the record and the file after the client listed it."""
+    _write_checkpoint(app, job["id"], 10)
+    item = client.get(f"/v1/jobs/{job['id']}/checkpoints", headers=auth).json["items"][0]
+    with app.app_context():
+        db.session.delete(db.session.get(Checkpoint, (job["id"], 10)))
+        db.session.commit()
+    (Path(app.config["STORAGE_DIR"]) / "checkpoints" / job["id"] / "step_10.pt").unlink()
+    _assert_gone(client.get(item["download_url"], headers=auth), 10)
+    _assert_gone(client.get(item["download_url"], headers={**auth, "Range": "bytes=0-9"}), 10)
+
+
+def test_file_deleted_or_missing_on_disk(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                         job: dict[str, Any]) -> None:
+    _write_checkpoint(app, job["id"], 10)
+    _write_checkpoint(app, job["id"], 20)
+    folder = Path(app.config["STORAGE_DIR"]) / "checkpoints" / job["id"]
+    (folder / "step_10.pt").unlink()  # deleted, its record kept
+    _assert_gone(client.get(f"/v1/jobs/{job['id']}/checkpoints/10/file", headers=auth), 10)
+    (folder / "step_20.pt").unlink()
+    folder.rmdir()  # the job's whole folder missing
+    _assert_gone(client.get(f"/v1/jobs/{job['id']}/checkpoints/20/file", headers=auth), 20)
+    assert [c["step"] for c in client.get(f"/v1/jobs/{job['id']}/checkpoints", headers=auth).json["items"]] == [10, 20]
+
+
+def test_file_removed_while_the_download_starts(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                                job: dict[str, Any], monkeypatch: Any) -> None:
+    """The file is found, then pruned before it is opened: 404, not a 500 from the open."""
+    from app.services import checkpoints as service
+
+    _write_checkpoint(app, job["id"], 30)
+    found = service.checkpoint_file
+
+    def found_then_pruned(ckpt: Checkpoint) -> Path:
+        path = found(ckpt)
+        path.unlink()
+        return path
+
+    monkeypatch.setattr(service, "checkpoint_file", found_then_pruned)
+    _assert_gone(client.get(f"/v1/jobs/{job['id']}/checkpoints/30/file", headers=auth), 30)
+
+
+def test_a_download_already_open_survives_a_prune(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                                  job: dict[str, Any]) -> None:
+    _write_checkpoint(app, job["id"], 40)
+    with client.get(f"/v1/jobs/{job['id']}/checkpoints/40/file", headers=auth, buffered=False) as response:
+        assert response.status_code == 200
+        (Path(app.config["STORAGE_DIR"]) / "checkpoints" / job["id"] / "step_40.pt").unlink()
+        assert b"".join(response.response) == PAYLOAD

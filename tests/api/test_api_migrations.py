@@ -15,7 +15,8 @@ from sqlalchemy import inspect, text
 from app import create_app
 from app.extensions import db
 
-TABLES = {"api_keys", "datasets", "jobs", "step_metrics", "layer_metrics", "events", "checkpoints", "samples"}
+TABLES = {"api_keys", "datasets", "dataset_files", "jobs", "step_metrics", "layer_metrics", "events", "checkpoints",
+          "samples"}
 POSITION_INDEX = "ix_layer_metrics_job_step_position"
 
 
@@ -117,3 +118,55 @@ def test_layer_position_round_trip_on_sqlite(tmp_path: Path) -> None:
 def test_layer_position_round_trip_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     url = request.getfixturevalue("fresh_postgres_url")
     _round_trip_layer_position(url, tmp_path)
+
+
+def _round_trip_0006(database_url: str, tmp_path: Path) -> None:
+    """0003 with datasets, a job and its metric rows -> 0006 (file counts filled from the rows, every row
+    kept: jobs is altered in place, not rebuilt, so nothing cascades) -> 0003 (rows kept) -> head."""
+    app = _app(database_url, tmp_path)
+    with app.app_context():
+        flask_migrate.upgrade(revision="0003")
+        with db.engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                              "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
+            conn.execute(text("INSERT INTO datasets (id, owner_id, name, bytes, sha256, created_at) VALUES "
+                              "('ds_1', 'key_1', 'a', 5, :a, CURRENT_TIMESTAMP), "
+                              "('ds_2', 'key_1', 'b', 5, :a, CURRENT_TIMESTAMP), "
+                              "('ds_3', 'key_1', 'c', 7, :b, CURRENT_TIMESTAMP)"), {"a": "a" * 64, "b": "b" * 64})
+            conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, idempotency_key, created_at, "
+                              "updated_at, step, max_steps, tokens_seen, health, attempts, cancel_requested) VALUES "
+                              "('job_1', 'key_1', 'j', '{}', 'succeeded', 'idem', CURRENT_TIMESTAMP, "
+                              "CURRENT_TIMESTAMP, 2, 2, 0, 'ok', 1, false)"))
+            conn.execute(text("INSERT INTO layer_metrics (job_id, step, layer, grad_norm) VALUES "
+                              "('job_1', 1, 'head.weight', 0.5), ('job_1', 2, 'head.weight', 0.25)"))
+
+        def kept() -> tuple[int, int, str]:
+            with db.engine.connect() as conn:
+                return (conn.execute(text("SELECT count(*) FROM layer_metrics")).scalar_one(),
+                        conn.execute(text("SELECT count(*) FROM jobs")).scalar_one(),
+                        conn.execute(text("SELECT idempotency_key FROM jobs")).scalar_one())
+
+        flask_migrate.upgrade(revision="0006")
+        assert kept() == (2, 1, "idem")
+        with db.engine.connect() as conn:
+            refs = conn.execute(text("SELECT sha256, refs FROM dataset_files ORDER BY sha256")).all()
+            assert [tuple(r) for r in refs] == [("a" * 64, 2), ("b" * 64, 1)]
+            assert conn.execute(text("SELECT idempotency_hash FROM jobs")).scalar_one() is None
+        flask_migrate.downgrade(revision="0003")
+        assert kept() == (2, 1, "idem")
+        with db.engine.connect() as conn:
+            assert "dataset_files" not in inspect(conn).get_table_names()
+            assert "idempotency_hash" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+        flask_migrate.upgrade()
+        assert kept() == (2, 1, "idem")
+        _assert_no_diff()
+        flask_migrate.downgrade(revision="base")
+        db.engine.dispose()
+
+
+def test_service_hardening_round_trip_on_sqlite(tmp_path: Path) -> None:
+    _round_trip_0006(f"sqlite:///{tmp_path / 'hard.db'}", tmp_path)
+
+
+def test_service_hardening_round_trip_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    _round_trip_0006(request.getfixturevalue("fresh_postgres_url"), tmp_path)

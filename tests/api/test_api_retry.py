@@ -24,13 +24,13 @@ def _rec(field: str, value: Any) -> dict[str, Any]:
 
 
 VANISHING = {"kind": "vanishing", "severity": "critical", "summary": "early layers starve",
-             "recommendations": [_rec("model.activation", "relu"), _rec("model.init", "kaiming_normal"),
+             "recommendations": [_rec("model.norm", "layernorm"), _rec("model.init", "kaiming_normal"),
                                  _rec("model.n_layers", 1)]}
 EXPLODING = {"kind": "exploding", "severity": "critical", "summary": "grad norm blew up",
              "recommendations": [_rec("stabilization.clip", {"mode": "norm", "max_norm": 0.25}),
                                  _rec("training.lr", 0.0003)]}
 STALLED = {"kind": "stalled", "severity": "warning", "summary": "loss flat",
-           "recommendations": [_rec("model.activation", "gelu"), _rec("stabilization.clip.max_norm", 5.0),
+           "recommendations": [_rec("model.norm", "rmsnorm"), _rec("stabilization.clip.max_norm", 5.0),
                                _rec("training.warmup_steps", 5)]}
 
 
@@ -72,13 +72,13 @@ def test_retry_applies_every_recommendation_most_severe_first(client: FlaskClien
     # the dict value merged into the clip section: the other clip settings are the parent's
     assert spec["stabilization"]["clip"] == {**parent_spec["stabilization"]["clip"], "mode": "norm", "max_norm": 0.25}
     assert spec["training"]["lr"] == 0.0003 and spec["training"]["warmup_steps"] == 5
-    # vanishing's relu beats stalled's gelu; stalled's clip.max_norm lies inside exploding's clip: skipped
-    assert spec["model"]["activation"] == "relu" and spec["model"]["init"] == "kaiming_normal"
+    # vanishing's layernorm beats stalled's rmsnorm; stalled's clip.max_norm lies inside exploding's clip: skipped
+    assert spec["model"]["norm"] == "layernorm" and spec["model"]["init"] == "kaiming_normal"
     assert spec["model"]["n_layers"] == 1 and spec["dataset_id"] == parent_spec["dataset_id"]
     assert child["applied_patch"] == [
         {"field": "stabilization.clip", "value": {"mode": "norm", "max_norm": 0.25}, "from_finding": "exploding"},
         {"field": "training.lr", "value": 0.0003, "from_finding": "exploding"},
-        {"field": "model.activation", "value": "relu", "from_finding": "vanishing"},
+        {"field": "model.norm", "value": "layernorm", "from_finding": "vanishing"},
         {"field": "model.init", "value": "kaiming_normal", "from_finding": "vanishing"},
         {"field": "model.n_layers", "value": 1, "from_finding": "vanishing"},
         {"field": "training.warmup_steps", "value": 5, "from_finding": "stalled"},
@@ -93,18 +93,18 @@ def test_retry_applies_every_recommendation_most_severe_first(client: FlaskClien
 
 def test_retry_of_chosen_kinds_with_overrides(retry: Any, auth: dict[str, str], diagnosed: dict[str, Any]) -> None:
     response = retry(auth, diagnosed["id"], ["stalled"],
-                     overrides={"training.max_steps": 40, "model.activation": "silu", "name": "second try"})
+                     overrides={"training.max_steps": 40, "model.norm": "layernorm", "name": "second try"})
     assert response.status_code == 202, response.json
     child = response.json
-    # stalled's activation is replaced by the override: only the override is recorded for that field
+    # stalled's norm is replaced by the override: only the override is recorded for that field
     assert child["applied_patch"] == [
         {"field": "stabilization.clip.max_norm", "value": 5.0, "from_finding": "stalled"},
         {"field": "training.warmup_steps", "value": 5, "from_finding": "stalled"},
-        {"field": "model.activation", "value": "silu", "from_finding": None},  # overrides in path order
+        {"field": "model.norm", "value": "layernorm", "from_finding": None},  # overrides in path order
         {"field": "name", "value": "second try", "from_finding": None},
         {"field": "training.max_steps", "value": 40, "from_finding": None},
     ]
-    assert child["spec"]["model"]["activation"] == "silu" and child["spec"]["model"]["n_layers"] == 2
+    assert child["spec"]["model"]["norm"] == "layernorm" and child["spec"]["model"]["n_layers"] == 2
     assert child["spec"]["stabilization"]["clip"]["max_norm"] == 5.0 and child["spec"]["training"]["lr"] == 1e-3
     assert child["name"] == "second try" and child["progress"]["max_steps"] == 40
 
@@ -273,3 +273,23 @@ def test_lineage_migration_round_trip_on_sqlite(tmp_path: Path) -> None:
 
 def test_lineage_migration_round_trip_on_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     _round_trip_lineage(request.getfixturevalue("fresh_postgres_url"), tmp_path)
+
+
+def test_retry_resets_the_fields_a_recommendation_made_meaningless(app: Flask, submit: Any, retry: Any,
+                                                                    auth: dict[str, str],
+                                                                    dataset: dict[str, Any]) -> None:
+    parent = submit(auth, dataset["id"], model={"arch": "mlp", "init": "normal", "init_std": 0.05}).json
+    vanishing = {"kind": "vanishing", "severity": "critical", "summary": "s",
+                 "recommendations": [_rec("model.init", "kaiming_normal")]}
+    finish(app, parent["id"], findings=[vanishing])
+    response = retry(auth, parent["id"])
+    assert response.status_code == 202, response.json
+    child = response.json
+    assert child["spec"]["model"]["init"] == "kaiming_normal" and child["spec"]["model"]["init_std"] == 0.02
+    assert child["applied_patch"] == [
+        {"field": "model.init", "value": "kaiming_normal", "from_finding": "vanishing"},
+        {"field": "model.init_std", "value": 0.02, "from_finding": "vanishing"},
+    ]
+    # an override that keeps the meaningless value is the user's own choice: refused, naming the field
+    refused = retry(auth, parent["id"], overrides={"model.init_std": 0.05})
+    assert refused.status_code == 422 and "model.init_std" in refused.json["error"]["details"]

@@ -151,7 +151,7 @@ def test_cli_one_line_errors(api_url: str, api_key: str, monkeypatch: pytest.Mon
 
 
 def test_command_installed_and_runs_as_a_process(tmp_path: Path) -> None:
-    pyproject = (REPO / "pyproject.toml").read_text()
+    pyproject = (REPO / "clients" / "stabletrain" / "pyproject.toml").read_text()  # the client distribution
     assert '[project.scripts]\nstabletrain = "stabletrain.cli:main"' in pyproject
     env = {k: v for k, v in os.environ.items() if k not in ("STABLETRAIN_API_KEY", "STABLETRAIN_URL")}
     out = subprocess.run([sys.executable, "-m", "stabletrain", "--help"], cwd=REPO, env=env,

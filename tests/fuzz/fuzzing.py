@@ -2,8 +2,10 @@
 
 For every operation and both generation modes (positive: requests the schema allows; negative: requests
 it forbids), hypothesis generates requests; about half use the seeded app's real ids in the path (and
-POST /v1/jobs often names the real dataset), so handlers run past their 404s. Every response must be
-below 500, and every error must be JSON in the documented envelope.
+POST /v1/jobs often names the real dataset), so handlers run past their 404s. Every schemathesis check
+runs on every answer (no 5xx; status, content type, headers and body as documented; schema-valid
+requests accepted and schema-invalid ones refused; the key enforced: ignored_auth re-sends the request
+without it and with a wrong one), plus error_envelope: every error is JSON in the documented envelope.
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ import hypothesis
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import CHECKS as REGISTERED_CHECKS
+from schemathesis.checks import load_all_checks
 from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from tests.fuzz.conftest import Seeded
 
@@ -68,9 +67,94 @@ def error_envelope(ctx: Any, response: Any, case: Any) -> bool | None:
     return None
 
 
-# no 5xx; every error in the envelope; and every answer as documented (status, content type, body schema)
-CHECKS = [not_a_server_error, error_envelope, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+def _every_check() -> list[Any]:
+    """Every check schemathesis has (14 in 4.32: no 5xx; status, content type, headers and body as
+    documented; schema-valid requests accepted and schema-invalid ones refused; auth not ignored; Allow
+    headers; ...) plus error_envelope above."""
+    load_all_checks()
+    checks = list(REGISTERED_CHECKS.get_all())
+    assert positive_data_acceptance in checks and negative_data_rejection in checks and error_envelope in checks
+    return checks
+
+
+# Schema-valid requests the server refuses on purpose: limits and cross-field rules that OpenAPI cannot
+# state. (operation, field, a fragment of the message) -> why.
+SEMANTIC_LIMITS: dict[tuple[str, str, str], str] = {
+    ("POST /v1/jobs", "model", "parameters; this server allows"): "model size vs STABLETRAIN_MAX_PARAMS",
+    ("POST /v1/jobs", "training.warmup_steps", "must not exceed training.max_steps"): "cross-field rule",
+    ("POST /v1/jobs", "model.norm", "is only supported for"): "cross-field rule (norm vs arch)",
+    ("POST /v1/jobs", "training.seq_len", "on this server"): "STABLETRAIN_MAX_SEQ_LEN, set per deployment",
+    ("POST /v1/jobs", "training.max_steps", "on this server"): "STABLETRAIN_MAX_STEPS, set per deployment",
+    ("POST /v1/datasets", "file", "invalid UTF-8"): "a dataset is UTF-8 text; a binary upload may be any bytes",
+}
+# Schema-valid requests the server refuses where the OpenAPI document is looser than the server: spec
+# gaps owned elsewhere (docs/contracts.md, the lead's list). Delete an entry once its fix is merged.
+SPEC_GAPS: dict[tuple[str, str, str], str] = {
+    ("GET /v1/datasets", "cursor", ""): "cursor is any string in the spec; only the server's own cursors work",
+    ("GET /v1/jobs", "cursor", ""): "cursor is any string in the spec; only the server's own cursors work",
+    ("POST /v1/datasets", "file", "empty"): "an empty body is a valid string in the spec; empty data is refused",
+    ("POST /v1/jobs", "dataset_id", "is not a dataset id"): "dataset_id has no pattern in the spec",
+    ("POST /v1/jobs", "training.betas", ""): "Training.betas has no type in the spec (a marshmallow Tuple)",
+    ("POST /v1/jobs", "stabilization.weight_max_norm", ""): "minimum 0 in the spec, but it must be > 0",
+    ("POST /v1/jobs", "stabilization.clip.ema_alpha", ""): "minimum 0 in the spec, but 0 < ema_alpha < 1",
+    **{("POST /v1/jobs", field, "Number too large"): "no maximum in the spec; the server stops at 2**63 - 1"
+       for field in ("model.n_heads", "training.warmup_steps", "training.eval_every", "stabilization.clip.adaptive_warmup",
+                     "stabilization.max_consecutive_skips", "stabilization.max_rollbacks",
+                     "monitoring.layer_stats_every", "checkpointing.every_steps")},
+    ("POST /v1/jobs/{job_id}/samples", "top_k", "Number too large"): "no maximum in the spec; the server stops at 2**63 - 1",
+}
+KNOWN_REFUSALS = {**SEMANTIC_LIMITS, **SPEC_GAPS}
+
+
+def _known_refusal(case: Any, response: Any) -> str | None:
+    """The refused fields when every one of them is a KNOWN_REFUSALS entry of this operation, else None."""
+    if not 400 <= response.status_code < 500:
+        return None
+    try:
+        details = response.json()["error"]["details"]
+        messages = {name: " ".join(map(str, value if isinstance(value, list) else [value]))
+                    for name, value in details.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    label = case.operation.label
+    known = all(any(op == label and name == field and fragment in text for op, field, fragment in KNOWN_REFUSALS)
+                for name, text in messages.items())
+    return ", ".join(sorted(messages)) if messages and known else None
+
+
+def _form_field_sent_as_text(case: Any, response: Any) -> str | None:
+    """A multipart upload with a valid file and a non-string `name`: on the wire every form field is text,
+    so the server gets a valid name (schemathesis counts the request as schema-violating)."""
+    body = case.body if isinstance(case.body, dict) else {}
+    if (str(case.media_type).startswith("multipart/form-data") and response.status_code < 300
+            and set(body) <= {"file", "name"} and isinstance(body.get("file"), (bytes, str))
+            and not isinstance(body.get("name", ""), str)):
+        return "multipart name sent as text"
+    return None
+
+
+def _excusing(check: Any, excuse: Callable[[Any, Any], str | None], report: FuzzReport) -> Any:
+    """`check`, except that a failure `excuse` explains is counted in the report instead of raised."""
+
+    def excused(ctx: Any, response: Any, case: Any) -> bool | None:
+        try:
+            return check(ctx, response, case)
+        except Exception:  # schemathesis raises its own failure types
+            why = excuse(case, response)
+            if why is None:
+                raise
+            report.excused[f"{case.operation.label} {why}"] += 1
+            return None
+
+    excused.__name__ = check.__name__
+    return excused
+
+
+CHECKS = _every_check()
+# Whether a request is schema-valid is known only for what schemathesis generated: a case that got a
+# HOSTILE value may have turned valid or invalid, so these two checks skip it (all others still run).
+DATA_CHECKS = (positive_data_acceptance, negative_data_rejection)
+HOSTILE_CASE_CHECKS = [check for check in CHECKS if check not in DATA_CHECKS]
 
 
 @dataclass
@@ -81,11 +165,13 @@ class FuzzReport:
     by_status: Counter[int] = field(default_factory=Counter)
     by_operation: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    excused: Counter[str] = field(default_factory=Counter)  # known refusals and schemathesis misreadings
 
     def summary(self) -> str:
         statuses = ", ".join(f"{code}: {n}" for code, n in sorted(self.by_status.items()))
+        known = "; ".join(f"{what}: {n}" for what, n in sorted(self.excused.items()))
         return (f"{self.requests} requests over {len(self.by_operation)} operations; statuses {{{statuses}}}; "
-                f"{len(self.failures)} failing operation/mode pairs")
+                f"{len(self.failures)} failing operation/mode pairs; excused {{{known}}}")
 
 
 def _with_real_ids(operation: Any, mode: GenerationMode, ids: dict[str, list[str]]) -> Any:
@@ -109,21 +195,29 @@ def _authorized(case: Any, dice: int, auth: dict[str, str]) -> Any:
     favours the ends of a range, so the unauthenticated draw is one in the middle."""
     if dice != 5:
         case.headers = {**(case.headers or {}), **auth}
+        # the key is the caller's, not generated: ignored_auth then probes the request without it and
+        # with a wrong one (both must answer 401) instead of taking it for a generated, invalid one
+        case._has_explicit_auth = True
     return case
 
 
 def _make_check(seeded: Seeded, report: FuzzReport, operation: Any, strategy: Any,
                 examples: int, seed: int) -> Callable[[], None]:
+    wrapped = {positive_data_acceptance: _excusing(positive_data_acceptance, _known_refusal, report),
+               negative_data_rejection: _excusing(negative_data_rejection, _form_field_sent_as_text, report)}
+    generated_case_checks = [wrapped.get(check, check) for check in CHECKS]
+
     @hypothesis.seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-    @given(case=strategy)
-    def check(case: Any) -> None:
+    @given(drawn=strategy)
+    def check(drawn: tuple[Any, bool]) -> None:
+        case, hostile = drawn
         response = case.call(buffered=True)  # closes streamed file bodies (schemathesis leaves them open)
         report.requests += 1
         report.by_status[response.status_code] += 1
         report.by_operation[operation.label] += 1
-        case.validate_response(response, checks=CHECKS)
+        case.validate_response(response, checks=HOSTILE_CASE_CHECKS if hostile else generated_case_checks)
 
     return check
 
@@ -154,10 +248,10 @@ def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
     return value
 
 
-def _hostile(case: Any, choice: int, value: Any, slot: int) -> Any:
-    """In a third of the cases, put one HOSTILE value into one slot of the request."""
+def _hostile(case: Any, choice: int, value: Any, slot: int) -> tuple[Any, bool]:
+    """In a third of the cases, put one HOSTILE value into one slot of the request; (case, whether it did)."""
     if choice % 3:
-        return case
+        return case, False
     slots: list[tuple[str, Any]] = [("path", k) for k in case.path_parameters or {}]
     slots += [("query", k) for k in case.query or {}]
     if isinstance(case.body, (dict, list)):
@@ -165,13 +259,13 @@ def _hostile(case: Any, choice: int, value: Any, slot: int) -> Any:
     if case.operation.method.upper() == "POST":
         slots.append(("header", "Idempotency-Key"))
     if not slots:
-        return case
+        return case, False
     where, key = slots[slot % len(slots)]
     if isinstance(value, str):
         value = UNENCODABLE.sub("?", value)
     if where == "body":
         case.body = _replace(case.body, key, value)
-        return case
+        return case, True
     text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     if where == "path":  # schemathesis sends path parameters as given: quote them like a client would
         case.path_parameters = {**case.path_parameters, key: quote(text, safe="") or "x"}
@@ -179,7 +273,9 @@ def _hostile(case: Any, choice: int, value: Any, slot: int) -> Any:
         case.query = {**case.query, key: text}
     elif text and text == text.strip() and text.isascii() and text.isprintable():
         case.headers = {**(case.headers or {}), key: text[:500]}
-    return case
+    else:
+        return case, False
+    return case, True
 
 
 def run_fuzz(seeded: Seeded, examples: int, seed: int = 0,
@@ -193,7 +289,8 @@ def run_fuzz(seeded: Seeded, examples: int, seed: int = 0,
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             strategy = _with_real_ids(operation, mode, seeded.ids)
-            if operation.method.upper() == "POST" and operation.path == "/v1/jobs":
+            # the real dataset would mend a negative case whose one invalid part is the dataset id
+            if operation.method.upper() == "POST" and operation.path == "/v1/jobs" and mode.is_positive:
                 strategy = st.tuples(strategy, st.booleans()).map(lambda t: _real_dataset(t[0], t[1], dataset_id))
             strategy = st.tuples(strategy, st.integers(0, 9)).map(lambda t: _authorized(t[0], t[1], seeded.auth))
             strategy = st.tuples(strategy, st.integers(0, 2), st.sampled_from(HOSTILE), st.integers(0, 50)).map(

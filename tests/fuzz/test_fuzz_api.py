@@ -1,4 +1,6 @@
-"""Fuzz the whole API from its OpenAPI document: no 5xx, every error in the envelope.
+"""Fuzz the whole API from its OpenAPI document with every schemathesis check: no 5xx, every error in the
+envelope, every answer as documented, schema-valid requests accepted and schema-invalid ones refused
+(except the listed known refusals, tests/fuzz/fuzzing.py), authentication enforced.
 
 The CI pass generates STABLETRAIN_FUZZ_EXAMPLES (default 4) requests per operation and mode, about
 150 requests in all. For a full run set it higher, e.g. 30 (over 1,000 requests):
@@ -37,6 +39,20 @@ def test_fuzz_whole_api(seeded: Seeded, no_sample_wait: None, capsys: pytest.Cap
     assert len(report.by_operation) >= 20, report.by_operation
     assert report.requests >= EXAMPLES * 20, report.summary()
     assert any(code < 300 for code in report.by_status), "no request ever succeeded: the fuzzer only saw errors"
+
+
+def test_every_schemathesis_check_runs() -> None:
+    """The fuzz runs all of them, by name: a schemathesis upgrade that adds one adds it here too."""
+    from tests.fuzz.fuzzing import CHECKS, HOSTILE_CASE_CHECKS
+
+    names = {check.__name__ for check in CHECKS}
+    assert {"not_a_server_error", "status_code_conformance", "content_type_conformance",
+            "response_headers_conformance", "response_schema_conformance", "positive_data_acceptance",
+            "negative_data_rejection", "missing_required_header", "unsupported_method", "allow_header_conformance",
+            "use_after_free", "ensure_resource_availability", "ignored_auth", "object_level_authorization",
+            "error_envelope"} <= names
+    assert names - {check.__name__ for check in HOSTILE_CASE_CHECKS} == {"positive_data_acceptance",
+                                                                          "negative_data_rejection"}
 
 
 def test_openapi_declares_errors_and_security(seeded: Seeded) -> None:

@@ -196,9 +196,23 @@ class RedisServer:
         finally:
             client.close()
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """Stop the server; with `keep_data` it saves its data first and the next start loads it
+        (a restart with persistence), else the next start is empty (a restart that lost the queue)."""
+        if keep_data and self.proc is not None and self.proc.poll() is None:
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=self.port)
+            try:
+                client.shutdown(save=True)
+            except redis.ConnectionError:  # the server closes the connection as it exits
+                pass
+            finally:
+                client.close()
         stop_pid(self.proc)
         self.proc = None
+        if not keep_data:
+            (self.root / "dump.rdb").unlink(missing_ok=True)
 
 
 @pytest.fixture

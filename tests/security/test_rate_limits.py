@@ -138,3 +138,46 @@ def test_one_budget_per_key_however_the_header_is_spelled(client: Any, runner: A
     for header in spellings:
         assert client.get("/v1/jobs", headers={"Authorization": header}).status_code == 200, header
     _assert_429(client.get("/v1/jobs", headers={"Authorization": f"bEaReR {secret}"}))
+
+
+def _from(ip: str) -> dict[str, Any]:
+    return {"environ_base": {"REMOTE_ADDR": ip}}
+
+
+def _burst_of_bad_keys(client: Any, limit: int) -> None:
+    """`limit` requests without a valid key answer 401; the next answers 429 (401s count)."""
+    for i in range(limit):
+        bad = {"Authorization": f"Bearer st_wrong{i}"} if i % 2 else {}
+        response = client.get("/v1/jobs", headers=bad, **_from("10.0.0.1"))
+        assert response.status_code == 401 and response.json["error"]["code"] == "unauthorized", i
+    _assert_429(client.get("/v1/jobs", headers={"Authorization": "Bearer st_wrong"}, **_from("10.0.0.1")))
+    _assert_429(client.post("/v1/datasets", data="x", **_from("10.0.0.1")))  # with no key at all too
+
+
+def _unaffected(client: Any, auth: dict[str, str]) -> None:
+    other_ip = client.get("/v1/jobs", headers={"Authorization": "Bearer st_wrong"}, **_from("10.0.0.2"))
+    assert other_ip.status_code == 401, "another address has its own budget"
+    same_ip_valid_key = client.get("/v1/jobs", headers=auth, **_from("10.0.0.1"))
+    assert same_ip_valid_key.status_code == 200, "a valid key is not held to the address's budget"
+    assert client.get("/healthz", **_from("10.0.0.1")).status_code == 200
+
+
+@pytest.mark.app_config(RATELIMIT_UNAUTHENTICATED="5/minute", RATELIMIT_DEFAULT="3/minute")
+def test_requests_without_a_valid_key_are_limited_per_address(client: Any, runner: Any) -> None:
+    auth = {"Authorization": f"Bearer {create_key(runner, 'valid')[1]}"}
+    _burst_of_bad_keys(client, 5)
+    _unaffected(client, auth)
+    # and the key's own budget (3/minute) was not spent by the address's bad requests: two more fit
+    assert [client.get("/v1/jobs", headers=auth).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_requests_without_a_valid_key_are_limited_in_redis(tmp_path: Path, redis_env: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STABLETRAIN_RATELIMIT_UNAUTHENTICATED", "4/minute")
+    app = _app(tmp_path)
+    _burst_of_bad_keys(app.test_client(), 4)
+    _unaffected(app.test_client(), _auth(app, "valid"))
+    import redis
+
+    stored = [k.decode() for k in redis.Redis.from_url(_redis_url()).scan_iter(f"*{redis_env}*")]
+    assert any("unauthenticated" in k and "10.0.0.1" in k for k in stored), stored

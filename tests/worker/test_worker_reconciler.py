@@ -20,7 +20,9 @@ from sqlalchemy import Engine, select, update
 from app.models import Event, Job, Sample, new_id
 from tests.worker.jobfactory import make_job
 from worker.db import utcnow
-from worker.reconciler import reconcile
+from worker.reconciler import reconcile, relay
+from worker.service import Activity
+from worker.testing import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,3 +207,54 @@ def test_a_queued_sample_is_resent_once_per_period_and_times_out_from_its_start(
     assert broker.drain("samples") == [("stabletrain.sample", [waiting["id"]])]
     with engine.connect() as conn:
         assert conn.execute(select(Sample.status).where(Sample.id == started["id"])).scalar_one() == "running"
+
+
+def test_the_relay_sends_the_outbox_and_resends_what_a_restarted_broker_lost(engine: Engine,
+                                                                             broker: Broker) -> None:
+    now = utcnow()
+    unsent = make_job(engine)  # the API's publish failed, or the job was handed back
+    before_restart = make_job(engine, enqueued_at=now - timedelta(seconds=30))
+    after_restart = make_job(engine, enqueued_at=now - timedelta(seconds=5))
+    restarted_at = now - timedelta(seconds=10)
+    assert relay(now, engine=engine, send=broker.send, broker_started_at=restarted_at) == 2
+    assert sorted(args[0] for _, args in broker.drain("train")) == sorted([unsent, before_restart])
+    # the next pass (or another worker's) sends nothing again: the re-sent job's stamp is newer
+    assert relay(now + timedelta(seconds=1), engine=engine, send=broker.send, broker_started_at=restarted_at) == 0
+    assert relay(now, engine=engine, send=broker.send) == 0  # embedded broker: no restart to watch
+    assert broker.drain("train") == []
+    assert job(engine, after_restart).enqueued_at == now - timedelta(seconds=5)
+
+
+def test_the_relay_resends_samples_a_restarted_broker_lost(engine: Engine, broker: Broker) -> None:
+    job_id = make_job(engine, status="succeeded")
+    now = utcnow()
+    with engine.connect() as conn:
+        owner = conn.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one()
+    sample = dict(id=new_id("smp"), job_id=job_id, owner_id=owner, checkpoint_step=10, prompt="a", params={},
+                  status="queued", created_at=now, enqueued_at=now - timedelta(seconds=30))
+    with engine.begin() as conn:
+        conn.execute(Sample.__table__.insert(), [sample])
+    assert relay(now, engine=engine, send=broker.send, broker_started_at=now - timedelta(seconds=10)) == 1
+    assert broker.drain("samples") == [("stabletrain.sample", [sample["id"]])]
+
+
+def test_an_idle_worker_resends_jobs_that_waited_longer_than_it_was_idle(engine: Engine, broker: Broker) -> None:
+    now = utcnow()
+    lost = make_job(engine, enqueued_at=now - timedelta(seconds=20))
+    recent = make_job(engine, enqueued_at=now - timedelta(seconds=5))
+    busy = reconcile(now, engine=engine, send=broker.send, idle_for_s=0, idle_resend_s=10)
+    just_idle = reconcile(now, engine=engine, send=broker.send, idle_for_s=9, idle_resend_s=10)
+    assert (busy.idle_resent, just_idle.idle_resent, broker.drain("train")) == (0, 0, [])
+    report = reconcile(now, engine=engine, send=broker.send, idle_for_s=15, idle_resend_s=10)
+    assert (report.idle_resent, report.resent) == (1, 0)
+    assert broker.drain("train") == [("stabletrain.train_job", [lost])]
+    assert job(engine, recent).enqueued_at == now - timedelta(seconds=5)
+
+
+def test_activity_tracks_busy_and_idle_time() -> None:
+    activity = Activity()
+    with activity.busy():
+        assert activity.idle_for_s() == 0.0
+    first = activity.idle_for_s()
+    assert 0.0 < first < 1.0
+    wait_for(lambda: activity.idle_for_s() > first, 5, "the idle time to grow")

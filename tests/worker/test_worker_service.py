@@ -86,6 +86,20 @@ def test_duplicate_delivery_of_a_held_job_is_dropped(engine: Engine, settings: W
     assert (job(engine, job_id).worker_id, steps(engine, job_id)) == ("other", [])
 
 
+def test_a_message_trains_the_fair_next_job_not_the_one_it_names(engine: Engine, settings: WorkerSettings) -> None:
+    served = make_job(engine, settings.storage_dir, status="succeeded", claimed_at=utcnow())
+    with engine.connect() as conn:
+        owner = conn.execute(select(Job.owner_id).where(Job.id == served)).scalar_one()
+    backlog = make_job(engine, settings.storage_dir)
+    with engine.begin() as conn:  # the key just served queues another job; a new key queues one after it
+        conn.execute(update(Job).where(Job.id == backlog).values(owner_id=owner))
+    newcomer = make_job(engine, settings.storage_dir)
+    assert run_train_job(engine, backlog, settings) == "succeeded"
+    assert (job(engine, newcomer).status, job(engine, backlog).status) == ("succeeded", "queued")
+    assert run_train_job(engine, newcomer, settings) == "succeeded"  # its message now runs the other one
+    assert job(engine, backlog).status == "succeeded"
+
+
 def test_diverging_spec_fails_with_the_engines_reason(engine: Engine, settings: WorkerSettings) -> None:
     # the engine tests' exploding RNN: relu recurrence, no clipping, large lr
     spec = {**TINY_SPEC,
@@ -148,7 +162,8 @@ def test_shutdown_hands_the_job_back_and_the_next_run_resumes(engine: Engine, se
         service.SHUTDOWN.clear()
     assert result == ["released"]
     row = job(engine, job_id)
-    assert (row.status, row.worker_id, row.enqueued_at) == ("queued", None, None)
+    assert (row.status, row.worker_id, row.enqueued_at, row.lease_token, row.attempts) == (
+        "queued", None, None, None, 0)
     stopped_at = checkpoints(engine, job_id)[-1].step
     # finish 8 steps after the checkpoint; a stale, unrecorded newer file must not confuse the resume
     stale = settings.storage_dir / "checkpoints" / job_id / f"step_{stopped_at + 100}.pt"
@@ -157,7 +172,7 @@ def test_shutdown_hands_the_job_back_and_the_next_run_resumes(engine: Engine, se
         conn.execute(update(Job).where(Job.id == job_id).values(spec=spec_with(max_steps=stopped_at + 8)))
     assert run_train_job(engine, job_id, settings) == "succeeded"
     assert steps(engine, job_id) == list(range(1, stopped_at + 9))
-    assert job(engine, job_id).attempts == 2 and not stale.exists()
+    assert job(engine, job_id).attempts == 1 and not stale.exists()  # a graceful hand-back is no attempt
     kinds = event_kinds(engine, job_id)
     assert "requeued" in kinds and "resumed" in kinds
 
@@ -185,8 +200,9 @@ def test_sample_generates_text_from_a_checkpoint(engine: Engine, settings: Worke
                  status="queued", created_at=utcnow()),
         ])
     assert run_sample(engine, ok, settings) == "succeeded"
-    assert run_sample(engine, ok, settings) == "skipped"  # duplicate delivery
-    assert run_sample(engine, gone, settings) == "failed"
+    # a duplicate of ok's message runs the next queued sample; gone's own message then finds none
+    assert run_sample(engine, ok, settings) == "failed"
+    assert run_sample(engine, gone, settings) == "skipped"
     with engine.connect() as conn:
         done = {s.id: s for s in conn.execute(select(Sample).where(Sample.job_id == job_id))}
     assert isinstance(done[ok].text, str) and done[ok].text and done[ok].finished_at is not None

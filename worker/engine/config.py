@@ -266,6 +266,40 @@ APPLIES_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
 }
 
 
+def inapplicable_fields(raw: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(path, control, default) for each field of a JSON spec set away from its default where
+    APPLIES_WHEN says nothing reads it (e.g. init_std after init changed from normal to kaiming).
+
+    A patch that switches a control (a retry's recommendation) uses this to reset the fields
+    the switch made meaningless, instead of answering 422 for a value the user never chose anew.
+    """
+    defaults = spec_to_dict(JobSpec())
+    found = []
+    for path, conditions in APPLIES_WHEN.items():
+        value = _lookup(raw, path)
+        default = _lookup(defaults, path)
+        if value is _MISSING or value == default:
+            continue
+        for control, allowed in conditions:
+            current = _lookup(raw, control)
+            if (_lookup(defaults, control) if current is _MISSING else current) not in allowed:
+                found.append((path, control, default))
+                break
+    return found
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    node = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return list(node) if isinstance(node, tuple) else node
+
+
 def parse_spec(raw: Any) -> JobSpec:
     """Build a JobSpec from a JSON-like mapping; raise SpecError naming the field."""
     spec = _build(JobSpec, raw, "")

@@ -49,13 +49,20 @@ class CheckpointFile(MethodView):
     @blp.doc(responses={"200": {"description": "The checkpoint file (ETag = sha256; Range supported)",
                                 "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                     "format": "binary"}}}}})
+    @blp.alt_response(404, response=HTTPStatus(404).name,
+                      description="No such job or checkpoint, or its file is no longer stored (pruned or deleted)")
     @blp.alt_response(416, response=HTTPStatus(416).name, description="Range outside the file")
     def get(self, job_id: str, step: int) -> Response:
         """Download a checkpoint file (streamed; ETag and Range)."""
         job = jobs_service.get_job(current_owner_id(), job_id)
         ckpt = service.get_checkpoint(job, step)
         path = service.checkpoint_file(ckpt)
-        _check_range(path.stat().st_size)
-        return send_file(path, mimetype="application/octet-stream", as_attachment=True,
-                         download_name=f"{job.id}_step_{ckpt.step}.pt", conditional=True, etag=ckpt.sha256,
-                         max_age=0)
+        try:
+            _check_range(path.stat().st_size)
+            # send_file stats and opens the path again; once open, a later prune cannot cut the download
+            return send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                             download_name=f"{job.id}_step_{ckpt.step}.pt", conditional=True, etag=ckpt.sha256,
+                             max_age=0)
+        except FileNotFoundError:  # pruned (keep_last) or deleted since the record was read
+            service.gone(ckpt)
+            raise  # unreachable

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -19,7 +18,7 @@ from app.api.jobs.schemas import (
     JobSchema,
     RetryRequestSchema,
 )
-from app.api.utils import json_body
+from app.api.utils import idempotency_key, json_body, request_body_hash
 from app.auth import current_owner_id
 from app.schemas.spec import JobSpecSchema
 from app.services import events as events_service
@@ -27,11 +26,8 @@ from app.services import jobs as service
 from app.services import retry as retry_service
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Training jobs")
-IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}
-
-
-def _idempotency_key() -> str | None:
-    return (request.headers.get("Idempotency-Key") or "").strip()[:200] or None
+IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255},
+                   "description": "Replays with the same key and body answer 200 with the first job"}
 
 
 def _job_found_first(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,8 +63,14 @@ class Jobs(MethodView):
     @blp.alt_response(200, schema=JobSchema, description="Idempotent replay: the job an earlier request created")
     @blp.doc(parameters=[IDEMPOTENCY_KEY])
     def post(self, spec: dict[str, Any]) -> Any:
-        """Submit a job spec; 202 with the queued job (honours Idempotency-Key)."""
-        return _created_or_replayed(*service.submit_job(current_owner_id(), spec, _idempotency_key()))
+        """Submit a job spec; 202 with the queued job (honours Idempotency-Key).
+
+        A repeat with the same Idempotency-Key and the same JSON body (key order and spacing aside)
+        answers 200 with the job the first request made, header `Idempotent-Replayed: true`. The same
+        key with a different body answers 422 with code `idempotency_mismatch`; a key over 255
+        characters answers 400 (keys are never cut). Keys are per API key."""
+        return _created_or_replayed(*service.submit_job(current_owner_id(), spec, idempotency_key(),
+                                                        body_hash=request_body_hash()))
 
 
 @blp.route("/<string:job_id>")
@@ -105,7 +107,7 @@ class JobRetry(MethodView):
 
         Validated, limited and queued like POST /v1/jobs (422 names the patched spec's failing field)."""
         job, created = retry_service.retry_job(current_owner_id(), job_id, args["apply"], args["overrides"],
-                                               _idempotency_key())
+                                               idempotency_key(), request_body_hash())
         return _created_or_replayed(job, created)
 
 

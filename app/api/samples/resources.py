@@ -22,11 +22,16 @@ class Samples(MethodView):
     @json_body
     @blp.arguments(SampleWaitSchema, location="query")
     @blp.arguments(SampleRequestSchema)
-    @blp.response(201, SampleSchema)
-    @blp.alt_response(202, schema=SampleSchema, description="Still queued or running after `wait` seconds")
+    @blp.response(202, SampleSchema, description="Queued (or running): poll GET .../samples/{sample_id}")
+    @blp.alt_response(201, schema=SampleSchema, description="Done (succeeded or failed) within `wait` seconds")
     @blp.alt_response(409, response="CONFLICT", description="The job has no checkpoint yet")
     def post(self, query: dict[str, Any], args: dict[str, Any], job_id: str) -> Any:
-        """Generate text from a checkpoint; 201 with text when done within `wait` s, else 202."""
+        """Queue a text sample from a checkpoint: 202 at once with its id, then poll it.
+
+        With `wait` (0 to 10 s) the answer is 201 with the text when the worker finishes within it,
+        else 202; waiting is best effort (a server already holding its share of waiting requests
+        answers 202 at once). A key may have MAX_QUEUED_SAMPLES (default 8) queued or running samples;
+        past that, 429 with Retry-After. Samples of different keys run round-robin."""
         owner = current_owner_id()
         job = jobs_service.get_job(owner, job_id)
         sample = service.wait_for(service.create_sample(owner, job, args), query["wait"])

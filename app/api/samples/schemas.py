@@ -21,8 +21,14 @@ class SampleRequestSchema(Schema):
     step = StrictInteger(load_default=None, allow_none=True, validate=Range(0, DB_INT_MAX))
 
 
+MAX_WAIT_S = 10
+
+
 class SampleWaitSchema(QuerySchema):
-    wait = fields.Float(load_default=10.0, validate=Range(0, 30))
+    wait = fields.Float(load_default=0.0, validate=Range(0, MAX_WAIT_S), metadata={
+        "description": f"Seconds (0 to {MAX_WAIT_S}) to wait for the text before answering 202; "
+                       "0 (the default) answers at once. Best effort: while the server already holds "
+                       "its share of waiting requests it answers 202 at once."})
 
 
 class SampleSchema(Schema):
