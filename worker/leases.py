@@ -157,13 +157,15 @@ def add_event(engine: Engine, lease: Lease, kind: str, message: str, step: int |
 
 
 def finish_job(engine: Engine, lease: Lease, status: str, error: str | None = None, diagnosis: Any = None,
-               event: tuple[str, str] | None = None) -> bool:
+               event: tuple[str, str] | None = None, health: str | None = None) -> bool:
     """Write the final state (and its `event`, (kind, message)) if we still hold the job; False otherwise."""
     now = utcnow()
     values: dict[str, Any] = {"status": status, "error": error, "finished_at": now, "lease_expires_at": None,
                               "lease_token": None, "updated_at": now}
     if diagnosis is not None:
         values["diagnosis"] = diagnosis
+    if health is not None:  # the health the diagnosis implies (worker.reporting.diagnosis_values)
+        values["health"] = health
     stmt = update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
                              Job.status.in_(OWNED_STATUSES))
     with engine.begin() as conn:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import finite_or_none, without_nonfinite
 from worker.db import upsert, utcnow, with_retry
+from worker.engine.diagnosis import health_of
 from worker.engine.trainer import Callbacks
 from worker.leases import Lease, hold, still_held
 
@@ -32,7 +33,11 @@ STEP_COLUMNS = tuple(c.name for c in StepMetric.__table__.columns if c.name != "
 LAYER_COLUMNS = ("layer", "grad_norm", "weight_norm", "update_ratio")
 ACTIVATION_FLOATS = ("mean", "std", "saturated_frac", "dead_frac", "attn_max_logit", "attn_entropy", "z_lse",
                      "grad_time_ratio")
-HEALTH_STATES = ("ok", "warning", "critical")
+
+
+def diagnosis_values(findings: list[dict[str, Any]], summary: str) -> dict[str, Any]:
+    """Job columns for a diagnosis: the record itself and the one health it implies (worst severity)."""
+    return {"diagnosis": without_nonfinite({"findings": findings, "summary": summary}), "health": health_of(findings)}
 
 
 def step_record(job_id: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -110,11 +115,12 @@ class DbReporter(Callbacks):
             return
         records = [step_record(self.job_id, r) for r in rows]
         last = rows[-1]
-        progress: dict[str, Any] = {"step": int(last["step"]), "latest": without_nonfinite(dict(last)), "updated_at": utcnow()}
+        # job.health follows the diagnosis only (on_diagnosis): the engine's per-step health state is
+        # left out of `latest` too, so every reader sees one health
+        latest = without_nonfinite({k: v for k, v in last.items() if k != "health"})
+        progress: dict[str, Any] = {"step": int(last["step"]), "latest": latest, "updated_at": utcnow()}
         if last.get("tokens_seen") is not None:
             progress["tokens_seen"] = int(last["tokens_seen"])
-        if last.get("health") in HEALTH_STATES:
-            progress["health"] = last["health"]
 
         def work(conn: Connection) -> None:
             upsert(conn, StepMetric.__table__, records, ("job_id", "step"))
@@ -170,9 +176,8 @@ class DbReporter(Callbacks):
         self._write("checkpoint removal", lambda conn: conn.execute(stmt))
 
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
-        """Keep a running job's diagnosis current (the final one is written with the result)."""
-        diagnosis = without_nonfinite({"findings": findings, "summary": summary})
-        stmt = update(Job).where(Job.id == self.job_id).values(diagnosis=diagnosis)
+        """Keep a running job's diagnosis and health current (the final ones are written with the result)."""
+        stmt = update(Job).where(Job.id == self.job_id).values(**diagnosis_values(findings, summary))
         self._write("diagnosis", lambda conn: conn.execute(stmt))
 
     def may_write_checkpoints(self) -> bool:

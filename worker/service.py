@@ -23,7 +23,6 @@ from typing import Any
 from sqlalchemy import Engine, delete, select, update
 
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
-from app.services.common import without_nonfinite
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
 from worker.leases import (
@@ -37,7 +36,7 @@ from worker.leases import (
     release_job,
 )
 from worker.logs import log_context
-from worker.reporting import DbReporter
+from worker.reporting import DbReporter, diagnosis_values
 from worker.settings import WorkerSettings, pick_device
 
 log = logging.getLogger(__name__)
@@ -266,7 +265,7 @@ def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, resul
                    stop: StopFlags, hb: Heartbeat, checkpoint_error: str | None = None) -> str:
     """Map the trainer's ending onto the job's final state (every write fenced by the lease)."""
     job_id = lease.job_id
-    diagnosis = without_nonfinite({"findings": result.diagnosis, "summary": result.summary})
+    diagnosed = diagnosis_values(result.diagnosis, result.summary)
     if hb.lost.is_set():
         return "lost"
     status, error = result.status, result.error
@@ -283,7 +282,7 @@ def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, resul
         elif SHUTDOWN.is_set() and release_job(
                 engine, lease, "worker shutting down; the job resumes from its checkpoint", step=result.step):
             return "released"
-    if not finish_job(engine, lease, status, error=error, diagnosis=diagnosis):
+    if not finish_job(engine, lease, status, error=error, **diagnosed):
         return "lost"
     return status
 

@@ -89,6 +89,7 @@ def test_cli_failed_run_exits_1_and_still_writes_the_diagnosis(tmp_path):
     diagnosis = json.loads((tmp_path / "o" / "diagnosis.json").read_text())
     assert diagnosis["status"] == "failed" and "non-finite" in diagnosis["error"]
     assert "nonfinite" in {f["kind"] for f in diagnosis["findings"]}
+    assert diagnosis["health"] == "critical"  # the same health the API reports: worst severity
 
 
 @pytest.mark.parametrize("spec, data, message", [

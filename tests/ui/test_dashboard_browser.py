@@ -103,6 +103,8 @@ def test_finished_job_dashboard_shows_charts_heatmap_diagnosis_and_checkpoints(s
     recommendation = diagnosis.locator("tr.rec", has_text="model.residual")
     assert recommendation.is_visible()
     assert "skip connections" in recommendation.inner_text()
+    # one health: the header badge and the diagnosis panel show the job's health (its worst finding)
+    assert page.inner_text("#job-health") == page.inner_text("#diag-summary .badge") == "critical"
 
     assert page.locator("#events-body tr[data-kind=step_skipped]").count() == 1
     # the loss spike's attribution: the batch rows with the highest loss, excerpts shown as text

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from flask import Flask
+from sqlalchemy import Engine, create_engine, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric
+from app.auth import hash_secret, new_secret
+from app.models import ActivationMetric, ApiKey, Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import without_nonfinite
 from tests.worker.jobfactory import make_job
 from worker.db import with_retry
@@ -60,7 +62,9 @@ def test_nonfinite_values_are_stored_and_latest_stays_valid_json(engine: Engine)
     with engine.connect() as conn:
         job = conn.execute(select(Job.latest, Job.health).where(Job.id == job_id)).one()
         stored = conn.execute(select(StepMetric).where(StepMetric.job_id == job_id)).one()
-    assert job.latest["loss"] is None and job.latest["grad_norm"] is None and job.health == "critical"
+    assert job.latest["loss"] is None and job.latest["grad_norm"] is None
+    # health follows the diagnosis only: the engine's per-step state neither sets it nor rides in `latest`
+    assert job.health == "ok" and "health" not in job.latest
     assert stored.loss == math.inf and stored.nonfinite and stored.skipped
 
 
@@ -205,3 +209,47 @@ def test_reporter_survives_dropped_postgres_connections(engine: Engine) -> None:
 def test_json_safe_replaces_nonfinite() -> None:
     assert without_nonfinite({"a": [1.0, math.inf, {"b": -math.inf}], "c": math.nan, "d": "x"}) == {
         "a": [1.0, None, {"b": None}], "c": None, "d": "x"}
+
+
+def _finding(kind: str, severity: str) -> dict[str, Any]:
+    return {"kind": kind, "severity": severity, "summary": kind, "steps": {"first": 1, "last": 2}, "layers": [],
+            "evidence": {}, "recommendations": []}
+
+
+def test_job_health_follows_each_diagnosis(engine: Engine) -> None:
+    job_id = make_job(engine)
+    reporter = DbReporter(engine, job_id)
+
+    def stored() -> tuple[str, Any]:
+        with engine.connect() as conn:
+            row = conn.execute(select(Job.health, Job.diagnosis).where(Job.id == job_id)).one()
+        return row.health, row.diagnosis
+
+    reporter.on_diagnosis([_finding("vanishing", "critical"), _finding("stalled", "warning")], "two")
+    health, diagnosis = stored()
+    assert health == "critical" and [f["kind"] for f in diagnosis["findings"]] == ["vanishing", "stalled"]
+    reporter.on_metrics(step_rows(range(1, 4)))  # step rows say "ok": the diagnosis' health stays
+    assert stored()[0] == "critical"
+    reporter.on_diagnosis([_finding("clipping_saturated", "warning")], "one")
+    assert stored()[0] == "warning"
+    reporter.on_diagnosis([], "healthy")
+    assert stored()[0] == "ok"
+
+
+def test_a_critical_finding_makes_the_api_say_critical_everywhere(engine: Engine, flask_app: Flask) -> None:
+    job_id = make_job(engine)
+    secret = new_secret()
+    with engine.begin() as conn:
+        owner = conn.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one()
+        conn.execute(update(ApiKey).where(ApiKey.id == owner).values(key_hash=hash_secret(secret)))
+    reporter = DbReporter(engine, job_id)
+    reporter.on_metrics(step_rows(range(1, 4)))
+    reporter.on_diagnosis([_finding("vanishing", "critical")], "[critical] vanishing")
+    client = flask_app.test_client()
+    headers = {"Authorization": f"Bearer {secret}"}
+    job = client.get(f"/v1/jobs/{job_id}", headers=headers).get_json()
+    diagnosis = client.get(f"/v1/jobs/{job_id}/diagnosis", headers=headers).get_json()
+    listed = client.get("/v1/jobs", headers=headers).get_json()
+    assert job["health"] == diagnosis["health"] == "critical"
+    assert [j["health"] for j in listed["items"] if j["id"] == job_id] == ["critical"]
+    assert "health" not in (job["latest"] or {})

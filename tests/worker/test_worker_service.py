@@ -15,6 +15,7 @@ from app.models import Checkpoint, Event, Job, LayerMetric, Sample, StepMetric, 
 from tests.worker.jobfactory import TINY_SPEC, make_job
 from worker import service
 from worker.db import utcnow
+from worker.engine.diagnosis import health_of
 from worker.service import run_sample, run_train_job
 from worker.settings import WorkerSettings
 from worker.testing import wait_for
@@ -62,6 +63,7 @@ def test_job_trains_to_success_with_all_records(engine: Engine, settings: Worker
     assert (row.status, row.step, row.attempts, row.error, row.lease_expires_at) == ("succeeded", 12, 1, None, None)
     assert row.finished_at is not None and row.latest["step"] == 12 and row.tokens_seen == 12 * 4 * 16
     assert set(row.diagnosis) == {"findings", "summary"} and isinstance(row.diagnosis["findings"], list)
+    assert row.health == health_of(row.diagnosis["findings"])
     assert steps(engine, job_id) == list(range(1, 13))
     with engine.connect() as conn:
         layer_steps = set(conn.execute(select(LayerMetric.step).where(LayerMetric.job_id == job_id)).scalars())
@@ -110,6 +112,7 @@ def test_diverging_spec_fails_with_the_engines_reason(engine: Engine, settings: 
     row = job(engine, job_id)
     assert row.status == "failed" and "non-finite" in row.error, row.error
     assert row.diagnosis["findings"], "a diverged run has findings"
+    assert row.health == "critical" == health_of(row.diagnosis["findings"])  # one health: the diagnosis'
 
 
 def test_missing_dataset_file_fails_clearly(engine: Engine, settings: WorkerSettings) -> None:

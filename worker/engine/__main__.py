@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from .checkpoint import CheckpointError
 from .config import SpecError, parse_spec
 from .data import DataError
+from .diagnosis import health_of
 
 
 class FileCallbacks:
@@ -117,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     callbacks.close()
     (out / "diagnosis.json").write_text(json.dumps(_json_safe({
         "status": result.status, "step": result.step, "error": result.error,
-        "summary": result.summary, "findings": result.diagnosis,
+        "health": health_of(result.diagnosis), "summary": result.summary, "findings": result.diagnosis,
     }), indent=2))
     _print_summary(result, out)
     return 0 if result.status == "succeeded" else 1
@@ -129,6 +130,7 @@ def _print_summary(result: Any, out: Path) -> None:
         print(f"error: {result.error}")
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint['path']} (val_loss {result.checkpoint['val_loss']})")
+    print(f"health: {health_of(result.diagnosis)}")
     print(result.summary)
     print(f"records: {out}/metrics.jsonl, layers.jsonl, events.jsonl, diagnosis.json")
 

@@ -439,11 +439,14 @@
     }
 
     function renderDiagnosis(d) {
-      $("diag-summary").textContent = "";
+      // job.health is the worst severity among the findings: badge and panel read that one field
+      $("diag-summary").replaceChildren(d.health ? badge("health", d.health) : "");
+      const he = $("job-health"); he.textContent = d.health || ""; he.dataset.health = d.health || "";
       const box = $("diagnosis");
       const findings = d.findings || [];
       if (!findings.length) {
-        box.replaceChildren(el("p", { class: LIVE.has(d.status) ? "muted" : "healthy", text: d.summary || "no findings" }));
+        const healthy = !LIVE.has(d.status) && d.health === "ok";
+        box.replaceChildren(el("p", { class: healthy ? "healthy" : "muted", text: d.summary || "no findings" }));
         box.dataset.findings = "0";
         return;
       }
