@@ -23,7 +23,7 @@ def test_saturated_tanh_site_is_flagged_from_when_it_saturated():
     spec = {"model": {"arch": "mlp", "activation": "tanh", "init": "normal", "init_std": 0.5}}
     found = only(diagnose(STEPS, [], spec=spec, activations=acts), "saturated")
     assert found["layers"] == ["layers.2.act"] and found["severity"] == "critical"
-    assert found["steps"] == {"first": 30, "last": 80}
+    assert found["steps"] == {"first": 40, "last": 80}
     recs = {r["field"]: r["value"] for r in found["recommendations"]}
     assert recs["model.init_std"] == 0.25 and recs["model.norm"] == "batchnorm"
     assert recs["model.activation"] == "relu"
