@@ -388,3 +388,24 @@ def test_a_run_that_lost_its_checkpoint_folder_writes_and_prunes_nothing(tmp_pat
     result = Trainer(s, corpus(), folder, _NoFiles()).run()
     assert result.step == 10 and result.checkpoint is None
     assert [p.name for p in folder.iterdir()] == ["step_1.pt"]
+
+
+def test_healthy_states_are_copies_reused_in_place(tmp_path):
+    s = spec(stabilization={"on_explosion": "rollback"}, training={"max_steps": 40})
+    tr = Trainer(s, corpus(), tmp_path / "ckpt")
+    tr.run()
+    assert len(tr.healthy_states) == 2
+    kept = tr.healthy_states[-1]
+    weight = kept["model"]["head.weight"]
+    before = weight.clone()
+    tr._keep_healthy_state()  # the oldest entry is overwritten in place and becomes the newest
+    newest = tr.healthy_states[-1]
+    assert newest["step"] == tr.step and tr.healthy_states[0] is kept
+    assert torch.equal(kept["model"]["head.weight"], before)  # the other state is untouched
+    assert torch.equal(newest["model"]["head.weight"], tr.model.state_dict()["head.weight"])
+    assert newest["model"]["head.weight"].data_ptr() != tr.model.head.weight.data_ptr()
+    with torch.no_grad():
+        tr.model.head.weight.add_(1.0)  # training on does not edit the kept copy
+    assert not torch.equal(newest["model"]["head.weight"], tr.model.head.weight)
+    exp_avg = next(iter(newest["optimizer"]["state"].values()))["exp_avg"]
+    assert all(exp_avg.data_ptr() != st["exp_avg"].data_ptr() for st in tr.optimizer.state.values())

@@ -164,6 +164,42 @@ def _check_device_support(spec: JobSpec, device: torch.device) -> None:
         raise ValueError("stabilization.precision: fp16 recurrent layers need a GPU; use bf16 or fp32 on CPU")
 
 
+def _same_layout(dst: Any, src: Any) -> bool:
+    if isinstance(src, torch.Tensor):
+        return isinstance(dst, torch.Tensor) and dst.shape == src.shape and dst.dtype == src.dtype
+    if isinstance(src, dict):
+        return isinstance(dst, dict) and dst.keys() == src.keys() and all(_same_layout(dst[k], src[k]) for k in src)
+    if isinstance(src, (list, tuple)):
+        return (isinstance(dst, type(src)) and len(dst) == len(src)
+                and all(_same_layout(a, b) if isinstance(b, (torch.Tensor, dict, list, tuple)) else a == b
+                        for a, b in zip(dst, src, strict=True)))
+    return True  # a dict's plain values are replaced by _copy_values
+
+
+def _copy_into(dst: Any, src: Any) -> bool:
+    """Copy a (nested) state dict into one of the same layout in place; False, touching nothing, if the
+    layouts differ. Values other than tensors are replaced (a dict's entries) or must already match."""
+    if not _same_layout(dst, src):
+        return False
+    _copy_values(dst, src)
+    return True
+
+
+@torch.no_grad()
+def _copy_values(dst: Any, src: Any) -> None:
+    if isinstance(src, dict):
+        for key, value in src.items():
+            if isinstance(value, (torch.Tensor, dict, list, tuple)):
+                _copy_values(dst[key], value)
+            else:
+                dst[key] = copy.deepcopy(value)
+    elif isinstance(src, (list, tuple)):
+        for a, b in zip(dst, src, strict=True):
+            _copy_values(a, b)
+    elif isinstance(src, torch.Tensor):
+        dst.copy_(src)
+
+
 @dataclass
 class PendingStep:
     """A step that ran on the device and waits for the host to review it."""
@@ -487,12 +523,20 @@ class Trainer:
         self._event("lr_lowered", f"learning rate scaled to x{self.lr_scale:g}", {"lr_scale": self.lr_scale}, step)
 
     def _keep_healthy_state(self) -> None:
-        """Remember a known-good state to roll back to (only under on_explosion: rollback)."""
-        self.healthy_states.append({
-            "step": self.step,
-            "model": copy.deepcopy(self.model.state_dict()),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-        })
+        """Remember a known-good state to roll back to (only under on_explosion: rollback).
+
+        The state about to drop out of the two kept is overwritten in place when it has the same
+        layout: copying into existing tensors spares an allocation of the model and optimizer
+        state every HEALTHY_AFTER steps."""
+        model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        oldest = self.healthy_states[0] if len(self.healthy_states) == self.healthy_states.maxlen else None
+        if oldest is not None and _copy_into(oldest["model"], model) and _copy_into(oldest["optimizer"], optimizer):
+            self.healthy_states.popleft()
+            oldest["step"] = self.step
+            self.healthy_states.append(oldest)
+            return
+        self.healthy_states.append({"step": self.step, "model": copy.deepcopy(model),
+                                    "optimizer": copy.deepcopy(optimizer)})
 
     def _maybe_keep_healthy_state(self) -> None:
         """After enough calm steps, the current state becomes the rollback target."""
