@@ -41,9 +41,10 @@ DEAD_BELOW = {"relu": 0.0, "leaky_relu": 0.0, "elu": 0.0, "gelu": -3.0, "silu": 
 # magnitude apart, and on a CPU a recurrent pass costs nearly as much for 4 rows as for 16 (11 ms for
 # 1 row, 20 ms for 4 on the bench's 2-layer LSTM): the probe is the costliest part of monitoring.
 PROBE_ROWS = 1
-# Rows whose attention logits are recomputed for max-logit and entropy (the T x T logits per head are
-# the other costly part: a quarter of the batch of the bench's transformer costs 23 ms at all 16 rows).
-ATTENTION_ROWS = 4
+# Rows of the batch the moments, saturated fractions, attention logits and z are estimated from (a
+# few hundred thousand values): over all 16 rows of the bench's transformer they cost 23 ms a step.
+# Dead units are judged on the whole batch ("never fires" needs every row).
+STAT_ROWS = 4
 
 _ACTIVATION_KINDS: dict[type[nn.Module], str] = {
     nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu",
@@ -83,12 +84,12 @@ def _nan(device: torch.device) -> torch.Tensor:
 
 
 def _moments(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a = a.detach().float()
-    return a.mean(), a.std(correction=0)
+    std, mean = torch.std_mean(a[:STAT_ROWS].detach().float(), correction=0)
+    return mean, std
 
 
 def _saturated(kind: str, a: torch.Tensor) -> torch.Tensor:
-    a = a.detach()
+    a = a[:STAT_ROWS].detach()
     if kind == "tanh":
         return (a.abs() > TANH_SATURATED).float().mean()
     return ((a < SIGMOID_SATURATED) | (a > 1 - SIGMOID_SATURATED)).float().mean()
@@ -122,9 +123,9 @@ def _recurrent_stats(module: nn.RNNBase, out: torch.Tensor) -> list[torch.Tensor
 
 def _attention_stats(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> list[torch.Tensor]:
     """Max causal attention logit and mean attention entropy, from q, k of shape [B, T, H, hd]
-    (over the first ATTENTION_ROWS rows of the batch)."""
-    q = q[:ATTENTION_ROWS].detach().float().transpose(1, 2)  # [rows, H, T, hd]
-    k = k[:ATTENTION_ROWS].detach().float().transpose(1, 2)
+    (over the first STAT_ROWS rows of the batch)."""
+    q = q[:STAT_ROWS].detach().float().transpose(1, 2)  # [rows, H, T, hd]
+    k = k[:STAT_ROWS].detach().float().transpose(1, 2)
     T = q.shape[-2]
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -139,7 +140,7 @@ def _attention_stats(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> lis
 def _output_stats(logits: torch.Tensor) -> list[torch.Tensor]:
     mean, std = _moments(logits)
     nan = _nan(logits.device)
-    z = torch.logsumexp(logits.detach().float(), dim=-1).mean()
+    z = torch.logsumexp(logits[:STAT_ROWS].detach().float(), dim=-1).mean()
     return [mean, std, nan, nan, nan, nan, z]
 
 
