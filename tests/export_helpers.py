@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,8 @@ def assert_hf_matches(folder: Path, model: torch.nn.Module, tokenizer: AnyTokeni
     hf_text = hf_tok.decode(out[0, len(ids):].tolist())
     engine_text = generate(model, tokenizer, prompt, new_tokens, temperature=0, seq_len=model.seq_len)
     assert hf_text == engine_text and len(out[0]) == len(ids) + new_tokens
+
+
+def extract_tar(tar: tarfile.TarFile, dest: Path) -> None:
+    """extractall with the safe "data" filter where this Python has it (3.11.4+; CI may run 3.11.2)."""
+    tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))

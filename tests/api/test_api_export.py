@@ -15,7 +15,7 @@ from kombu import Connection
 
 from app.extensions import db
 from app.models import Checkpoint
-from tests.export_helpers import GPT2_SPEC, assert_hf_matches, write_checkpoint
+from tests.export_helpers import GPT2_SPEC, assert_hf_matches, extract_tar, write_checkpoint
 from worker.engine.checkpoint import file_sha256
 from worker.exports import run_export
 
@@ -79,7 +79,7 @@ def test_hf_export_is_requested_then_served(app: Flask, client: FlaskClient, aut
     done.close()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         names = sorted(tar.getnames())
-        tar.extractall(tmp_path / "hf", filter="data")
+        extract_tar(tar, tmp_path / "hf")
     assert names == sorted(["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                             "tokenizer_config.json"])
     assert_hf_matches(tmp_path / "hf", model, tokenizer, "Hi 你好", new_tokens=12)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.client.conftest import CORPUS, Live
-from tests.export_helpers import assert_hf_matches
+from tests.export_helpers import assert_hf_matches, extract_tar
 from worker.engine.sampling import load_model_file, sample_from_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_download_hf_and_safetensors(live: Live, tmp_path: Path) -> None:
     assert res.rc == 0, res
     archive = tmp_path / f"{job_id}_step_8.hf.tar.gz"
     with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "hf", filter="data")
+        extract_tar(tar, tmp_path / "hf")
     _, model, tokenizer = load_model_file(tmp_path / "ckpt.pt")
     assert tokenizer.kind == "bpe" and tokenizer.state_dict()["json"] == cached.read_text()
     assert_hf_matches(tmp_path / "hf", model, tokenizer, "The ", new_tokens=16)
