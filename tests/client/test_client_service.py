@@ -128,7 +128,7 @@ def test_cli_one_line_errors(api_url: str, api_key: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("STABLETRAIN_API_KEY", api_key)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"training": {"lr": -1.0}}))
-    res = run_cli("submit", str(spec), "--dataset", "ds_x")
+    res = run_cli("submit", str(spec), "--dataset", "ds_" + "0" * 24)
     assert res.rc == 3 and res.out == ""
     assert len(res.err.strip().splitlines()) == 1, res.err
     assert res.err.startswith("error 422 validation_error: training.lr: Must be greater than 0"), res.err
