@@ -420,7 +420,8 @@ class Trainer:
                 else:
                     reason = ("fp16 loss scale overflow" if overflow else
                               self.guard.explain(verdict, loss, pre, norm_median, loss_median))
-                    spike = self._spike(pending, loss, pre, norm_median, loss_median)
+                    spike = (self._spike(pending, loss, pre, norm_median, loss_median)
+                             if verdict == SpikeGuard.EXPLOSION else None)
                     self._troubled(pending.step, verdict, overflow, f"{reason} at step {pending.step}", spike)
             except TrainingFailed as exc:
                 failure = exc
@@ -474,7 +475,7 @@ class Trainer:
         return text[:EXCERPT_CHARS]
 
     def _troubled(self, step: int, verdict: int, overflow: bool, reason: str,
-                  spike: tuple[str, dict[str, Any]]) -> None:
+                  spike: tuple[str, dict[str, Any]] | None) -> None:
         """A step the device skipped: count it, say why, and stop or roll back per the policies."""
         stab = self.spec.stabilization
         self.calm_steps = 0
@@ -484,7 +485,7 @@ class Trainer:
             if stab.nonfinite == "stop":
                 raise TrainingFailed(
                     f"{reason} (stabilization.nonfinite is 'stop'); enable clipping or lower training.lr")
-        elif verdict == SpikeGuard.EXPLOSION:
+        elif spike is not None:  # an explosion verdict
             self.health.warn(step)
             self._event(spike[0], reason, spike[1], step)
         if not overflow and stab.on_explosion == "rollback":
