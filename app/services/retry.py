@@ -18,6 +18,7 @@ from app.schemas.spec import JobSpecSchema
 from app.services import jobs as jobs_service
 from app.services.events import diagnosis_view
 from worker.engine.config import JobSpec, SpecError, parse_spec, spec_to_dict
+from worker.engine.diagnosis.spec import get
 
 APPLY_ALL = "recommendations"
 
@@ -99,6 +100,7 @@ def patched_spec(spec: dict[str, Any], changes: list[Change]) -> dict[str, Any]:
 # A patch can leave a field the user never touched invalid (init_std once init is no longer normal,
 # a relu activation once arch becomes lstm); at most this many such fields go back to their defaults.
 MAX_RESETS = 16
+_MISSING = object()
 
 
 def resets_for(spec: dict[str, Any], changes: list[Change]) -> list[Change]:
@@ -114,24 +116,12 @@ def resets_for(spec: dict[str, Any], changes: list[Change]) -> list[Change]:
             return resets
         except SpecError as exc:
             path = exc.path
-            default = _lookup(defaults, path)
+            default = get(defaults, path, _MISSING)
             if default is _MISSING or any(_overlaps(path, field) for field in patched + [r["field"] for r in resets]):
                 return resets  # the user's own value, or no default: validated_spec names it with a 422
             cause = next((c for c in changes if c["field"] in exc.message), changes[0] if changes else None)
             resets.append({"field": path, "value": default, "from_finding": cause and cause["from_finding"]})
     return resets
-
-
-_MISSING = object()
-
-
-def _lookup(raw: Any, path: str) -> Any:
-    node = raw
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
 
 
 def validated_spec(spec: dict[str, Any]) -> dict[str, Any]:
