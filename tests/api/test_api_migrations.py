@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import flask_migrate
 import pytest
@@ -42,6 +43,17 @@ def _layer_columns() -> set[str]:
         return {c["name"] for c in inspect(conn).get_columns("layer_metrics")}
 
 
+def insert_key_and_job(conn: Any, job_id: str = "job_1", spec: str = "{}", with_key: bool = True) -> None:
+    """Raw rows of a key ('key_1') and one succeeded job of it at step 10, as any revision's schema has them."""
+    if with_key:
+        conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                          "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
+    conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, created_at, updated_at, step, max_steps, "
+                      "tokens_seen, health, attempts, cancel_requested) VALUES (:id, 'key_1', 'j', :spec, "
+                      "'succeeded', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 10, 10, 0, 'ok', 1, false)"),
+                 {"id": job_id, "spec": spec})
+
+
 def _layer_indexes() -> set[str]:
     with db.engine.connect() as conn:
         return {i["name"] for i in inspect(conn).get_indexes("layer_metrics")}
@@ -55,12 +67,7 @@ def _round_trip_layer_position(database_url: str, tmp_path: Path) -> None:
         flask_migrate.upgrade(revision="0001")
         assert "position" not in _layer_columns()
         with db.engine.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
-                              "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
-            conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, created_at, updated_at, step, "
-                              "max_steps, tokens_seen, health, attempts, cancel_requested) VALUES ('job_1', "
-                              "'key_1', 'j', '{}', 'succeeded', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 10, 10, 0, "
-                              "'ok', 1, false)"))
+            insert_key_and_job(conn)
             conn.execute(text("INSERT INTO layer_metrics (job_id, step, layer, grad_norm) VALUES "
                               "('job_1', 10, 'head.weight', 0.5), ('job_1', 10, 'embed.weight', 0.25)"))
 
@@ -186,13 +193,8 @@ def _legacy_hidden(database_url: str, tmp_path: Path) -> None:
     with app.app_context():
         flask_migrate.upgrade(revision="0007")
         with db.engine.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
-                              "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
             for job_id, spec in specs.items():
-                conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, created_at, updated_at, step, "
-                                  "max_steps, tokens_seen, health, attempts, cancel_requested) VALUES "
-                                  "(:id, 'key_1', 'j', :spec, 'succeeded', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, "
-                                  "2, 2, 0, 'ok', 1, false)"), {"id": job_id, "spec": json.dumps(spec)})
+                insert_key_and_job(conn, job_id, json.dumps(spec), with_key=job_id == "job_old")
         flask_migrate.upgrade(revision="0008")
         with db.engine.connect() as conn:
             rows = dict(conn.execute(text("SELECT id, spec FROM jobs")).all())

@@ -16,7 +16,7 @@ from sqlalchemy import inspect, text
 
 from app.extensions import db
 from app.models import Job
-from tests.api.test_api_migrations import _app, _assert_no_diff
+from tests.api.test_api_migrations import _app, _assert_no_diff, insert_key_and_job
 
 
 def _rec(field: str, value: Any) -> dict[str, Any]:
@@ -235,12 +235,7 @@ def _round_trip_lineage(database_url: str, tmp_path: Path) -> None:
         flask_migrate.upgrade(revision="0005-1")
         assert "parent_id" not in _job_columns()
         with db.engine.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
-                              "VALUES ('key_1', 'k', :h, 'st_', CURRENT_TIMESTAMP)"), {"h": "0" * 64})
-            conn.execute(text("INSERT INTO jobs (id, owner_id, name, spec, status, created_at, updated_at, step, "
-                              "max_steps, tokens_seen, health, attempts, cancel_requested) VALUES ('job_1', "
-                              "'key_1', 'j', '{}', 'succeeded', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 10, 10, 0, "
-                              "'ok', 1, false)"))
+            insert_key_and_job(conn)
             conn.execute(text("INSERT INTO layer_metrics (job_id, step, layer, grad_norm) VALUES "
                               "('job_1', 10, 'head.weight', 0.5)"))
 
