@@ -635,7 +635,7 @@ class Trainer:
                 "calm_steps": self.calm_steps,
             },
             "val_loss": self.last_val_loss,
-            "health": self.health.state(self.step),
+            "health": self._health(),
         }
         if self.healthy_states:
             state["healthy_states"] = list(self.healthy_states)
