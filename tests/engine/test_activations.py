@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from worker.engine import budget as budget_module
+from worker.engine import trainer as trainer_module
 from worker.engine.activations import ActivationMonitor, probe_positions
+from worker.engine.budget import CostBudget
 from worker.engine.config import parse_spec
 from worker.engine.models import build_model
 from worker.engine.trainer import Trainer
@@ -138,6 +141,30 @@ def test_trainer_reports_activation_rows_in_depth_order_at_layer_stat_steps(tmp_
     assert [r["site"] for r in at5] == ["layers.0.rnn", "layers.1.rnn", "head"]
     assert all(0 <= r["saturated_frac"] <= 1 and r["grad_time_ratio"] >= 0 for r in at5[:2])
     assert at5[2]["kind"] == "output" and at5[2]["z_lse"] > 0
+
+
+def test_the_probe_keeps_to_its_budget_but_always_sees_the_first_and_last_stats_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "THROUGH_TIME_COST_RATIO", 1e12)  # never due again after one run
+    rec = ActivationRecorder()
+    s = spec(model={"arch": "rnn", "n_layers": 1, "activation": "tanh"},
+             training={"max_steps": 23}, monitoring={"layer_stats_every": 5})
+    Trainer(s, corpus(), tmp_path, rec).run()
+    rnn = {r["step"]: r for r in rec.acts if r["site"] == "layers.0.rnn"}
+    assert sorted(rnn) == [5, 10, 15, 20]  # the other statistics come at every stats step
+    assert [step for step, r in sorted(rnn.items()) if r["grad_time"]] == [5, 20]
+    assert rnn[10]["grad_time_ratio"] is None and rnn[10]["saturated_frac"] is not None
+
+
+def test_a_cost_budget_waits_ratio_times_the_last_cost(monkeypatch):
+    clock = iter([0.0, 0.0, 2.0, 2.0, 2.0 + 199 * 2.0, 2.0 + 200 * 2.0])
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: next(clock))
+    budget = CostBudget(200)
+    assert budget.due()  # 0.0: never ran
+    budget.start()  # 0.0
+    budget.stop()  # 2.0: it cost 2 s
+    assert not budget.due()  # 2.0: 0 s since
+    assert not budget.due()  # 199 x 2 s since
+    assert budget.due()  # 200 x 2 s since
 
 
 def test_activation_stats_can_be_turned_off(tmp_path: Path):

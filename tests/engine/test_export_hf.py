@@ -76,6 +76,17 @@ def test_unmappable_specs_name_their_field(tmp_path: Path, over: dict[str, Any],
     assert not (tmp_path / "hf").exists()
 
 
+def test_the_default_transformer_maps_and_the_other_archs_keep_their_defaults() -> None:
+    transformer = parse_spec({"model": {"arch": "transformer"}}).model
+    assert (transformer.activation, transformer.norm) == ("gelu", "layernorm")
+    assert hf_export_blocker(spec_to_dict(parse_spec({"model": {"arch": "transformer"}}))) is None
+    for arch in ("mlp", "rnn", "gru", "lstm"):
+        model = parse_spec({"model": {"arch": arch}}).model
+        assert (model.activation, model.norm) == ("tanh", "none"), arch
+    # the options that read the norm are judged by the resolved one
+    assert parse_spec({"model": {"arch": "transformer", "norm_position": "post"}}).model.norm_position == "post"
+
+
 def test_an_unknown_tokenizer_kind_blocks() -> None:
     raw = spec_to_dict(parse_spec(GPT2_SPEC))
     raw["tokenizer"]["kind"] = "sentencepiece"

@@ -178,10 +178,13 @@ def test_depth_scaled_init_ratio(arch: str, n_layers: int) -> None:
     assert len(branch_ends) == (2 * n_layers if arch == "transformer" else n_layers)
     expected = 1 / math.sqrt(2 * n_layers)
     for name, p in scaled.items():
-        ratio = _std(p) / _std(plain[name]) if p.numel() > 1 else 1.0
+        if p.numel() == 1 or _std(plain[name]) == 0:  # biases at zero, norm gains at one
+            assert torch.equal(p, plain[name]), name
+            continue
+        ratio = _std(p) / _std(plain[name])
         if id(p) in branch_ends:
             assert ratio == pytest.approx(expected, rel=1e-5), name
-        elif p.numel() > 1 and _std(plain[name]) > 0:
+        else:
             assert ratio == pytest.approx(1.0, rel=1e-6), name  # nothing else moves
 
 

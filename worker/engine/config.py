@@ -36,8 +36,10 @@ class ModelConfig:
     hidden: int | None = None
     context: int = 8  # mlp only: tokens the model sees
     n_heads: int = 4  # transformer only
-    activation: Literal["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu", "elu"] = "tanh"
-    norm: Literal["none", "batchnorm", "layernorm", "rmsnorm"] = "none"
+    # None: the architecture's usual choice (gelu and layernorm for transformers, which makes the
+    # default transformer a GPT-2 that the Hugging Face export maps; tanh and no norm otherwise)
+    activation: Literal["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu", "elu"] | None = None
+    norm: Literal["none", "batchnorm", "layernorm", "rmsnorm"] | None = None
     norm_position: Literal["pre", "post"] = "pre"
     # None: the architecture's usual choice (on for transformers, off otherwise)
     residual: bool | None = None
@@ -230,7 +232,10 @@ INFINITE_OK = frozenset({"stabilization.clip.norm_type"})
 
 
 def _choices(cls: type, name: str) -> tuple[str, ...]:
-    return typing.get_args(typing.get_type_hints(cls)[name])
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Literal[...] | None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_args(hint)
 
 
 ARCHS = _choices(ModelConfig, "arch")
@@ -285,14 +290,20 @@ def parse_spec(raw: Any) -> JobSpec:
     """Build a JobSpec from a JSON-like mapping; raise SpecError naming the field."""
     spec = _build(JobSpec, raw, "")
     _check_rules(spec)
-    _check_consistency(spec)
+    # before the consistency checks, which judge options by the resolved norm and activation
     resolve_model_defaults(spec.model)
+    _check_consistency(spec)
     _check_model(spec.model)
     return spec
 
 
 def resolve_model_defaults(m: ModelConfig) -> ModelConfig:
-    """Fill the architecture-dependent defaults (null residual and hidden) in place."""
+    """Fill the architecture-dependent defaults (null residual, hidden, activation, norm) in place."""
+    transformer = m.arch == "transformer"
+    if m.activation is None:
+        m.activation = "gelu" if transformer else "tanh"
+    if m.norm is None:
+        m.norm = "layernorm" if transformer else "none"
     if m.residual is None:
         m.residual = m.arch == "transformer"
     if m.hidden is None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ActivationMonitor, PendingActivationStats
+from .budget import CostBudget
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import JobSpec, TrainingConfig, spec_to_dict
 from .data import load_text_data
@@ -56,6 +57,11 @@ GPU_SYNC_EVERY = 16
 # A live diagnosis waits this many times its own cost since the last one (at most ~1% of the run's
 # time; long runs diagnose less often).
 LIVE_DIAGNOSIS_COST_RATIO = 100
+# The through-time probe (a forward and backward pass of one row through the recurrent layers) runs at
+# a layer-stats step when this many times its cost has passed since the last one: at most ~0.5% of the
+# run's time. On a GPU that is every layer-stats step; on a CPU LSTM (the probe costs ~15% of a
+# step there) about every 3rd to 4th one at layer_stats_every 10.
+THROUGH_TIME_COST_RATIO = 200
 # A spike event names its worst rows with this much of their text.
 EXCERPT_TOKENS = 120
 EXCERPT_CHARS = 80
@@ -258,8 +264,8 @@ class Trainer:
         self.latest_findings: list[dict[str, Any]] | None = None
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
         self.pending_steps: list[PendingStep] = []
-        self.last_diagnosis_at = -math.inf
-        self.diagnosis_cost_s = 0.0
+        self.diagnosis_budget = CostBudget(LIVE_DIAGNOSIS_COST_RATIO)
+        self.probe_budget = CostBudget(THROUGH_TIME_COST_RATIO)
         self.last_sync = time.perf_counter()
         self.health = HealthTracker()
         self.history = RunHistory()
@@ -369,9 +375,17 @@ class Trainer:
         return total, torch.cat(row_losses), torch.cat(offsets), first
 
     def _activation_stats(self, step: int, first: tuple[torch.Tensor, torch.Tensor]) -> PendingActivationStats:
-        """The hooks' statistics and, for recurrent nets, the through-time probe (device tensors)."""
+        """The hooks' statistics and, for recurrent nets when its budget allows, the through-time probe
+        (device tensors; a step without the probe has no grad_time)."""
         assert self.act_monitor is not None
-        return PendingActivationStats(step, self.act_monitor.collected(), self.act_monitor.grad_through_time(*first))
+        grad_time = None
+        last_stats_step = step + self.spec.monitoring.layer_stats_every > self.spec.training.max_steps
+        # The run's last layer-stats step always probes: the final diagnosis sees the net as it ended.
+        if self.act_monitor.recurrent and (self.probe_budget.due() or last_stats_step):
+            self.probe_budget.start()
+            grad_time = self.act_monitor.grad_through_time(*first)
+            self.probe_budget.stop()
+        return PendingActivationStats(step, self.act_monitor.collected(), grad_time)
 
     def _apply_or_skip(self, verdict: torch.Tensor) -> None:
         """Optimizer step that the fused kernel skips on the device when the verdict is bad."""
@@ -691,12 +705,11 @@ class Trainer:
 
     def _live_diagnosis(self) -> None:
         """Report the diagnosis so far, spending at most ~1% of the run's time on it."""
-        now = time.perf_counter()
-        if now - self.last_diagnosis_at < LIVE_DIAGNOSIS_COST_RATIO * self.diagnosis_cost_s:
+        if not self.diagnosis_budget.due():
             return
+        self.diagnosis_budget.start()
         findings = self.latest_findings = self.diagnose()
-        self.last_diagnosis_at = time.perf_counter()
-        self.diagnosis_cost_s = self.last_diagnosis_at - now
+        self.diagnosis_budget.stop()
         self.cb.on_diagnosis(findings, summarize(findings))
 
     def _prune_checkpoints(self) -> None:

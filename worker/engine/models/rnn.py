@@ -24,6 +24,14 @@ def make_recurrent(arch: str, in_dim: int, hidden: int, activation: str) -> nn.R
     raise ValueError(f"unknown recurrent arch {arch!r}")
 
 
+def _cpu_lacks_bf16_recurrence(x: torch.Tensor) -> bool:
+    """bf16 autocast on a CPU whose oneDNN has no bf16 kernels (no AVX-512): its LSTM/GRU/RNN
+    primitives refuse bf16 inputs ("could not create a primitive descriptor")."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class RecurrentBlock(nn.Module):
     """One recurrent layer with optional norm (pre or post), residual and dropout."""
 
@@ -43,11 +51,19 @@ class RecurrentBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, in_dim] -> [B, T, hidden]."""
-        h, _ = self.rnn(self.norm(x) if self.pre else x)
+        h = self._recur(self.norm(x) if self.pre else x)
         h = self.drop(h)
         if self.residual:
             h = h + (self.proj(x) if self.proj is not None else x)
         return h if self.pre else self.norm(h)
+
+    def _recur(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_lacks_bf16_recurrence(x):
+            # Such a CPU has no bf16 recurrence to be fast with: run the cell in fp32 (the rest of
+            # the model keeps bf16) rather than fail every bf16 recurrent job on it.
+            with torch.autocast("cpu", enabled=False):
+                return self.rnn(x.float())[0]
+        return self.rnn(x)[0]
 
 
 class RecurrentLanguageModel(nn.Module):
