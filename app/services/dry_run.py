@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import DeviceCalibration, utcnow
-from app.services import storage
+from app.services.datasets import distinct_characters
 from app.services.jobs import check_dataset, check_limits
 from app.services.queue import CALIBRATE_TASK, TRAIN_QUEUE, publish
 from worker.engine import estimate
@@ -31,20 +31,12 @@ def dry_run(owner_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     """The dry run's answer for a loaded spec; the same 422s as a real submit, no record written."""
     check_limits(spec)
     dataset = check_dataset(owner_id, spec)
-    vocab, vocab_exact = estimate.vocab_for(spec["tokenizer"], _distinct_chars(dataset.sha256, spec))
+    # a char tokenizer's vocabulary comes from the corpus
+    chars = distinct_characters(dataset) if spec["tokenizer"]["kind"] == "char" else None
+    vocab, vocab_exact = estimate.vocab_for(spec["tokenizer"], chars)
     figures = estimate.estimate(spec, vocab)
     db.session.rollback()  # end the read transaction; nothing was written
     return {**figures, "vocab_size": vocab, "vocab_exact": vocab_exact, **_wall_time(figures["flops"])}
-
-
-def _distinct_chars(sha256: str, spec: dict[str, Any]) -> int | None:
-    """A char tokenizer's vocabulary comes from the corpus: count its distinct characters."""
-    if spec["tokenizer"]["kind"] != "char":
-        return None
-    try:
-        return len(set(storage.dataset_path(sha256).read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError):
-        return None  # the estimate falls back to 256 and says it is not exact
 
 
 def _wall_time(flops: int) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from flask import jsonify
@@ -20,7 +18,7 @@ from app.api.jobs.schemas import (
     RetryRequestSchema,
 )
 from app.api.probes.schemas import DryRunQuerySchema, DryRunSchema
-from app.api.utils import idempotency_key, json_body, request_body_hash
+from app.api.utils import idempotency_key, job_found_first, json_body, request_body_hash
 from app.auth import current_owner_id
 from app.schemas.spec import JobSpecSchema
 from app.services import dry_run as dry_run_service
@@ -31,17 +29,6 @@ from app.services import retry as retry_service
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Training jobs")
 IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255},
                    "description": "Replays with the same key and body answer 200 with the first job"}
-
-
-def _job_found_first(view: Callable[..., Any]) -> Callable[..., Any]:
-    """404 for another key's (or no) job before the body is read: such ids look absent whatever is sent."""
-
-    @wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        service.get_job(current_owner_id(), kwargs["job_id"])
-        return view(*args, **kwargs)
-
-    return wrapper
 
 
 def _created_or_replayed(job: Any, created: bool) -> Any:
@@ -107,7 +94,7 @@ class JobCancel(MethodView):
 
 @blp.route("/<string:job_id>/retry")
 class JobRetry(MethodView):
-    @_job_found_first
+    @job_found_first
     @json_body
     @blp.arguments(RetryRequestSchema)
     @blp.response(202, JobSchema, description="The new job, queued: parent_id and applied_patch say what changed")

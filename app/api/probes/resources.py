@@ -8,7 +8,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from app.api.probes.schemas import ProbeRequestSchema, ProbeSchema
-from app.api.utils import json_body
+from app.api.utils import job_found_first, json_body
 from app.auth import current_owner_id
 from app.models import Probe
 from app.services import jobs as jobs_service
@@ -19,6 +19,7 @@ blp = Blueprint("probes", __name__, url_prefix="/v1/jobs", description="LR range
 
 @blp.route("/<string:job_id>/probes")
 class Probes(MethodView):
+    @job_found_first
     @json_body
     @blp.arguments(ProbeRequestSchema)
     @blp.response(202, ProbeSchema, description="Queued: poll GET .../probes/{probe_id}")
