@@ -73,10 +73,11 @@ def _register_blueprints(app: Flask) -> None:
     from app.api.datasets import blp as datasets_blp
     from app.api.jobs import blp as jobs_blp
     from app.api.metrics import blp as metrics_blp
+    from app.api.probes import blp as probes_blp
     from app.api.samples import blp as samples_blp
     from app.ops import bp as ops_bp
 
-    for blp in (datasets_blp, jobs_blp, metrics_blp, checkpoints_blp, samples_blp):
+    for blp in (datasets_blp, jobs_blp, metrics_blp, checkpoints_blp, samples_blp, probes_blp):
         smorest_api.register_blueprint(blp)
     app.register_blueprint(ops_bp)
     from app.ui import init_app as init_ui  # the /ui dashboard and /v1/jobs/{id}/plots/{name}.png

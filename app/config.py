@@ -13,6 +13,7 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_MAX_SEQ_LEN               largest training.seq_len (default 2048)
 - STABLETRAIN_MAX_LIVE_JOBS             queued + running jobs per key (default 8)
 - STABLETRAIN_MAX_QUEUED_SAMPLES        queued + running samples per key (default 8); past it 429
+- STABLETRAIN_MAX_QUEUED_PROBES         queued + running LR probes per key (default 2); past it 429
 - STABLETRAIN_SAMPLE_MAX_WAITING        sample requests per API process that may hold their thread for
                                         `?wait=` at once (default 1); past it they answer 202 at once
 - STABLETRAIN_RATELIMIT_DEFAULT         Flask-Limiter default limit per key (default "600/minute")
@@ -51,6 +52,7 @@ def default_config() -> dict[str, Any]:
         "MAX_SEQ_LEN": 2048,
         "MAX_LIVE_JOBS": 8,
         "MAX_QUEUED_SAMPLES": 8,
+        "MAX_QUEUED_PROBES": 2,
         "SAMPLE_MAX_WAITING": 1,
         "ENQUEUE_RETRIES": 1,
         "BROKER_TIMEOUT_S": 1.0,

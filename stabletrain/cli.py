@@ -342,10 +342,44 @@ def _read_spec(name: str) -> dict[str, Any]:
     return spec
 
 
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def format_dry_run(est: dict[str, Any]) -> str:
+    mem = est["memory"]
+    vocab = f"{est['vocab_size']}{'' if est['vocab_exact'] else ' (upper bound)'}"
+    if est.get("estimated_wall_s") is not None:
+        wall = f"~{format_duration(est['estimated_wall_s'])} on {est['device_class']}"
+    else:
+        wall = f"unknown ({est.get('wall_reason')})"
+    return "\n".join([
+        f"parameters   {est['params']:,} (vocab {vocab})",
+        f"memory       {_gib(mem['total_bytes'])}: weights {_gib(mem['params_bytes'])}, grads "
+        f"{_gib(mem['grads_bytes'])}, optimizer {_gib(mem['optimizer_bytes'])}, activations {_gib(mem['activations_bytes'])}",
+        f"tokens       {est['tokens']:,} ({est['tokens_per_step']:,} per step)",
+        f"flops        {est['flops']:.3g} (train {est['train_flops']:.3g}, eval {est['eval_flops']:.3g})",
+        f"wall time    {wall}",
+    ])
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    return f"{seconds / 60:.3g} min" if seconds < 7200 else f"{seconds / 3600:.3g} h"
+
+
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     spec = _read_spec(args.spec)
     if args.name:
         spec["name"] = args.name
+    if args.dry_run:
+        est = client.dry_run(spec, dataset_id=args.dataset)
+        if _json_mode(args):
+            _print_json(est)
+        else:
+            _out(format_dry_run(est))
+        return EXIT_OK
     job = client.submit(spec, dataset_id=args.dataset, idempotency_key=args.idempotency_key)
     if args.wait:
         print(f"submitted {job['id']} ({job.get('status')})", file=sys.stderr)
@@ -369,6 +403,36 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             overrides[field.strip()] = text
     return overrides
+
+
+def format_probe(probe: dict[str, Any]) -> str:
+    if probe.get("status") != "succeeded":
+        return f"probe {probe['id']} {probe.get('status')}: {probe.get('error')}"
+    res = probe["result"]
+
+    def lr(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3g}"
+
+    lines = [f"probe {probe['id']}: {res['steps_run']} steps, lr {lr(res['lr_min'])} .. {lr(res['lr_max'])}",
+             f"steepest descent lr  {lr(res['steepest_lr'])}",
+             f"divergence lr        {lr(res['divergence_lr'])}"]
+    rec = res.get("recommended")
+    if rec:
+        lines.append(f"recommended          {rec['field']}={rec['value']:g}  "
+                     f"(stabletrain retry {probe['job_id']} --set {rec['field']}={rec['value']:g})")
+    else:
+        lines.append("recommended          none (no descent found in the range)")
+    return "\n".join(lines)
+
+
+def cmd_probe(client: Client, args: argparse.Namespace) -> int:
+    probe = client.probe(args.job, lr_min=args.lr_min, lr_max=args.lr_max, steps=args.steps,
+                         timeout=args.probe_timeout)
+    if _json_mode(args):
+        _print_json(probe)
+    else:
+        _out(format_probe(probe))
+    return EXIT_OK if probe.get("status") == "succeeded" else EXIT_FAILED
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
@@ -555,8 +619,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", metavar="KEY", help="reuse a key to make resubmitting safe (default: uuid4)")
     p.add_argument("--wait", action="store_true",
                    help="follow the job with a progress bar, print its diagnosis; exit code = outcome")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and estimate (parameters, memory, tokens, FLOPs, wall time); no job is made")
     _wait_options(p)
     p.set_defaults(func=cmd_submit)
+
+    p = add("probe", "LR range test of a job's spec on a worker: curve landmarks and a recommended training.lr")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--lr-min", type=_positive_float, default=None, help="first lr (server default 1e-7)")
+    p.add_argument("--lr-max", type=_positive_float, default=None, help="last lr (server default 10)")
+    p.add_argument("--steps", type=int, default=None, help="steps at most (server default 200)")
+    p.add_argument("--wait-timeout", dest="probe_timeout", metavar="S", type=_positive_float, default=600.0,
+                   help="give up waiting for the result after N s (default 600)")
+    p.set_defaults(func=cmd_probe)
 
     p = add("retry", "retry a finished job as a new one with its diagnosis' recommendations applied")
     p.add_argument("job", metavar="JOB")

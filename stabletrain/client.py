@@ -287,6 +287,35 @@ class Client:
         return self._json("POST", "/v1/jobs", expect=(200, 201, 202), json=body,
                           headers={"Idempotency-Key": key})
 
+    def dry_run(self, spec: dict[str, Any], dataset_id: str | None = None) -> dict[str, Any]:
+        """Validate a spec as submit would (the same 422s) and estimate it, without making a job:
+        params, memory (bytes), tokens, flops and estimated_wall_s (null with wall_reason while no
+        worker has measured its device). Safe to retry: nothing is recorded."""
+        body = dict(spec)
+        if dataset_id is not None:
+            body["dataset_id"] = dataset_id
+        return self._json("POST", "/v1/jobs", expect=(200,), json=body, params={"dry_run": "true"})
+
+    def probe(self, job_id: str, *, lr_min: float | None = None, lr_max: float | None = None,
+              steps: int | None = None, timeout: float = 600.0, poll_s: float = 0.5,
+              max_poll_s: float = 5.0) -> dict[str, Any]:
+        """Run an LR range test of the job's spec on a worker and poll it until succeeded/failed (every
+        `poll_s` doubling up to `max_poll_s`); returns the probe: `result` has the curve, steepest_lr,
+        divergence_lr and `recommended` {field: "training.lr", value} for `retry(overrides=...)`.
+        Raises StableTrainError when still unfinished after `timeout` s."""
+        body = {k: v for k, v in {"lr_min": lr_min, "lr_max": lr_max, "steps": steps}.items() if v is not None}
+        probe = self.request("POST", f"/v1/jobs/{job_id}/probes", policy="unsafe", expect=(202,),
+                             json=body).json()
+        deadline = time.monotonic() + timeout
+        delay = poll_s
+        while probe.get("status") not in SAMPLE_DONE:
+            if time.monotonic() >= deadline:
+                raise StableTrainError(f"probe {probe['id']} still {probe.get('status')} after {timeout:g} s")
+            self._sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            delay = min(delay * 2, max_poll_s)
+            probe = self._json("GET", f"/v1/jobs/{job_id}/probes/{probe['id']}")
+        return probe
+
     def retry(self, job_id: str, apply: str | list[str] = "recommendations",
               overrides: dict[str, Any] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
         """Retry a finished job as a new one with its diagnosis' recommendations applied: all of them

@@ -45,6 +45,8 @@ TASK_ROUTES = {
     "stabletrain.train_job": {"queue": "train"},
     "stabletrain.sample": {"queue": "samples"},
     "stabletrain.export": {"queue": "samples"},
+    "stabletrain.lr_probe": {"queue": "samples"},
+    "stabletrain.calibrate": {"queue": "train"},
 }
 
 

@@ -13,6 +13,7 @@ from app.extensions import db
 from worker.engine.tokenizers import TOKENIZER_CACHE_ENV
 from worker.exports import run_export
 from worker.logs import log_context
+from worker.probes import run_calibration, run_probe
 from worker.service import SHUTDOWN, run_sample, run_train_job
 from worker.settings import load_settings
 
@@ -50,3 +51,20 @@ def export(job_id: str, step: int, sha256: str, fmt: str) -> str:
         raise Reject("worker shutting down", requeue=True)
     with log_context(job_id=job_id):
         return run_export(load_settings(current_app.config).storage_dir, job_id, int(step), sha256, fmt)
+
+
+@shared_task(name="stabletrain.lr_probe", ignore_result=True, **RETRY)
+def lr_probe(probe_id: str) -> str:
+    """Run one LR range test of a job's spec (writes only the probe's record)."""
+    if SHUTDOWN.is_set():
+        raise Reject("worker shutting down", requeue=True)
+    with log_context(probe_id=probe_id):
+        return run_probe(db.engine, probe_id, load_settings(current_app.config))
+
+
+@shared_task(name="stabletrain.calibrate", ignore_result=True)
+def calibrate(reason: str = "") -> str:
+    """Measure this training worker's throughput for dry-run wall-time estimates (`reason`: who asked)."""
+    if SHUTDOWN.is_set():
+        raise Reject("worker shutting down", requeue=True)
+    return run_calibration(db.engine, load_settings(current_app.config))

@@ -19,6 +19,19 @@ except ImportError:  # pragma: no cover - optional speed-up
     orjson = None  # type: ignore[assignment]
 
 
+def job_found_first(view: Callable[..., Any]) -> Callable[..., Any]:
+    """404 for another key's (or no) job before the body is read: such ids look absent whatever is sent."""
+    from app.auth import current_owner_id
+    from app.services.jobs import get_job
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        get_job(current_owner_id(), kwargs["job_id"])
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
 def json_body(view: Callable[..., Any]) -> Callable[..., Any]:
     """415 unless the request body is declared application/json."""
 

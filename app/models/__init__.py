@@ -7,6 +7,7 @@ from app.models.dataset import Dataset, DatasetFile
 from app.models.event import Event
 from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
 from app.models.metrics import ActivationMetric, LayerMetric, StepMetric
+from app.models.probe import PENDING_PROBE_STATUSES, PROBE_STATUSES, DeviceCalibration, Probe
 from app.models.sample import PENDING_SAMPLE_STATUSES, SAMPLE_STATUSES, Sample, next_fair_sample
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ApiKey",
     "Checkpoint",
     "Dataset",
+    "DeviceCalibration",
     "DatasetFile",
     "Event",
     "HEALTH_STATES",
@@ -21,7 +23,10 @@ __all__ = [
     "LIVE_STATUSES",
     "Job",
     "LayerMetric",
+    "PENDING_PROBE_STATUSES",
     "PENDING_SAMPLE_STATUSES",
+    "PROBE_STATUSES",
+    "Probe",
     "SAMPLE_STATUSES",
     "Sample",
     "next_fair_sample",

@@ -170,3 +170,12 @@ def _move_aside(path: Path) -> Path | None:
     except FileNotFoundError:
         return None
     return aside
+
+
+def distinct_characters(dataset: Dataset) -> int | None:
+    """How many distinct characters the dataset's text has (a char tokenizer's vocabulary less its
+    unknown id); None when the file cannot be read as UTF-8."""
+    try:
+        return len(set(dataset_path(dataset.sha256).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None

@@ -12,6 +12,9 @@ TRAIN_TASK, TRAIN_QUEUE = "stabletrain.train_job", "train"
 SAMPLE_TASK, SAMPLE_QUEUE = "stabletrain.sample", "samples"
 # Exports are short CPU work like samples and share their queue (and workers).
 EXPORT_TASK = "stabletrain.export"
+# LR range tests run next to samples; a calibration measures a training worker's own device.
+PROBE_TASK = "stabletrain.lr_probe"
+CALIBRATE_TASK = "stabletrain.calibrate"
 
 
 def publish(task: str, record_id: str, queue: str, extra: tuple[object, ...] = ()) -> bool:

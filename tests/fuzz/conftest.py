@@ -16,7 +16,7 @@ from flask import Flask
 
 from app import create_app
 from app.extensions import db
-from app.models import Checkpoint, Event, Job, LayerMetric, Sample, StepMetric, utcnow
+from app.models import Checkpoint, Event, Job, LayerMetric, Probe, Sample, StepMetric, utcnow
 from tests.conftest import create_database, drop_database, postgres_base_url
 
 CORPUS = ("the quick brown fox jumps over the lazy dog. " * 400).encode()  # 18,000 bytes
@@ -90,11 +90,14 @@ def seed_app(tmp: Path, **overrides: Any) -> Seeded:
         db.session.commit()
         sample = Sample(job_id=finished, owner_id=owner, checkpoint_step=100, prompt="The ", params={},
                         status="succeeded", text="The end", finished_at=utcnow())
-        db.session.add(sample)
+        probe = Probe(job_id=finished, owner_id=owner, params={"lr_min": 1e-7, "lr_max": 10.0, "steps": 200},
+                      status="succeeded", result={"steps_run": 0, "curve": [], "recommended": None},
+                      finished_at=utcnow())
+        db.session.add_all([sample, probe])
         db.session.commit()
-        sample_id = sample.id
+        sample_id, probe_id = sample.id, probe.id
     ids = {"job_id": [finished, running], "dataset_id": [ds.json["id"]], "step": ["100"],
-           "sample_id": [sample_id]}  # the finished job comes first
+           "sample_id": [sample_id], "probe_id": [probe_id]}  # the finished job comes first
     return Seeded(app=app, auth=auth, ids=ids)
 
 

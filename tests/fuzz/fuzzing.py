@@ -92,6 +92,7 @@ SEMANTIC_LIMITS: dict[tuple[str, str, str], str] = {
     ("POST /v1/jobs", "model.tie_embeddings", "needs model.hidden"): "cross-field rule",
     ("POST /v1/jobs", "model.depth_scaled_init", ""): "cross-field rule (arch, residual)",
     ("POST /v1/jobs", "dataset_id", "not found"): "a well-formed id of a dataset that does not exist (or is another key's)",
+    ("POST /v1/jobs/{job_id}/probes", "lr_max", "must be greater than lr_min"): "cross-field rule (the sweep rises)",
     ("POST /v1/jobs/{job_id}/samples", "prompt", "NUL characters or unpaired surrogates"):
         "text the model can take: JSON allows lone surrogates and NUL, UTF-8 text does not",
     # A retry's overrides are dotted paths with free values, checked against the patched spec:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
+from flask import jsonify
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -18,9 +17,11 @@ from app.api.jobs.schemas import (
     JobSchema,
     RetryRequestSchema,
 )
-from app.api.utils import idempotency_key, json_body, request_body_hash
+from app.api.probes.schemas import DryRunQuerySchema, DryRunSchema
+from app.api.utils import idempotency_key, job_found_first, json_body, request_body_hash
 from app.auth import current_owner_id
 from app.schemas.spec import JobSpecSchema
+from app.services import dry_run as dry_run_service
 from app.services import events as events_service
 from app.services import jobs as service
 from app.services import retry as retry_service
@@ -28,17 +29,6 @@ from app.services import retry as retry_service
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Training jobs")
 IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255},
                    "description": "Replays with the same key and body answer 200 with the first job"}
-
-
-def _job_found_first(view: Callable[..., Any]) -> Callable[..., Any]:
-    """404 for another key's (or no) job before the body is read: such ids look absent whatever is sent."""
-
-    @wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        service.get_job(current_owner_id(), kwargs["job_id"])
-        return view(*args, **kwargs)
-
-    return wrapper
 
 
 def _created_or_replayed(job: Any, created: bool) -> Any:
@@ -58,17 +48,27 @@ class Jobs(MethodView):
         return {"items": [service.job_view(j, with_latest=False) for j in jobs], "next_cursor": cursor}
 
     @json_body
+    @blp.arguments(DryRunQuerySchema, location="query")
     @blp.arguments(JobSpecSchema)
     @blp.response(202, JobSchema)
-    @blp.alt_response(200, schema=JobSchema, description="Idempotent replay: the job an earlier request created")
-    @blp.doc(parameters=[IDEMPOTENCY_KEY])
-    def post(self, spec: dict[str, Any]) -> Any:
+    @blp.doc(parameters=[IDEMPOTENCY_KEY], responses={"200": {
+        "description": "Idempotent replay: the job an earlier request created (Job); or, with "
+                       "`dry_run=true`, the spec's estimate (DryRun)",
+        "content": {"application/json": {"schema": {"oneOf": [JobSchema, DryRunSchema]}}}}})
+    def post(self, query: dict[str, Any], spec: dict[str, Any]) -> Any:
         """Submit a job spec; 202 with the queued job (honours Idempotency-Key).
+
+        With `?dry_run=true` the spec is validated exactly as a submit would (the same 422s, the dataset
+        must exist and be the key's) and the answer is 200 with its parameter count, memory, tokens,
+        FLOPs and estimated wall time (docs: "Dry run"); no job is recorded or queued, and an
+        Idempotency-Key is ignored.
 
         A repeat with the same Idempotency-Key and the same JSON body (key order and spacing aside)
         answers 200 with the job the first request made, header `Idempotent-Replayed: true`. The same
         key with a different body answers 422 with code `idempotency_mismatch`; a key over 255
         characters answers 400 (keys are never cut). Keys are per API key."""
+        if query["dry_run"]:
+            return jsonify(DryRunSchema().dump(dry_run_service.dry_run(current_owner_id(), spec)))
         return _created_or_replayed(*service.submit_job(current_owner_id(), spec, idempotency_key(),
                                                         body_hash=request_body_hash()))
 
@@ -94,7 +94,7 @@ class JobCancel(MethodView):
 
 @blp.route("/<string:job_id>/retry")
 class JobRetry(MethodView):
-    @_job_found_first
+    @job_found_first
     @json_body
     @blp.arguments(RetryRequestSchema)
     @blp.response(202, JobSchema, description="The new job, queued: parent_id and applied_patch say what changed")
