@@ -142,3 +142,29 @@ def test_paused_time_does_not_count_toward_the_job_time_limit(engine: Engine, se
     job_id = make_job(engine, settings.storage_dir, started_at=started, paused_s=7200.0 - 60)
     _spec, _text, running_since = service.load_inputs(engine, job_id, settings.storage_dir)
     assert 55 < service.time_left_s(running_since, 120) < 65  # one minute of the limit used, not two hours
+
+
+def test_a_warm_shutdown_of_a_pausing_job_lands_it_paused_not_queued(
+        engine: Engine, settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = make_job(engine, settings.storage_dir, spec=spec_with(max_steps=1_000_000))
+    thread, result = run_in_thread(engine, job_id, settings)
+    wait_for(lambda: job_row(engine, job_id).step > 0, 60, "the first metrics")
+    # the shutdown is seen first (should_stop is polled before should_pause), then the job is pausing
+    # by the time the worker hands it back: the order of a pause that arrives during a deploy
+    original = service.release_job
+
+    def pause_then_release(engine_: Engine, lease: Any, message: str, step: int | None = None) -> bool:
+        request_pause(engine_, lease.job_id)
+        return original(engine_, lease, message, step)
+
+    monkeypatch.setattr(service, "release_job", pause_then_release)
+    service.SHUTDOWN.set()
+    try:
+        thread.join(timeout=60)
+    finally:
+        service.SHUTDOWN.clear()
+    assert result == ["paused"]
+    row = job_row(engine, job_id)
+    assert (row.status, row.lease_token, row.enqueued_at, row.attempts) == ("paused", None, None, 0)
+    assert event_kinds(engine, job_id)[-1] == "paused"
+    assert checkpoints(engine, job_id)[-1].step == row.step
