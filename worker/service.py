@@ -243,8 +243,7 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
     with Heartbeat(engine, lease, settings.lease_s, settings.heartbeat_s) as hb:
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
         reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, pause=hb.pause.is_set,
-                              fenced=hb.lost.is_set,
-                              lease=lease, on_lease_lost=hb.lost.set)
+                              fenced=hb.lost.is_set, lease=lease, on_lease_lost=hb.lost.set)
         try:
             trainer = Trainer(spec, text, checkpoint_dir(settings.storage_dir, job_id), reporter,
                               device=device, resume_from=resume_from)
