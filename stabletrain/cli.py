@@ -31,6 +31,7 @@ EXIT_FAILED = 1        # the job (or sample) failed
 EXIT_USAGE = 2         # bad arguments, unreadable spec file, missing/invalid URL or key
 EXIT_REQUEST = 3       # the service answered an error, could not be reached, or a checksum mismatched
 EXIT_CANCELLED = 4     # with --wait: the job was cancelled
+EXIT_PAUSED = 5        # with --wait: the job was paused (`stabletrain resume JOB` continues it)
 EXIT_INTERRUPTED = 130  # Ctrl-C (the job keeps running unless --cancel-on-interrupt)
 
 EPILOG = f"""\
@@ -45,6 +46,7 @@ exit codes:
   {EXIT_REQUEST}    the request failed: an API error (e.g. `error 422 validation_error: training.lr: ...`),
        the service unreachable after retries, or a downloaded checkpoint failed its sha256 check
   {EXIT_CANCELLED}    with --wait / wait: the job was cancelled
+  {EXIT_PAUSED}    with --wait / wait: the job was paused (`stabletrain resume JOB` continues it)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the job keeps running unless --cancel-on-interrupt
 
 Requests are retried with backoff on 429/502/503/504 and connection errors; submit and retry send
@@ -220,6 +222,8 @@ def format_outcome(job: dict[str, Any]) -> str:
         except ValueError:
             took = ""
     head = f"job {job['id']} {status} at {_step_line(job)}{took}"
+    if status == "paused":
+        head += f" (`stabletrain resume {job['id']}` continues it)"
     if status == "succeeded":
         head += f": loss {_num(latest.get('loss'))}, val_loss {_num(latest.get('val_loss'))}"
     if job.get("error"):
@@ -294,7 +298,7 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     else:
         _out(format_outcome(final))
         _out(format_diagnosis(diagnosis))
-    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(final["status"], EXIT_FAILED)
+    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}.get(final["status"], EXIT_FAILED)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -474,6 +478,26 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
     for j in items:
         _out(f"{j['id']}  {j.get('status', '-'):<10}  {_step_line(j):<16}  {j.get('health') or '-':<8}  "
              f"{j.get('created_at', '-')}  {j.get('name') or '-'}")
+    return EXIT_OK
+
+
+def cmd_pause(client: Client, args: argparse.Namespace) -> int:
+    job = client.pause(args.job)
+    if _json_mode(args):
+        _print_json(job)
+    elif job.get("status") == "paused":
+        _out(f"{job['id']} paused at {_step_line(job)}")
+    else:
+        _out(f"{job['id']} {job.get('status')}: pauses at its next step (with a checkpoint)")
+    return EXIT_OK
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    job = client.resume(args.job)
+    if _json_mode(args):
+        _print_json(job)
+    else:
+        _out(f"{job['id']} {job.get('status')}: continues from its newest checkpoint")
     return EXIT_OK
 
 
@@ -657,13 +681,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = add("jobs", "list jobs, newest first")
-    p.add_argument("--status", choices=["queued", "running", "cancelling", "succeeded", "failed", "cancelled"])
+    p.add_argument("--status", choices=["queued", "running", "pausing", "paused", "cancelling", "succeeded",
+                                        "failed", "cancelled"])
     p.add_argument("--limit", type=int, default=None, help="show at most N jobs")
     p.set_defaults(func=cmd_jobs)
 
-    p = add("cancel", "cancel a job (queued: at once; running: at its next step)")
+    p = add("cancel", "cancel a job (queued or paused: at once; running: at its next step)")
     p.add_argument("job", metavar="JOB")
     p.set_defaults(func=cmd_cancel)
+
+    p = add("pause", "pause a job (queued: at once; running: checkpoints at its next step and frees its worker)")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(func=cmd_pause)
+
+    p = add("resume", "queue a paused job again; it continues from its newest checkpoint")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(func=cmd_resume)
 
     p = add("metrics", "print a job's step metrics (or per-layer stats) as JSON lines or CSV")
     p.add_argument("job", metavar="JOB")

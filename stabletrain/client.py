@@ -34,6 +34,8 @@ log = logging.getLogger("stabletrain")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+# `wait` also returns for a paused job: it does not move again until someone resumes it
+SETTLED_STATUSES = TERMINAL_STATUSES | {"paused"}
 SAMPLE_DONE = frozenset({"succeeded", "failed"})
 SAMPLE_MAX_WAIT_S = 10.0  # the server's bound on ?wait= for samples
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -345,9 +347,20 @@ class Client:
                 return self.job(job_id)
             raise
 
+    def pause(self, job_id: str) -> dict[str, Any]:
+        """Pause a job: queued at once ("paused"); running at its next step, with a checkpoint ("pausing",
+        then "paused"), freeing its worker. A paused job does not count toward the key's live-job limit.
+        Repeating it is harmless (the same answer)."""
+        return self._json("POST", f"/v1/jobs/{job_id}/pause", expect=(200, 202))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Queue a paused job again; it continues from its newest checkpoint, with the weights a run never
+        paused would have. A job already queued or running is returned as it is (a repeated resume)."""
+        return self._json("POST", f"/v1/jobs/{job_id}/resume", expect=(200, 202))
+
     def wait(self, job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
              poll_s: float = 1.0, timeout: float | None = None, outage_s: float = 300.0) -> dict[str, Any]:
-        """Poll the job until it is succeeded, failed or cancelled; `on_progress(job)` after each poll.
+        """Poll the job until it is succeeded, failed, cancelled or paused; `on_progress(job)` after each poll.
         Returns the final job; raises StableTrainError after `timeout` seconds. An outage of the
         service (unreachable, or 502/503/504 after the request's own retries) is waited out for up
         to `outage_s` seconds: the job keeps training meanwhile."""
@@ -368,7 +381,7 @@ class Client:
             down_since = None
             if on_progress is not None:
                 on_progress(job)
-            if job.get("status") in TERMINAL_STATUSES:
+            if job.get("status") in SETTLED_STATUSES:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 raise StableTrainError(f"job {job_id} still {job.get('status')} after {timeout:g} s")

@@ -8,7 +8,7 @@ nothing once another worker has claimed the job. Lease times are the database's
 clock (`db_now`), never a host's.
 
 `attempts` counts starts that did not end in a graceful hand-back: a claim adds
-one, `release_job` (warm shutdown, pause) takes it back, a crash keeps it.
+one, `release_job` (warm shutdown) and `pause_held_job` (pause) take it back, a crash keeps it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from worker.logs import log_context
 
 log = logging.getLogger(__name__)
 
-OWNED_STATUSES = ("running", "cancelling")
+OWNED_STATUSES = ("running", "pausing", "cancelling")
 CLAIM_TRIES = 5  # fair picks lost to other workers before giving up on this message
 
 
@@ -126,8 +126,9 @@ def still_held(engine: Engine, lease: Lease) -> bool:
                                                  Job.status.in_(OWNED_STATUSES))).first() is not None
 
 
-def renew_lease(engine: Engine, lease: Lease, lease_s: float) -> tuple[bool, bool]:
-    """Extend our lease by `lease_s` from the database's now; returns (still_owned, cancel_requested)."""
+def renew_lease(engine: Engine, lease: Lease, lease_s: float) -> tuple[bool, bool, bool]:
+    """Extend our lease by `lease_s` from the database's now; returns (still_owned, cancel_requested,
+    pause_requested)."""
     with engine.begin() as conn:
         owned = conn.execute(
             update(Job)
@@ -137,7 +138,7 @@ def renew_lease(engine: Engine, lease: Lease, lease_s: float) -> tuple[bool, boo
         ).rowcount == 1
         row = conn.execute(select(Job.cancel_requested, Job.status).where(Job.id == lease.job_id)).one_or_none()
     cancel = row is not None and (bool(row.cancel_requested) or row.status in ("cancelling", "cancelled"))
-    return owned, cancel
+    return owned, cancel, row is not None and row.status == "pausing"
 
 
 def insert_event(conn: Connection, job_id: str, kind: str, message: str, step: int | None = None,
@@ -195,13 +196,41 @@ def release_job(engine: Engine, lease: Lease, message: str, step: int | None = N
         return True
 
 
+def pause_held_job(engine: Engine, lease: Lease, step: int | None = None, message: str | None = None,
+                   diagnosis: Any = None, health: str | None = None) -> bool:
+    """pausing -> paused, once the run stopped at a checkpoint: the worker lets go of the job and is free.
+
+    Like a warm shutdown, the start does not count as an attempt. Nothing is sent: the job waits for
+    POST /v1/jobs/{id}/resume, which queues it again. `message` adds a `paused` event (the engine
+    writes its own when it stopped for the pause). False when we no longer hold a pausing job (a
+    cancel came first: the job is `cancelling`; or the lease is gone).
+    """
+    now = utcnow()
+    values: dict[str, Any] = {"status": "paused", "paused_at": now, "worker_id": None, "lease_token": None,
+                              "lease_expires_at": None, "enqueued_at": None, "updated_at": now,
+                              "attempts": case((Job.attempts > 0, Job.attempts - 1), else_=0)}
+    if diagnosis is not None:
+        values["diagnosis"] = diagnosis
+    if health is not None:
+        values["health"] = health
+    stmt = (update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == "pausing")
+            .values(**values))
+    with engine.begin() as conn:
+        if conn.execute(stmt).rowcount != 1:
+            return False
+        if message is not None:
+            insert_event(conn, lease.job_id, "paused", message, step)
+        return True
+
+
 class Heartbeat:
-    """Daemon thread that renews the lease and mirrors cancel_requested into memory."""
+    """Daemon thread that renews the lease and mirrors cancel and pause requests into memory."""
 
     def __init__(self, engine: Engine, lease: Lease, lease_s: float, every_s: float) -> None:
         self.engine, self.lease = engine, lease
         self.lease_s, self.every_s = lease_s, every_s
         self.cancel = threading.Event()
+        self.pause = threading.Event()  # the job is `pausing`: checkpoint at the next step and hand it back
         # set by the heartbeat, or by a fenced write that found the job taken over
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -218,12 +247,14 @@ class Heartbeat:
     def beat(self) -> None:
         """Renew once; a database hiccup is logged and retried at the next beat."""
         try:
-            owned, cancel = renew_lease(self.engine, self.lease, self.lease_s)
+            owned, cancel, pause = renew_lease(self.engine, self.lease, self.lease_s)
         except DBAPIError as exc:
             log.warning("heartbeat for %s failed: %s", self.lease.job_id, exc.orig)
             return
         if cancel:
             self.cancel.set()
+        if pause:
+            self.pause.set()
         if not owned:
             log.warning("lost the lease of %s; stopping without writing its final state", self.lease.job_id)
             self.lost.set()

@@ -11,6 +11,7 @@ The reconciler (`reconcile`, every few seconds in each worker):
 
 - running jobs whose lease expired (worker died) go back to queued (the relay re-sends them);
 - cancelling jobs whose lease expired are cancelled (no worker is left to stop them);
+- pausing jobs whose lease expired are paused (they resume from their newest checkpoint);
 - queued jobs waiting longer than this worker has been idle are re-sent (their message is
   lost, or this idle worker would have received it), and any queued record after `resend_after_s`;
 - running samples that outlived their timeout fail.
@@ -53,6 +54,7 @@ class ReconcileReport:
     idle_resent: int = 0
     requeued: int = 0
     cancelled: int = 0
+    paused: int = 0
     samples_resent: int = 0
     samples_failed: int = 0
 
@@ -99,6 +101,30 @@ def cancel_orphaned(engine: Engine, now: datetime) -> int:
             .where(Job.status == "cancelling", Job.lease_expires_at < db_now())
             .values(status="cancelled", lease_token=None, lease_expires_at=None, finished_at=now, updated_at=now)
         ).rowcount
+
+
+def pause_orphaned(engine: Engine, now: datetime) -> list[str]:
+    """Pausing jobs whose worker is gone (lease expired) -> paused; returns their ids.
+
+    The worker died before its pause checkpoint, so the crash keeps its attempt; a resume continues
+    from the newest checkpoint it did write. Nothing is sent: a paused job waits for a resume."""
+    with engine.connect() as conn:
+        ids = conn.execute(select(Job.id).where(Job.status == "pausing", Job.lease_expires_at < db_now())
+                           .limit(BATCH)).scalars().all()
+    done = []
+    for job_id in ids:
+        with engine.begin() as conn:
+            changed = conn.execute(
+                update(Job).where(Job.id == job_id, Job.status == "pausing", Job.lease_expires_at < db_now())
+                .values(status="paused", paused_at=now, worker_id=None, lease_token=None, lease_expires_at=None,
+                        enqueued_at=None, updated_at=now)
+            ).rowcount
+            if changed:
+                conn.execute(Event.__table__.insert().values(
+                    job_id=job_id, kind="paused", data=None, created_at=now,
+                    message="worker lease expired while pausing; the job resumes from its newest checkpoint"))
+                done.append(job_id)
+    return done
 
 
 # updated_at stays: (re-)sending is bookkeeping, not a change a client can see
@@ -202,7 +228,7 @@ def reconcile(
     idle_for_s: float = 0.0,
     idle_resend_s: float = 10.0,
 ) -> ReconcileReport:
-    """One pass: requeue expired leases, finish orphaned cancels, re-send what looks lost.
+    """One pass: requeue expired leases, finish orphaned cancels and pauses, re-send what looks lost.
 
     `idle_for_s`: how long the calling worker (a consumer of the train queue) has been idle.
     Once that reaches `idle_resend_s`, queued jobs sent more than `idle_resend_s` ago are
@@ -211,6 +237,7 @@ def reconcile(
     report = ReconcileReport()
     report.requeued = len(requeue_expired(engine, now, max_attempts))
     report.cancelled = cancel_orphaned(engine, now)
+    report.paused = len(pause_orphaned(engine, now))
     if idle_for_s >= idle_resend_s:
         report.idle_resent = resend_queued(engine, now, idle_resend_s, send)
     report.resent = resend_queued(engine, now, resend_after_s, send)

@@ -79,6 +79,7 @@ class DbReporter(Callbacks):
         *,
         retry_s: float = 300.0,
         stop: Callable[[], bool] = lambda: False,
+        pause: Callable[[], bool] = lambda: False,
         fenced: Callable[[], bool] = lambda: False,
         lease: Lease | None = None,
         on_lease_lost: Callable[[], None] = lambda: None,
@@ -87,6 +88,7 @@ class DbReporter(Callbacks):
         self.job_id = job_id
         self.retry_s = retry_s
         self._stop = stop
+        self._pause = pause
         # True once another worker owns the job: then our writes would fight theirs
         self._fenced = fenced
         # the claim's token: every write's transaction must still find it on the job (None: unfenced, tests)
@@ -194,3 +196,7 @@ class DbReporter(Callbacks):
     def should_stop(self) -> bool:
         """Cancel, time limit, shutdown or lost lease: all in-memory flags."""
         return self._stop()
+
+    def should_pause(self) -> bool:
+        """The job is `pausing` (the heartbeat's in-memory flag)."""
+        return self._pause()

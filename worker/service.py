@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from worker.leases import (
     claim_next_job,
     finish_job,
     hold,
+    pause_held_job,
     release_job,
 )
 from worker.logs import log_context
@@ -145,9 +147,13 @@ def forget_after(engine: Engine, lease: Lease, step: int, storage: Path) -> None
 
 
 def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, Any], str, Any]:
-    """The job's raw spec, its dataset text and its started_at; JobInputError when unusable."""
+    """The job's raw spec, its dataset text and when its running time started (JobInputError when unusable).
+
+    The running time starts at started_at moved later by the seconds the job spent paused: the job
+    time limit counts time spent running or queued, not paused."""
     with engine.connect() as conn:
-        job = conn.execute(select(Job.spec, Job.dataset_id, Job.started_at).where(Job.id == job_id)).one()
+        job = conn.execute(select(Job.spec, Job.dataset_id, Job.started_at, Job.paused_s)
+                           .where(Job.id == job_id)).one()
         sha = None
         if job.dataset_id is not None:
             sha = conn.execute(select(Dataset.sha256).where(Dataset.id == job.dataset_id)).scalar_one_or_none()
@@ -158,7 +164,8 @@ def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, A
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise JobInputError(f"dataset file {path.name} is missing from storage") from exc
-    return dict(job.spec), text, job.started_at
+    started_at = job.started_at and job.started_at + timedelta(seconds=job.paused_s or 0.0)
+    return dict(job.spec), text, started_at
 
 
 def time_left_s(started_at: Any, limit_s: float) -> float:
@@ -235,8 +242,8 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
     device = pick_device(settings.device)
     with Heartbeat(engine, lease, settings.lease_s, settings.heartbeat_s) as hb:
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
-        reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, fenced=hb.lost.is_set,
-                              lease=lease, on_lease_lost=hb.lost.set)
+        reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, pause=hb.pause.is_set,
+                              fenced=hb.lost.is_set, lease=lease, on_lease_lost=hb.lost.set)
         try:
             trainer = Trainer(spec, text, checkpoint_dir(settings.storage_dir, job_id), reporter,
                               device=device, resume_from=resume_from)
@@ -268,6 +275,8 @@ def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, resul
     diagnosed = diagnosis_values(result.diagnosis, result.summary)
     if hb.lost.is_set():
         return "lost"
+    if result.status == "paused":
+        return _record_pause(engine, lease, result, diagnosed)
     status, error = result.status, result.error
     missing = final_checkpoint_missing(result, checkpoint_error)
     if missing and find_resume_point(engine, job_id, settings.storage_dir)[1] == result.step:
@@ -282,9 +291,26 @@ def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, resul
         elif SHUTDOWN.is_set() and release_job(
                 engine, lease, "worker shutting down; the job resumes from its checkpoint", step=result.step):
             return "released"
+        elif SHUTDOWN.is_set() and pause_held_job(
+                engine, lease, result.step, "worker shutting down while pausing; paused at its checkpoint",
+                **diagnosed):
+            return "paused"
     if not finish_job(engine, lease, status, error=error, **diagnosed):
         return "lost"
     return status
+
+
+def _record_pause(engine: Engine, lease: Lease, result: Any, diagnosed: dict[str, Any]) -> str:
+    """The run stopped at a checkpoint for a pause: the job becomes paused and this worker is free.
+
+    A cancel that came in meanwhile (pausing -> cancelling) wins: the job ends cancelled at the
+    checkpoint the run just wrote. Nothing leads from pausing back to running."""
+    if pause_held_job(engine, lease, result.step, **diagnosed):
+        return "paused"
+    if finish_job(engine, lease, "cancelled", event=("cancelled", f"cancelled at step {result.step} while pausing"),
+                  **diagnosed):
+        return "cancelled"
+    return "lost"
 
 
 def claim_sample(engine: Engine) -> str | None:

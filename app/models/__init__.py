@@ -5,7 +5,14 @@ from app.models.api_key import ApiKey
 from app.models.checkpoint import Checkpoint
 from app.models.dataset import Dataset, DatasetFile
 from app.models.event import Event
-from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
+from app.models.job import (
+    HEALTH_STATES,
+    JOB_STATUSES,
+    LIVE_STATUSES,
+    TERMINAL_STATUSES,
+    UNFINISHED_STATUSES,
+    Job,
+)
 from app.models.metrics import ActivationMetric, LayerMetric, StepMetric
 from app.models.probe import PENDING_PROBE_STATUSES, PROBE_STATUSES, DeviceCalibration, Probe
 from app.models.sample import PENDING_SAMPLE_STATUSES, SAMPLE_STATUSES, Sample, next_fair_sample
@@ -21,6 +28,7 @@ __all__ = [
     "HEALTH_STATES",
     "JOB_STATUSES",
     "LIVE_STATUSES",
+    "UNFINISHED_STATUSES",
     "Job",
     "LayerMetric",
     "PENDING_PROBE_STATUSES",

@@ -5,14 +5,28 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
 from app.models._common import UTCDateTime, new_id, utcnow
 
-JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-LIVE_STATUSES = ("queued", "running", "cancelling")
+JOB_STATUSES = ("queued", "running", "pausing", "paused", "cancelling", "succeeded", "failed", "cancelled")
+# Counted toward a key's live-job limit: they hold, or wait for, a worker. A paused job holds neither.
+LIVE_STATUSES = ("queued", "running", "pausing", "cancelling")
+# Not finished: a paused job still needs its dataset and cannot be retried.
+UNFINISHED_STATUSES = (*LIVE_STATUSES, "paused")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 HEALTH_STATES = ("ok", "warning", "critical")
 
@@ -66,3 +80,7 @@ class Job(db.Model):
     lease_token: Mapped[str | None] = mapped_column(String(64))
     # the database's time of the last claim: the training queue serves the key served least recently
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Pause (migration 0010): when the job last became paused, and the seconds it spent paused after
+    # its first start; the job time limit and the ETA count running time only, not paused time.
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    paused_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

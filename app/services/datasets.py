@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import db
 from app.inputs import BAD_TEXT
-from app.models import LIVE_STATUSES, Dataset, DatasetFile, Job
+from app.models import UNFINISHED_STATUSES, Dataset, DatasetFile, Job
 from app.services.common import get_owned, lock_owner, newest_first_page
 from app.services.storage import dataset_path, tmp_dir
 
@@ -127,10 +127,10 @@ def delete_dataset(owner_id: str, dataset_id: str) -> None:
     dataset = get_dataset(owner_id, dataset_id)
     lock_owner(owner_id)  # a concurrent submit of this key either commits first (409 here) or sees it gone
     live = db.session.execute(
-        select(Job.id).where(Job.dataset_id == dataset.id, Job.status.in_(LIVE_STATUSES)).limit(1)
+        select(Job.id).where(Job.dataset_id == dataset.id, Job.status.in_(UNFINISHED_STATUSES)).limit(1)
     ).scalar_one_or_none()
     if live is not None:
-        abort(409, message=f"Dataset {dataset.id} is used by live job {live}; cancel it or wait.",
+        abort(409, message=f"Dataset {dataset.id} is used by unfinished job {live}; cancel it or wait.",
               details={"job_id": live})
     sha = dataset.sha256
     refs = _count_file_ref(sha, -1)

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from app.extensions import db
-from app.models import Event, Job
+from app.models import UNFINISHED_STATUSES, Event, Job
 from app.services import cursors
 
 
@@ -38,5 +38,5 @@ def diagnosis_view(job: Job) -> dict[str, Any]:
     if summary is None and findings:
         summary = "; ".join(str(f.get("summary", f.get("kind", ""))) for f in findings if isinstance(f, dict))
     if summary is None:
-        summary = "no findings yet" if job.status in ("queued", "running", "cancelling") else "no problems found"
+        summary = "no findings yet" if job.status in UNFINISHED_STATUSES else "no problems found"
     return {"job_id": job.id, "status": job.status, "health": job.health, "findings": findings, "summary": summary}

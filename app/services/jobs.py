@@ -1,4 +1,4 @@
-"""Job submission, reading, listing and cancellation."""
+"""Job submission, reading, listing, cancellation, pause and resume."""
 
 from __future__ import annotations
 
@@ -136,18 +136,21 @@ def list_jobs(owner_id: str, status: str | None, limit: int, cursor: str | None)
 
 
 def cancel_job(owner_id: str, job_id: str) -> Job:
-    """queued -> cancelled now; running -> cancelling (worker stops next step); terminal -> 409."""
+    """queued or paused -> cancelled now; running or pausing -> cancelling (worker stops next step);
+    terminal -> 409."""
     job = get_job(owner_id, job_id)
+    was = job.status
     now = utcnow()
     done = db.session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "queued")
+        update(Job).where(Job.id == job.id, Job.status.in_(("queued", "paused")))
         .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
     ).rowcount
     if done:
-        db.session.add(Event(job_id=job.id, step=job.step, kind="cancelled", message="cancelled before it started"))
+        message = "cancelled while paused" if was == "paused" else "cancelled before it started"
+        db.session.add(Event(job_id=job.id, step=job.step, kind="cancelled", message=message))
     else:
         db.session.execute(
-            update(Job).where(Job.id == job.id, Job.status.in_(("running", "cancelling")))
+            update(Job).where(Job.id == job.id, Job.status.in_(("running", "pausing", "cancelling")))
             .values(status="cancelling", cancel_requested=True, updated_at=now)
         )
     db.session.commit()
@@ -155,6 +158,62 @@ def cancel_job(owner_id: str, job_id: str) -> Job:
     if not done and job.status in TERMINAL_STATUSES:
         abort(409, message=f"Job {job.id} is already {job.status}.", details={"status": job.status})
     return job
+
+
+def pause_job(owner_id: str, job_id: str) -> Job:
+    """queued -> paused now; running -> pausing (the worker checkpoints at its next step, hands the job
+    back and it becomes paused); pausing or paused: unchanged; cancelling or finished -> 409."""
+    job = get_job(owner_id, job_id)
+    now = utcnow()
+    paused_now = db.session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "queued")
+        .values(status="paused", paused_at=now, updated_at=now)
+    ).rowcount
+    if paused_now:
+        message = ("paused before it started" if job.started_at is None
+                   else "paused while queued; it resumes from its newest checkpoint")
+        db.session.add(Event(job_id=job.id, step=job.step, kind="paused", message=message))
+    else:
+        db.session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
+                           .values(status="pausing", updated_at=now))
+    db.session.commit()
+    db.session.refresh(job)
+    if job.status not in ("paused", "pausing"):
+        abort(409, message=f"Job {job.id} is {job.status}; only queued or running jobs can be paused.",
+              details={"status": job.status})
+    return job
+
+
+def resume_job(owner_id: str, job_id: str) -> tuple[Job, bool]:
+    """paused -> queued (under the per-key live-job limit), sent through the outbox like a new job; the
+    worker resumes from the newest valid checkpoint. Returns (job, requeued): a queued or running job is
+    left as it is (a repeated resume); pausing, cancelling or finished -> 409."""
+    job = get_job(owner_id, job_id)
+    lock_owner(owner_id)  # the live-job count and the requeue commit together
+    db.session.refresh(job)
+    if job.status in ("queued", "running"):
+        db.session.rollback()
+        return job, False
+    if job.status != "paused":
+        hint = ("it is still pausing: resume it once it is paused" if job.status == "pausing"
+                else "only paused jobs can be resumed")
+        db.session.rollback()
+        abort(409, message=f"Job {job.id} is {job.status}; {hint}.", details={"status": job.status})
+    _check_live_jobs(owner_id)
+    now = utcnow()
+    # only time paused after the first start is subtracted from the job time limit (which starts there)
+    paused_for = (now - job.paused_at).total_seconds() if job.started_at and job.paused_at else 0.0
+    db.session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "paused")
+        .values(status="queued", paused_at=None, paused_s=Job.paused_s + max(0.0, paused_for), enqueued_at=now,
+                updated_at=now)
+    )
+    db.session.add(Event(job_id=job.id, step=job.step, kind="requeued",
+                         message="resumed; the job continues from its newest checkpoint"))
+    db.session.commit()
+    db.session.refresh(job)
+    enqueue_job(job)
+    return job, True
 
 
 def latest_row(job: Job) -> dict[str, Any] | None:
@@ -172,8 +231,8 @@ def progress(job: Job) -> dict[str, Any]:
     """step, max_steps, fraction, tokens_seen and an ETA from the observed step rate."""
     fraction = min(1.0, job.step / job.max_steps) if job.max_steps else 0.0
     eta: float | None = None
-    if job.status in ("running", "cancelling") and job.started_at and job.step > 0:
-        elapsed = (utcnow() - job.started_at).total_seconds()
+    if job.status in ("running", "pausing", "cancelling") and job.started_at and job.step > 0:
+        elapsed = (utcnow() - job.started_at).total_seconds() - (job.paused_s or 0.0)
         if elapsed > 0:
             eta = round(max(0, job.max_steps - job.step) * elapsed / job.step, 1)
     if job.status == "succeeded":
@@ -198,6 +257,7 @@ def job_view(job: Job, with_latest: bool = True) -> dict[str, Any]:
         "finished_at": job.finished_at, "enqueued_at": job.enqueued_at, "progress": progress(job),
         "latest": latest_row(job) if with_latest else clean_row(job.latest), "health": job.health,
         "error": job.error, "attempts": job.attempts, "cancel_requested": job.cancel_requested,
+        "paused_at": job.paused_at,
         "parent_id": job.parent_id, "applied_patch": job.applied_patch,
     }
     if with_latest:

@@ -13,7 +13,7 @@ from flask_smorest import abort
 from marshmallow import ValidationError
 
 from app.errors import flatten_messages
-from app.models import LIVE_STATUSES, Job
+from app.models import UNFINISHED_STATUSES, Job
 from app.schemas.spec import JobSpecSchema
 from app.services import jobs as jobs_service
 from app.services.events import diagnosis_view
@@ -144,7 +144,7 @@ def retry_job(owner_id: str, job_id: str, apply: str | list[str], overrides: dic
     existing = jobs_service.find_idempotent(owner_id, idempotency_key, body_hash)
     if existing is not None:
         return existing, False
-    if parent.status in LIVE_STATUSES:
+    if parent.status in UNFINISHED_STATUSES:
         abort(409, message=f"Job {parent.id} is still {parent.status}; retry it once it has finished "
                            "(or cancel it first).", details={"status": parent.status})
     changes: list[Change] = []

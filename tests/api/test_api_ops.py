@@ -46,7 +46,8 @@ def test_docs_and_openapi(client: FlaskClient) -> None:
     spec = client.get("/v1/openapi.json").json
     assert spec["openapi"].startswith("3.") and spec["info"]["title"] == "StableTrain"
     for path in ("/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/jobs", "/v1/jobs/{job_id}",
-                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/metrics/layers",
+                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/pause", "/v1/jobs/{job_id}/resume",
+                 "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/metrics/layers",
                  "/v1/jobs/{job_id}/diagnosis", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/checkpoints",
                  "/v1/jobs/{job_id}/checkpoints/{step}/file", "/v1/jobs/{job_id}/samples",
                  "/v1/jobs/{job_id}/samples/{sample_id}"):

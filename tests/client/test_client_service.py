@@ -163,3 +163,34 @@ def test_command_installed_and_runs_as_a_process(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "stabletrain", "frobnicate"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_cli_pause_wait_resume(api_url: str, api_key: str, monkeypatch: pytest.MonkeyPatch,
+                               make_client: MakeClient) -> None:
+    monkeypatch.setenv("STABLETRAIN_URL", api_url)
+    monkeypatch.setenv("STABLETRAIN_API_KEY", api_key)
+    client = make_client(api_url, api_key)
+    job = client.submit(SPEC, dataset_id=client.upload_text(TEXT)["id"])
+    res = run_cli("pause", job["id"])
+    assert res.rc == 0 and res.out.strip() == f"{job['id']} paused at step 0/10", res
+    res = run_cli("jobs", "--status", "paused")
+    assert res.rc == 0 and job["id"] in res.out and "paused" in res.out
+    res = run_cli("wait", job["id"], "--no-progress")  # a paused job does not move: wait returns
+    assert res.rc == 5 and f"stabletrain resume {job['id']}" in res.out, res
+    res = run_cli("resume", job["id"])
+    assert res.rc == 0 and res.out.strip() == f"{job['id']} queued: continues from its newest checkpoint", res
+    assert client.job(job["id"])["status"] == "queued"
+
+
+def test_pause_and_resume_whose_answers_were_lost_are_retried(api_url: str, api_key: str,
+                                                              make_client: MakeClient) -> None:
+    direct = make_client(api_url, api_key)
+    job = direct.submit(SPEC, dataset_id=direct.upload_text(TEXT)["id"])
+    with Stub(upstream=api_url) as stub:
+        stub.script("POST", f"/v1/jobs/{job['id']}/pause", FORWARD_504)
+        stub.script("POST", f"/v1/jobs/{job['id']}/resume", FORWARD_504)
+        client = make_client(stub.url, api_key)
+        assert client.pause(job["id"])["status"] == "paused"  # the repeat finds it paused: 200
+        assert client.resume(job["id"])["status"] == "queued"  # the repeat finds it queued: 200
+    assert len(stub.requests_to("POST", f"/v1/jobs/{job['id']}/pause")) == 2
+    assert [kind["kind"] for kind in direct.events(job["id"])] == ["paused", "requeued"]

@@ -153,6 +153,61 @@ def test_resume_from_step_k_is_bit_identical_to_an_uninterrupted_run(tmp_path, p
     assert resumed.health.state_dict() == straight.health.state_dict()
 
 
+class PauseAtStep(Recorder):
+    """Asks for a pause once `step` steps are done (should_pause is polled once before each step)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.pause_step, self.polls = step, 0
+
+    def should_pause(self) -> bool:
+        self.polls += 1
+        return self.polls > self.pause_step
+
+
+def _final_model(result) -> dict[str, torch.Tensor]:
+    return load_checkpoint(Path(result.checkpoint["path"]))["model"]
+
+
+@pytest.mark.parametrize("pause_step", [5, 7])
+def test_pause_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, pause_step):
+    # pause at 5 and 7: before and after the rollback spec's first healthy-state snapshot and evals
+    s = spec(**RESUME_SPEC)
+    straight = Trainer(s, corpus(), tmp_path / "straight").run()
+    assert straight.status == "succeeded" and straight.step == 12
+
+    pausing = PauseAtStep(pause_step)
+    paused = Trainer(s, corpus(), tmp_path / "paused", pausing).run()
+    assert paused.status == "paused" and paused.step == pause_step and paused.error is None
+    assert paused.checkpoint["step"] == pause_step and Path(paused.checkpoint["path"]).is_file()
+    assert [c["step"] for c in pausing.checkpoints] == [pause_step]
+    assert pausing.kinds()[-1] == "paused"
+    assert [r["step"] for r in pausing.rows] == list(range(1, pause_step + 1))  # every row reported first
+
+    resumed = Trainer(s, corpus(), tmp_path / "paused", resume_from=Path(paused.checkpoint["path"])).run()
+    assert resumed.status == "succeeded" and resumed.step == 12
+    a, b = _final_model(straight), _final_model(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_pause_before_the_first_step_writes_no_checkpoint(tmp_path):
+    pausing = PauseAtStep(0)
+    result = Trainer(spec(), corpus(), tmp_path / "ckpt", pausing).run()
+    assert result.status == "paused" and result.step == 0 and result.checkpoint is None
+    assert not list((tmp_path / "ckpt").glob("step_*.pt")) and pausing.kinds() == ["started", "paused"]
+
+
+def test_cancel_wins_over_a_pause_asked_at_the_same_step(tmp_path):
+    class Both(PauseAtStep):
+        def should_stop(self) -> bool:
+            return self.polls >= 3
+
+    result = Trainer(spec(), corpus(), tmp_path / "ckpt", Both(3)).run()
+    assert result.status == "cancelled" and result.step == 3
+
+
 def test_rollback_recovers_a_run_that_spikes(tmp_path):
     plain_spec = spec(**EXPLODING_RNN)
     guarded = spec(**merge_stab(EXPLODING_RNN, {"nonfinite": "skip", "on_explosion": "rollback",

@@ -258,3 +258,30 @@ def test_dashboard_asks_for_a_key_and_rejects_a_wrong_one(served: Served, page: 
     page.click("#key-form button[type=submit]")
     page.wait_for_selector("#jobs-body tr")
     assert page.locator("#key-panel").is_hidden()
+
+
+def test_pause_and_resume_buttons_follow_the_job(served: Served, page: Any) -> None:
+    job_id = in_app(served, lambda: seed.make_job(served.owner_id, status="running", steps=30, name="pausable"))
+    page.goto(f"{served.base_url}/ui/jobs/{job_id}?key={served.secret}")
+    page.wait_for_selector("body[data-job-status=running]")
+    assert page.locator("#job-pause").is_visible() and not page.locator("#job-resume").is_visible()
+
+    page.click("#job-pause")
+    page.wait_for_selector("#job-status[data-status=pausing]")
+    assert not page.locator("#job-pause").is_visible() and not page.locator("#job-resume").is_visible()
+    assert in_app(served, lambda: db.session.get(Job, job_id).status) == "pausing"
+
+    def worker_pauses() -> None:
+        job = db.session.get(Job, job_id)
+        job.status, job.paused_at = "paused", seed.utcnow()
+        db.session.commit()
+
+    in_app(served, worker_pauses)
+    page.wait_for_selector("body[data-job-status=paused]")  # still polled while pausing
+    assert page.locator("#job-resume").is_visible() and not page.locator("#job-pause").is_visible()
+
+    page.click("#job-resume")
+    page.wait_for_selector("body[data-job-status=queued]")  # polling starts again after the resume
+    assert in_app(served, lambda: db.session.get(Job, job_id).status) == "queued"
+    assert page.locator("#job-pause").is_visible() and not page.locator("#job-resume").is_visible()
+    screenshot(page, "dashboard-resumed-job.png")

@@ -24,3 +24,12 @@ def test_ui_pages_are_served_without_a_key_and_load_nothing_from_other_origins(c
 def test_job_page_escapes_the_job_id(client: FlaskClient) -> None:
     html = client.get('/ui/jobs/"><script>x</script>').get_data(as_text=True)
     assert "<script>x</script>" not in html
+
+
+def test_job_page_has_pause_and_resume_buttons(client: FlaskClient) -> None:
+    html = client.get("/ui/jobs/job_x").get_data(as_text=True)
+    # hidden until the job's status allows the action (dashboard.js shows them)
+    assert '<button type="button" id="job-pause" hidden' in html and ">Pause</button>" in html
+    assert '<button type="button" id="job-resume" hidden' in html and ">Resume</button>" in html
+    listing = client.get("/ui/").get_data(as_text=True)
+    assert "<option>pausing</option><option>paused</option>" in listing

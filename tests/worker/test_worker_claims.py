@@ -106,15 +106,15 @@ def test_lease_times_are_the_databases_clock(engine: Engine) -> None:
     lease = claim_job(engine, job_id, "w1", lease_s=1)
     assert lease is not None
     before = database_now(engine)
-    assert renew_lease(engine, lease, lease_s=60) == (True, False)
+    assert renew_lease(engine, lease, lease_s=60) == (True, False, False)
     after = database_now(engine)
     expires = job_row(engine, job_id).lease_expires_at
     assert before + timedelta(seconds=60) <= expires + timedelta(milliseconds=1)
     assert expires <= after + timedelta(seconds=60, milliseconds=1)
     with engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == job_id).values(status="cancelling", cancel_requested=True))
-    assert renew_lease(engine, lease, lease_s=60) == (True, True)
-    assert renew_lease(engine, Lease(job_id, "not-the-token", "w1"), lease_s=60) == (False, True)
+    assert renew_lease(engine, lease, lease_s=60) == (True, True, False)
+    assert renew_lease(engine, Lease(job_id, "not-the-token", "w1"), lease_s=60) == (False, True, False)
 
 
 def test_a_reconciler_with_a_skewed_host_clock_judges_leases_by_the_database(engine: Engine) -> None:

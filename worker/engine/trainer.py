@@ -1,7 +1,7 @@
 """The training loop: one optimizer step at a time, with stabilizers and monitoring.
 
 `Trainer` knows nothing of the service: the worker plugs in through
-`Callbacks` (metrics, layer stats, events, checkpoints, cancellation).
+`Callbacks` (metrics, layer stats, events, checkpoints, cancellation, pause).
 
 Each step is judged on the device (healthy, non-finite, explosion) and a bad
 step is skipped there too, through the fused optimizers' `found_inf` input
@@ -99,10 +99,15 @@ class Callbacks:
         """Polled every step; True stops the run with a final checkpoint."""
         return False
 
+    def should_pause(self) -> bool:
+        """Polled every step after should_stop; True ends the run with a checkpoint of this step and a
+        "paused" result, from which a later Trainer(resume_from=...) continues bit-identically."""
+        return False
+
 
 @dataclass
 class TrainResult:
-    status: str  # succeeded, failed, cancelled
+    status: str  # succeeded, failed, cancelled, paused
     step: int
     error: str | None
     diagnosis: list[dict[str, Any]]
@@ -302,6 +307,8 @@ class Trainer:
             while self.step < max_steps:
                 if self.cb.should_stop():
                     return self._finish_cancelled()
+                if self.cb.should_pause():
+                    return self._finish_paused()
                 self.train_step()
                 if self.step % self.spec.checkpointing.every_steps == 0 and self.step < max_steps:
                     self.save()
@@ -737,6 +744,14 @@ class Trainer:
         self.flush()
         self._event("cancelled", f"cancelled at step {self.step}", {})
         return TrainResult("cancelled", self.step, None, self.diagnose(), self.last_checkpoint)
+
+    def _finish_paused(self) -> TrainResult:
+        # paused before the first step: nothing to keep, a resumed run starts from the beginning
+        if self.step and (not self.last_checkpoint or self.last_checkpoint["step"] != self.step):
+            self.save()
+        self.flush()
+        self._event("paused", f"paused at step {self.step}", {})
+        return TrainResult("paused", self.step, None, self.diagnose(), self.last_checkpoint)
 
     def _finish_failed(self, error: str) -> TrainResult:
         # No checkpoint of the broken state: the last healthy ones stay as they are.

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, read, cancel, retry, diagnosis, events."""
+"""/v1/jobs: submit, list, read, cancel, pause, resume, retry, diagnosis, events."""
 
 from __future__ import annotations
 
@@ -90,6 +90,31 @@ class JobCancel(MethodView):
         """Cancel: queued jobs at once (200), running ones at the next step (202); 409 when finished."""
         job = service.cancel_job(current_owner_id(), job_id)
         return service.job_view(job), (200 if job.status == "cancelled" else 202)
+
+
+@blp.route("/<string:job_id>/pause")
+class JobPause(MethodView):
+    @blp.response(202, JobSchema, description="A running job: `pausing` until its worker has written a checkpoint")
+    @blp.alt_response(200, schema=JobSchema, description="A queued job: paused at once (or the job was already paused)")
+    @blp.alt_response(409, response="CONFLICT", description="The job is being cancelled or has finished")
+    def post(self, job_id: str) -> Any:
+        """Pause: a queued job at once (200); a running one checkpoints at its next step, frees its worker
+        and becomes `paused` (202, `pausing` meanwhile). Repeating it answers the same. A paused job does
+        not count toward the key's live-job limit; resume it with POST /v1/jobs/{id}/resume."""
+        job = service.pause_job(current_owner_id(), job_id)
+        return service.job_view(job), (200 if job.status == "paused" else 202)
+
+
+@blp.route("/<string:job_id>/resume")
+class JobResume(MethodView):
+    @blp.response(202, JobSchema, description="The paused job, queued again: it continues from its newest checkpoint")
+    @blp.alt_response(200, schema=JobSchema, description="The job was already queued or running: nothing changed")
+    @blp.alt_response(409, response="CONFLICT", description="The job is still pausing, is being cancelled or has finished")
+    def post(self, job_id: str) -> Any:
+        """Resume a paused job: queued again (under the key's live-job limit), its worker continues from the
+        newest valid checkpoint, bit-identically to a run never paused. 429 when the key's live-job limit is reached."""
+        job, requeued = service.resume_job(current_owner_id(), job_id)
+        return service.job_view(job), (202 if requeued else 200)
 
 
 @blp.route("/<string:job_id>/retry")

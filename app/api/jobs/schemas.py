@@ -24,7 +24,8 @@ class ProgressSchema(Schema):
 class JobSchema(Schema):
     id = fields.String()
     name = fields.String()
-    status = fields.String()
+    status = fields.String(metadata={"description": "queued, running, pausing, paused, cancelling, succeeded, "
+                                                     "failed or cancelled"})
     dataset_id = fields.String(allow_none=True)
     spec = fields.Dict()
     created_at = fields.DateTime()
@@ -38,6 +39,7 @@ class JobSchema(Schema):
     error = fields.String(allow_none=True)
     attempts = fields.Integer()
     cancel_requested = fields.Boolean()
+    paused_at = fields.DateTime(allow_none=True, metadata={"description": "When the job became paused (null unless paused)"})
     parent_id = fields.String(allow_none=True, metadata={"description": "The job this one retries (null otherwise)"})
     applied_patch = fields.List(fields.Nested(lambda: PatchEntrySchema()), allow_none=True, metadata={
         "description": "A retry's spec changes in the order applied (null for a plain submission)"})

@@ -4,7 +4,9 @@
 
   const KEY_STORE = "stabletrain.apiKey";
   const POLL_MS = 2000;
-  const LIVE = new Set(["queued", "running", "cancelling"]);
+  // statuses that still change on their own (polled); a paused job waits for a resume
+  const LIVE = new Set(["queued", "running", "pausing", "cancelling"]);
+  const PAUSABLE = new Set(["queued", "running"]);
   const $ = (id) => document.getElementById(id);
   const SPIKES = new Set(["grad_norm_spike", "loss_spike"]);
   const ACT_LABELS = { saturated_frac: "saturated fraction", dead_frac: "dead fraction" };
@@ -428,7 +430,27 @@
       const clip = job.spec && job.spec.stabilization && job.spec.stabilization.clip;
       s.clip = clip && clip.mode === "norm" && typeof clip.max_norm === "number" ? clip.max_norm : null;
       $("clip-note").textContent = clip ? (s.clip ? "clip: norm ≤ " + s.clip + " (dashed)" : "clip: " + clip.mode) : "";
+      $("job-pause").hidden = !PAUSABLE.has(job.status);
+      $("job-resume").hidden = job.status !== "paused";
     }
+
+    /* Pause or resume, then follow the job again (polling stops while it is paused). */
+    async function act(action) {
+      const buttons = [$("job-pause"), $("job-resume")];
+      buttons.forEach((b) => { b.disabled = true; });
+      try {
+        const { data } = await api(base + "/" + action, { method: "POST" });
+        renderJob(data);
+        clearTimeout(s.timer);
+        tick();
+      } catch (err) {
+        showError(err);
+      } finally {
+        buttons.forEach((b) => { b.disabled = false; });
+      }
+    }
+    $("job-pause").addEventListener("click", () => act("pause"));
+    $("job-resume").addEventListener("click", () => act("resume"));
 
     function evidenceText(value) {
       if (value === null || value === undefined) return "–";
@@ -562,6 +584,8 @@
         showError(err);
         if (err instanceof ApiError && (err.status === 401 || err.status === 404)) live = false;
       }
+      // one timer at a time: a pause or resume starts a tick while another may be in flight
+      clearTimeout(s.timer);
       if (live) s.timer = setTimeout(tick, POLL_MS);
     }
 
