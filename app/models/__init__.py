@@ -8,9 +8,21 @@ from app.models.event import Event
 from app.models.job import HEALTH_STATES, JOB_STATUSES, LIVE_STATUSES, TERMINAL_STATUSES, Job
 from app.models.metrics import ActivationMetric, LayerMetric, StepMetric
 from app.models.sample import PENDING_SAMPLE_STATUSES, SAMPLE_STATUSES, Sample, next_fair_sample
+from app.models.webhook import (
+    DELIVERY_STATUSES,
+    WEBHOOK_EVENTS,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookMessage,
+)
 
 __all__ = [
     "ActivationMetric",
+    "DELIVERY_STATUSES",
+    "WEBHOOK_EVENTS",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookMessage",
     "ApiKey",
     "Checkpoint",
     "Dataset",
