@@ -14,8 +14,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 class Receiver:
     """Start with `start()`, take it down with `stop()` and bring it back on the same port with `start()`."""
 
-    def __init__(self, secret: str) -> None:
-        self.verifier = Webhook(secret)
+    def __init__(self, secret: str | None = None) -> None:
+        self.verifier = Webhook(secret) if secret else None
         self.port = 0
         self.answer = 204  # what /hook answers; a 3xx carries Location: /elsewhere
         self.requests: list[dict[str, Any]] = []  # every request that arrived, in order
@@ -23,6 +23,10 @@ class Receiver:
         self.bad_signatures = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+
+    def use_secret(self, secret: str) -> None:
+        """Verify with this secret from now on (an endpoint's secret is known once it is created)."""
+        self.verifier = Webhook(secret)
 
     @property
     def url(self) -> str:
@@ -58,6 +62,8 @@ class Receiver:
             status = self.answer if request.path == "/hook" else 200
             if status == 204 and request.path == "/hook":
                 try:
+                    if self.verifier is None:
+                        raise WebhookVerificationError("no secret to verify with")
                     payload = self.verifier.verify(body, headers)
                 except WebhookVerificationError:
                     self.bad_signatures += 1
