@@ -13,8 +13,8 @@ PUBLIC_URL = "https://93.184.215.14/hooks"  # a literal public address: no DNS n
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 
 
-def test_webhook_commands_add_list_deliveries_and_rm(api_url: str, api_key: str, make_client: MakeClient,
-                                                     ) -> None:
+def test_webhook_commands_add_list_deliveries_and_rm(api_url: str, api_key: str,
+                                                     make_client: MakeClient) -> None:
     connection = ("--url", api_url, "--key", api_key)
     added = run_cli("webhooks", "add", PUBLIC_URL, "--events", "job.queued", "job.failed", "--json", *connection)
     assert added.rc == 0, added.err
