@@ -180,15 +180,14 @@ def seed(database_url: str, owner_id: str, steps: int, analyze: bool) -> str:
     from app.models import Dataset, Job, StepMetric, new_id
     from app.schemas.spec import JobSpecSchema, spec_to_json
 
-    spec = spec_to_json(JobSpecSchema().load({
-        "name": "bench-seeded", "dataset_id": "ds_seed",
+    dataset_id, job_id = new_id("ds"), new_id("job")
+    spec = spec_to_json(JobSpecSchema().load({  # dataset ids must look server-made since the schema checks them
+        "name": "bench-seeded", "dataset_id": dataset_id,
         "model": {"arch": "lstm", "n_layers": 2, "d_model": 64, "hidden": 128},
         "training": {"max_steps": steps, "batch_size": 16, "seq_len": 256},
     }))
     now = datetime.now(timezone.utc)
     started = now - timedelta(seconds=steps * 0.08)
-    dataset_id, job_id = new_id("ds"), new_id("job")
-    spec["dataset_id"] = dataset_id
     rows = metric_rows(job_id, steps, started.timestamp())
     latest = {k: v for k, v in rows[-1].items() if k != "job_id"}
     engine = create_engine(database_url)
