@@ -196,6 +196,9 @@ def attempt(claimed: Claimed, settings: WebhookSettings) -> Outcome:
         return Outcome(None, f"not sent: the URL {exc}", elapsed_ms(started))
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         return Outcome(None, f"{type(exc).__name__}: {exc}"[:500], elapsed_ms(started))
+    except Exception as exc:  # a bug must spend the schedule like any failure, not loop through the relay forever
+        log.exception("webhook delivery %s: unexpected error", claimed.delivery_id)
+        return Outcome(None, f"internal error: {type(exc).__name__}"[:500], elapsed_ms(started))
     error = None if 200 <= status < 300 else f"HTTP {status}: {excerpt.decode('utf-8', 'replace')}".strip()
     return Outcome(status, error, elapsed_ms(started))
 

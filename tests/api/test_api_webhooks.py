@@ -58,6 +58,8 @@ def test_listing_pages_newest_first(client: FlaskClient, auth: dict[str, str]) -
     ("https://[fd00::1]/", "private"),
     ("https://[::ffff:10.0.0.1]/", "private"),
     ("https://[::ffff:127.0.0.1]/", "loopback"),
+    ("https://[2002:7f00:1::]/", "loopback"),  # 6to4 around 127.0.0.1
+    ("https://100.64.0.1/", "not globally routable"),  # carrier-grade NAT
     ("https://0.0.0.0/", "0.0.0.0"),
     ("https://224.0.0.1/", "multicast"),
     ("https://user:pw@93.184.215.14/", "credentials"),
