@@ -30,6 +30,7 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_WEBHOOK_CONNECT_TIMEOUT_S connect timeout of a delivery (default 3)
 - STABLETRAIN_WEBHOOK_TIMEOUT_S         read timeout of a delivery (default 10)
 - STABLETRAIN_WEBHOOK_RESEND_AFTER_S    the relay re-sends a due delivery no message claimed for this long (default 60)
+- STABLETRAIN_WEBHOOK_CA_BUNDLE         PEM file of CAs for receivers' certificates (default: certifi's bundle)
 - STABLETRAIN_LOG_JSON                  1 = one JSON object per log line
 - STABLETRAIN_LOG_LEVEL                 default INFO
 """
@@ -70,6 +71,7 @@ def default_config() -> dict[str, Any]:
         "WEBHOOK_CONNECT_TIMEOUT_S": 3.0,
         "WEBHOOK_TIMEOUT_S": 10.0,
         "WEBHOOK_RESEND_AFTER_S": 60.0,
+        "WEBHOOK_CA_BUNDLE": "",
         "LOG_JSON": False,
         "LOG_LEVEL": "INFO",
         "RATELIMIT_DEFAULT": "600/minute",

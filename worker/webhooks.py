@@ -59,6 +59,11 @@ class WebhookSettings:
     allow_http: bool = False
     allow_private: bool = False
     resend_after_s: float = 60.0
+    ca_bundle: str = ""  # PEM file of the CAs receivers' certificates must chain to; empty: certifi's
+
+    @property
+    def ca_certs(self) -> str:
+        return self.ca_bundle or certifi.where()
 
     @property
     def claim_s(self) -> float:
@@ -86,6 +91,7 @@ def webhook_settings(config: Mapping[str, Any]) -> WebhookSettings:
         allow_http=flag(config.get("WEBHOOK_ALLOW_HTTP", False)),
         allow_private=flag(config.get("WEBHOOK_ALLOW_PRIVATE", False)),
         resend_after_s=float(config.get("WEBHOOK_RESEND_AFTER_S", 60.0)),
+        ca_bundle=str(config.get("WEBHOOK_CA_BUNDLE") or ""),
     )
 
 
@@ -158,7 +164,7 @@ def post_to(target: Target, body: bytes, headers: dict[str, str], settings: Webh
     if target.scheme == "https":
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
             **common, server_hostname=target.host, assert_hostname=target.host, cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where())
+            ca_certs=settings.ca_certs)
     else:
         pool = urllib3.HTTPConnectionPool(**common)
     with pool:

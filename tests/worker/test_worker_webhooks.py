@@ -9,6 +9,7 @@ import hmac
 import random
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from app.models import Job, WebhookDelivery, WebhookEndpoint, WebhookMessage, ne
 from app.services.webhook_events import record_job_event, worsened_findings
 from app.services.webhooks import new_webhook_secret
 from tests.worker.jobfactory import make_job
-from tests.worker.webhook_receiver import Receiver
+from tests.worker.webhook_receiver import Receiver, self_signed
 from worker.db import utcnow
 from worker.reporting import DbReporter
 from worker.service import run_train_job
@@ -203,6 +204,41 @@ def test_a_host_resolving_to_a_private_address_at_delivery_is_not_contacted(
     assert receiver.requests == []
     (delivery,) = deliveries(engine)
     assert "loopback" in delivery.last_error and delivery.last_status_code is None
+
+
+def test_https_goes_to_the_checked_address_with_the_urls_name_for_tls(engine: Engine, secret: str,
+                                                                     tmp_path: Path) -> None:
+    """The connection goes to the address resolved and checked (127.0.0.1) while TLS verifies the
+    certificate against the URL's host name; a certificate for another name is refused."""
+    ca, cert, key = self_signed(tmp_path, "localhost")
+    server = Receiver(secret, tls=(cert, key)).start()
+    try:
+        job_id = make_job(engine)
+        add_endpoint(engine, owner_of(engine, job_id), f"https://localhost:{server.port}/hook", secret)
+        queued_event(engine, job_id)
+        trusted = WebhookSettings(**{**FAST.__dict__, "ca_bundle": ca})
+        assert pump(engine, trusted) == [("delivered", None)]
+        assert len(server.acted) == 1 and server.requests[0]["headers"]["host"] == f"localhost:{server.port}"
+
+        (tmp_path / "other").mkdir()
+        other_ca, _, _ = self_signed(tmp_path / "other", "localhost")  # a CA that did not sign the receiver's
+        queued_event(engine, job_id)
+        untrusted = WebhookSettings(**{**FAST.__dict__, "ca_bundle": other_ca})
+        assert [outcome for outcome, _ in pump(engine, untrusted)] == ["retrying"]
+        assert "certificate" in deliveries(engine)[-1].last_error.lower()
+        assert len(server.acted) == 1
+    finally:
+        server.stop()
+
+
+def test_a_duplicate_message_claims_nothing(engine: Engine, receiver: Receiver, secret: str) -> None:
+    job_id = make_job(engine)
+    add_endpoint(engine, owner_of(engine, job_id), receiver.url, secret)
+    queued_event(engine, job_id)
+    (delivery,) = deliveries(engine)
+    assert deliver(engine, delivery.id, FAST) == ("delivered", None)
+    assert deliver(engine, delivery.id, FAST) == ("skipped", None)  # the same message delivered twice
+    assert len(receiver.requests) == 1
 
 
 def test_relay_sends_a_due_delivery_once_until_its_message_is_overdue(engine: Engine, secret: str) -> None:
