@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Stack, start_worker_process
+from tests.conftest import create_database, drop_database, postgres_base_url
+from tests.integration.conftest import Stack, _flush_redis, _redis_url, start_worker_process
 from tests.integration.test_worker_end_to_end import submit, upload, wait_status
 from tests.worker.webhook_receiver import Receiver
-from worker.testing import wait_for
+from worker.testing import server_url_or_skip, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +32,23 @@ WEBHOOK_CONFIG = {
 WEBHOOKS_POOL = ("-Q", "webhooks", "-c", "4", "--pool=threads")
 
 
-@pytest.fixture(scope="module")
-def webhook_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, subprocess.Popen[bytes]]]:
-    root: Path = tmp_path_factory.mktemp("webhook-stack")
-    stack = Stack("webhooks", f"sqlite:///{root / 'stabletrain.db'}",
-                  f"sqlalchemy+sqlite:///{root / 'broker.db'}", root, WEBHOOK_CONFIG)
+@pytest.fixture(scope="module", params=["embedded", "servers"])
+def webhook_stack(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, subprocess.Popen[bytes]]]:
+    """Embedded (SQLite + kombu's SQLAlchemy broker) or servers (PostgreSQL + Redis: Celery's countdown
+    retries wait in the worker while Redis holds them unacked)."""
+    root: Path = tmp_path_factory.mktemp(f"webhook-stack-{request.param}")
+    cleanups: list[Callable[[], None]] = []
+    if request.param == "embedded":
+        database_url, broker_url = f"sqlite:///{root / 'stabletrain.db'}", f"sqlalchemy+sqlite:///{root / 'broker.db'}"
+    else:
+        pg_base = postgres_base_url()
+        broker_url = _redis_url(server_url_or_skip("STABLETRAIN_TEST_REDIS_URL"))
+        database_url = create_database(pg_base, prefix="stabletrain_wh")
+        cleanups.append(lambda: drop_database(pg_base, database_url))
+        _flush_redis(broker_url)
+        cleanups.append(lambda: _flush_redis(broker_url))
+    stack = Stack(f"webhooks-{request.param}", database_url, broker_url, root, WEBHOOK_CONFIG)
     senders = None
     try:
         stack.migrate()
@@ -47,6 +60,8 @@ def webhook_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[St
             senders.send_signal(signal.SIGTERM)
             senders.wait(timeout=60)
         stack.close()
+        for cleanup in reversed(cleanups):
+            cleanup()
 
 
 def deliveries(stack: Stack, webhook_id: str) -> list[dict[str, Any]]:
