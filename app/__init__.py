@@ -75,9 +75,10 @@ def _register_blueprints(app: Flask) -> None:
     from app.api.metrics import blp as metrics_blp
     from app.api.probes import blp as probes_blp
     from app.api.samples import blp as samples_blp
+    from app.api.webhooks import blp as webhooks_blp
     from app.ops import bp as ops_bp
 
-    for blp in (datasets_blp, jobs_blp, metrics_blp, checkpoints_blp, samples_blp, probes_blp):
+    for blp in (datasets_blp, jobs_blp, metrics_blp, checkpoints_blp, samples_blp, probes_blp, webhooks_blp):
         smorest_api.register_blueprint(blp)
     app.register_blueprint(ops_bp)
     from app.ui import init_app as init_ui  # the /ui dashboard and /v1/jobs/{id}/plots/{name}.png

@@ -23,6 +23,15 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_RATELIMIT_ENABLED         turn rate limiting off with 0/false
 - STABLETRAIN_ENQUEUE_RETRIES           broker publish retries before giving up (default 1)
 - STABLETRAIN_BROKER_TIMEOUT_S          broker connect timeout for publishing and /readyz (default 1.0)
+- STABLETRAIN_MAX_WEBHOOKS_PER_KEY       webhook endpoints per API key (default 10)
+- STABLETRAIN_WEBHOOK_ALLOW_HTTP        1 = accept http:// webhook URLs (default: https only)
+- STABLETRAIN_WEBHOOK_ALLOW_PRIVATE     1 = accept webhook hosts on loopback/private/link-local addresses
+- STABLETRAIN_WEBHOOK_RETRY_SCHEDULE    delays between attempts in seconds, JSON list or comma-separated
+                                        (default 5,300,1800,7200,18000,36000,36000; each +-20% jitter)
+- STABLETRAIN_WEBHOOK_CONNECT_TIMEOUT_S connect timeout of a delivery (default 3)
+- STABLETRAIN_WEBHOOK_TIMEOUT_S         read timeout of a delivery (default 10)
+- STABLETRAIN_WEBHOOK_RESEND_AFTER_S    the relay re-sends a due delivery no message claimed for this long (default 60)
+- STABLETRAIN_WEBHOOK_CA_BUNDLE         PEM file of CAs for receivers' certificates (default: certifi's bundle)
 - STABLETRAIN_LOG_JSON                  1 = one JSON object per log line
 - STABLETRAIN_LOG_LEVEL                 default INFO
 """
@@ -57,6 +66,14 @@ def default_config() -> dict[str, Any]:
         "ENQUEUE_RETRIES": 1,
         "BROKER_TIMEOUT_S": 1.0,
         "SAMPLE_POLL_S": 0.2,
+        "MAX_WEBHOOKS_PER_KEY": 10,
+        "WEBHOOK_ALLOW_HTTP": False,
+        "WEBHOOK_ALLOW_PRIVATE": False,
+        "WEBHOOK_RETRY_SCHEDULE": "",
+        "WEBHOOK_CONNECT_TIMEOUT_S": 3.0,
+        "WEBHOOK_TIMEOUT_S": 10.0,
+        "WEBHOOK_RESEND_AFTER_S": 60.0,
+        "WEBHOOK_CA_BUNDLE": "",
         "LOG_JSON": False,
         "LOG_LEVEL": "INFO",
         "RATELIMIT_DEFAULT": "600/minute",

@@ -18,6 +18,12 @@ for the default kombu SQLAlchemy transport). A few tiny jobs are submitted one a
 for each, the time from the POST returning 202 until GET /v1/jobs/{id} (polled every 20 ms)
 shows it running, and the database's started_at - created_at.
 
+With `--webhooks N`, N webhook endpoints (every event type) are registered for the bench key before the
+load, pointing at a receiver thread in this process (http on 127.0.0.1, so the run sets
+STABLETRAIN_WEBHOOK_ALLOW_HTTP/ALLOW_PRIVATE), and a `celery worker -Q webhooks --pool=threads` runs
+next to the training worker: submits write their job.queued outbox rows, workers their lifecycle and
+checkpoint events, and the summary counts the deliveries that arrived.
+
 Columns: requests and errors (non-200 or transport errors) of the measured part, req/s achieved,
 client-side p50/p99/max from the due time, server_p50/p99 as gunicorn logs them (`%(D)s`: from
 reading the request to sending the response; no accept-queue or client time), web_cpu_ms (CPU
@@ -29,7 +35,7 @@ endpoint p99s (targets: job read < 25 ms, metrics page < 50 ms, submit-to-runnin
 Redis). Numbers, not pass/fail: the exit status is 0 whenever the run completed.
 
     .venv/bin/python bench/api_load.py [--db auto|postgres|sqlite] [--broker auto|redis|embedded]
-        [--rate 50] [--duration 12] [--warmup 2] [--web-workers 2] [--web-threads 4] [--jobs 5]
+        [--rate 50] [--duration 12] [--warmup 2] [--web-workers 2] [--web-threads 4] [--jobs 5] [--webhooks 0]
 """
 
 from __future__ import annotations
@@ -174,15 +180,14 @@ def seed(database_url: str, owner_id: str, steps: int, analyze: bool) -> str:
     from app.models import Dataset, Job, StepMetric, new_id
     from app.schemas.spec import JobSpecSchema, spec_to_json
 
-    spec = spec_to_json(JobSpecSchema().load({
-        "name": "bench-seeded", "dataset_id": "ds_seed",
+    dataset_id, job_id = new_id("ds"), new_id("job")
+    spec = spec_to_json(JobSpecSchema().load({  # dataset ids must look server-made since the schema checks them
+        "name": "bench-seeded", "dataset_id": dataset_id,
         "model": {"arch": "lstm", "n_layers": 2, "d_model": 64, "hidden": 128},
         "training": {"max_steps": steps, "batch_size": 16, "seq_len": 256},
     }))
     now = datetime.now(timezone.utc)
     started = now - timedelta(seconds=steps * 0.08)
-    dataset_id, job_id = new_id("ds"), new_id("job")
-    spec["dataset_id"] = dataset_id
     rows = metric_rows(job_id, steps, started.timestamp())
     latest = {k: v for k, v in rows[-1].items() if k != "job_id"}
     engine = create_engine(database_url)
@@ -321,6 +326,82 @@ def open_loop(base: str, headers: dict[str, str], path_for: Callable[[int], str]
 # submit-to-running
 
 
+class WebhookSink:
+    """Receiver thread for --webhooks: answers 204 and counts the deliveries (by webhook-id)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.ids: set[str] = set()
+        self.requests = 0
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                with sink.lock:
+                    sink.requests += 1
+                    sink.ids.add(self.headers.get("webhook-id", ""))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+WEBHOOK_EVENTS = ["job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.paused",
+                  "job.health_changed", "checkpoint.created"]
+
+
+def register_webhooks(base: str, headers: dict[str, str], url: str, n: int) -> None:
+    for _ in range(n):
+        requests.post(f"{base}/v1/webhooks", json={"url": url, "events": WEBHOOK_EVENTS}, headers=headers,
+                      timeout=30).raise_for_status()
+
+
+def start_worker(env: dict[str, str], queue_args: list[str], name: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """A celery worker on the bench's database and broker; returns once it says it is ready."""
+    with open(log_path, "wb") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "worker.celery_app", "worker", *queue_args,
+             "-n", f"{name}-{os.getpid()}@%h", "--loglevel=INFO"],
+            cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    t = time.perf_counter()
+    while " ready." not in tail(log_path, 100_000):
+        if proc.poll() is not None or time.perf_counter() - t > 120:
+            raise RuntimeError(f"celery worker not ready:\n{tail(log_path)}")
+        time.sleep(0.2)
+    log(f"celery worker {name} pid {proc.pid} ready in {time.perf_counter() - t:.1f} s")
+    return proc
+
+
+def wait_deliveries(database_url: str, timeout_s: float) -> int:
+    """Poll until no webhook delivery is pending (or the timeout); returns how many still are."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    deadline = time.perf_counter() + timeout_s
+    try:
+        while True:
+            with engine.connect() as conn:
+                pending = conn.execute(text("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"))
+                left = int(pending.scalar_one())
+            if left == 0 or time.perf_counter() > deadline:
+                return left
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
 def tiny_spec(dataset_id: str, i: int) -> dict[str, Any]:
     return {
         "name": f"bench-submit-{i}", "dataset_id": dataset_id,
@@ -406,6 +487,8 @@ def main() -> int:
     ap.add_argument("--gunicorn-arg", action="append", default=[], metavar="ARG",
                     help="extra gunicorn argument, repeatable (e.g. --gunicorn-arg=--config=gc.py)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs) at the end")
+    ap.add_argument("--webhooks", type=int, default=0,
+                    help="register N webhook endpoints (all events, a local receiver) and run a webhooks worker")
     args = ap.parse_args()
 
     # Ctrl-C and SIGTERM both run the cleanup below (also when started in the background)
@@ -421,6 +504,8 @@ def main() -> int:
     redis_url: str | None = None
     web: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
+    senders: subprocess.Popen[bytes] | None = None
+    sink = WebhookSink() if args.webhooks > 0 else None
     try:
         if args.db == "postgres":
             from sqlalchemy.engine import make_url
@@ -450,6 +535,8 @@ def main() -> int:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        if sink is not None:  # the receiver is this process on 127.0.0.1 over http
+            env.update({"STABLETRAIN_WEBHOOK_ALLOW_HTTP": "1", "STABLETRAIN_WEBHOOK_ALLOW_PRIVATE": "1"})
         load_start = os.getloadavg()[0]
         shown_db = f"postgresql ({pg_db})" if pg_db else f"sqlite ({tmp / 'stabletrain.db'})"
         shown_broker = redis_url if redis_url else "embedded (kombu sqlalchemy+sqlite)"
@@ -494,6 +581,10 @@ def main() -> int:
             time.sleep(0.1)
         log(f"gunicorn pid {web.pid} on {base}")
 
+        if sink is not None:
+            register_webhooks(base, headers, sink.url, args.webhooks)
+            log(f"registered {args.webhooks} webhook endpoints (every event type) -> {sink.url}")
+
         # correctness of what is being timed
         job = requests.get(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=30)
         job.raise_for_status()
@@ -525,21 +616,17 @@ def main() -> int:
 
         submit: list[dict[str, Any]] = []
         if args.jobs > 0:
-            worker_log = tmp / "worker.log"
-            with open(worker_log, "wb") as fh:
-                worker = subprocess.Popen(
-                    [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "train", "-c", "1",
-                     "--pool=solo", "-n", f"bench-{os.getpid()}@%h", "--loglevel=INFO"],
-                    cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-            t = time.perf_counter()
-            while " ready." not in tail(worker_log, 100_000):
-                if worker.poll() is not None or time.perf_counter() - t > 120:
-                    raise RuntimeError(f"celery worker not ready:\n{tail(worker_log)}")
-                time.sleep(0.2)
-            log(f"celery worker pid {worker.pid} ready in {time.perf_counter() - t:.1f} s; "
-                f"submitting {args.jobs} jobs one after another")
+            worker = start_worker(env, ["-Q", "train", "-c", "1", "--pool=solo"], "bench", tmp / "worker.log")
+            if sink is not None:
+                senders = start_worker(env, ["-Q", "webhooks", "-c", "4", "--pool=threads"], "bench-webhooks",
+                                       tmp / "webhooks.log")
+            log(f"submitting {args.jobs} jobs one after another")
             submit = submit_to_running(base, headers, args.jobs)
             stop_process(worker, "celery worker", 60)
+            if sink is not None:
+                pending = wait_deliveries(database_url, 60)
+                log(f"webhooks: {sink.requests} deliveries of {len(sink.ids)} events arrived at the receiver; "
+                    f"{pending} still pending")
 
         # ---- summary
         load_end = os.getloadavg()[0]
@@ -572,6 +659,9 @@ def main() -> int:
         return 0
     finally:
         stop_process(worker, "celery worker", 60)
+        stop_process(senders, "webhooks worker", 30)
+        if sink is not None:
+            sink.close()
         stop_process(web, "gunicorn", 30)
         if pg_db:
             try:

@@ -69,7 +69,7 @@ StableTrain is starting
   docs       $URL/docs   (OpenAPI: $URL/v1/openapi.json)
   dashboard  $URL/ui
   dev key    $API_KEY    (stored in $KEY_FILE)
-  logs       $LOG_DIR/worker-train.log, $LOG_DIR/worker-samples.log, $LOG_DIR/supervisord.log
+  logs       $LOG_DIR/worker-{train,samples,webhooks}.log, $LOG_DIR/supervisord.log
   processes  SERVE_DIR=$SERVE_DIR $BIN/supervisorctl -c scripts/supervisord.conf status
   try        curl -H "Authorization: Bearer $API_KEY" $URL/v1/jobs
 Press Ctrl-C to stop.

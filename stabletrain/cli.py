@@ -512,6 +512,59 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.paused",
+                  "job.health_changed", "checkpoint.created")
+
+
+def cmd_webhooks_add(client: Client, args: argparse.Namespace) -> int:
+    webhook = client.add_webhook(args.endpoint_url, args.events or list(WEBHOOK_EVENTS))
+    if _json_mode(args):
+        _print_json(webhook)
+    else:
+        _out(f"added {webhook['id']}  {webhook['url']}  events: {', '.join(webhook['events'])}")
+        _out(f"secret {webhook['secret']}  (shown once: verify each webhook-signature with it)")
+    return EXIT_OK
+
+
+def cmd_webhooks_list(client: Client, args: argparse.Namespace) -> int:
+    items = list(client.webhooks())
+    if _json_mode(args):
+        _print_json(items)
+    for w in [] if _json_mode(args) else items:
+        _out(f"{w['id']}  {w['url']}  {','.join(w.get('events') or [])}  {w.get('created_at', '-')}")
+    return EXIT_OK
+
+
+def cmd_webhooks_rm(client: Client, args: argparse.Namespace) -> int:
+    client.delete_webhook(args.webhook)
+    if _json_mode(args):
+        _print_json({"id": args.webhook, "deleted": True})
+    else:
+        _out(f"{args.webhook} deleted")
+    return EXIT_OK
+
+
+def format_delivery(d: dict[str, Any]) -> str:
+    """One delivery log line: what, how it went, and when the next attempt is due."""
+    code = d.get("last_status_code")
+    outcome = f"HTTP {code}" if code is not None else (d.get("last_error") or "not tried yet")
+    when = f"  next {d['next_attempt_at']}" if d.get("next_attempt_at") else ""
+    return (f"{d['id']}  {d['webhook_id']}  {d['event_type']:<19}  {d['status']:<9}  "
+            f"attempts {d['attempts']}  {outcome}{when}")
+
+
+def cmd_webhooks_deliveries(client: Client, args: argparse.Namespace) -> int:
+    items = client.webhook_deliveries(args.webhook)
+    if args.limit:
+        items = (d for _, d in zip(range(args.limit), items, strict=False))
+    if _json_mode(args):
+        _print_json(list(items))
+        return EXIT_OK
+    for d in items:
+        _out(format_delivery(d))
+    return EXIT_OK
+
+
 def _write_rows(rows: Iterable[dict[str, Any]], fmt: str) -> None:
     out = sys.stdout
     if fmt == "jsonl":
@@ -739,6 +792,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-timeout", dest="sample_timeout", metavar="S", type=_positive_float, default=300.0,
                    help="give up waiting for the text after N s (default 300)")
     p.set_defaults(func=cmd_sample)
+
+    p = add("webhooks", "webhook endpoints that receive job events, signed per Standard Webhooks")
+    hooks = p.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+
+    def add_action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return hooks.add_parser(name, help=help_text, description=help_text, parents=common, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    a = add_action("add", "register an endpoint URL (https) for some events; prints its secret once")
+    a.add_argument("endpoint_url", metavar="URL")  # not `url`: that is the service's --url
+    a.add_argument("--events", nargs="+", choices=WEBHOOK_EVENTS, metavar="EVENT", default=None,
+                   help="event types to send (default all): " + ", ".join(WEBHOOK_EVENTS))
+    a.set_defaults(func=cmd_webhooks_add)
+    a = add_action("list", "list the endpoints of this key")
+    a.set_defaults(func=cmd_webhooks_list)
+    a = add_action("rm", "delete an endpoint (its undelivered events are dropped)")
+    a.add_argument("webhook", metavar="WEBHOOK")
+    a.set_defaults(func=cmd_webhooks_rm)
+    a = add_action("deliveries", "an endpoint's delivery log, newest first: attempts, status codes, next retry")
+    a.add_argument("webhook", metavar="WEBHOOK")
+    a.add_argument("--limit", type=int, default=None, help="show at most N deliveries")
+    a.set_defaults(func=cmd_webhooks_deliveries)
     return parser
 
 

@@ -568,6 +568,29 @@ class Client:
 
     # -- service ----------------------------------------------------------------------------
 
+    # -- webhooks ---------------------------------------------------------------------------
+
+    def add_webhook(self, url: str, events: list[str]) -> dict[str, Any]:
+        """Register a webhook endpoint for these event types. The answer carries its signing secret
+        (`whsec_...`), shown only this once. Retried only when nothing was stored."""
+        return self._json("POST", "/v1/webhooks", policy="unsafe", expect=(201,),
+                          json={"url": url, "events": list(events)})
+
+    def webhooks(self, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """All webhook endpoints of this key, newest first (without secrets)."""
+        return self._pages("/v1/webhooks", {"limit": limit}, "cursor", "next_cursor")
+
+    def webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/webhooks/{webhook_id}")
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        """Delete an endpoint; its undelivered events are dropped."""
+        self.request("DELETE", f"/v1/webhooks/{webhook_id}", expect=(204,))
+
+    def webhook_deliveries(self, webhook_id: str, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """An endpoint's delivery log, newest first: status, attempts, last status code, next attempt."""
+        return self._pages(f"/v1/webhooks/{webhook_id}/deliveries", {"limit": limit}, "cursor", "next_cursor")
+
     def health(self) -> dict[str, Any]:
         """GET /readyz (database and broker), no key needed. 503 raises ApiError after retries."""
         return self._json("GET", "/readyz", auth=False)

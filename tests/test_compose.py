@@ -21,9 +21,9 @@ from app.config import default_config
 from worker.settings import WORKER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
-APP_SERVICES = ("migrate", "api", "worker", "samples")
+APP_SERVICES = ("migrate", "api", "worker", "samples", "webhooks")
 WORKER_ONLY_KEYS = {"DEVICE", "WORKER_ID"}
-IMAGE_TARGETS = {"migrate": "api", "api": "api", "worker": "worker", "samples": "worker"}
+IMAGE_TARGETS = {"migrate": "api", "api": "api", "worker": "worker", "samples": "worker", "webhooks": "worker"}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_schema_check_rejects_a_broken_file(compose: dict[str, Any], validator: 
 
 
 def test_services_present(compose: dict[str, Any]) -> None:
-    assert set(services(compose)) == {"postgres", "redis", "migrate", "api", "worker", "samples"}
+    assert set(services(compose)) == {"postgres", "redis", "migrate", "api", "worker", "samples", "webhooks"}
     for name in APP_SERVICES:
         target = IMAGE_TARGETS[name]
         assert services(compose)[name]["image"] == f"stabletrain-{target}:latest", name
@@ -124,7 +124,7 @@ def test_start_order_waits_for_healthy_stores_and_finished_migration(compose: di
     assert svc["migrate"]["command"] == ["flask", "--app", "app", "db", "upgrade"]
     assert svc["migrate"]["restart"] == "no"
     assert svc["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for name in ("api", "worker", "samples"):
+    for name in ("api", "worker", "samples", "webhooks"):
         deps = svc[name]["depends_on"]
         assert deps["migrate"] == {"condition": "service_completed_successfully"}, name
         assert deps["postgres"] == {"condition": "service_healthy"}, name
@@ -149,6 +149,14 @@ def test_samples_worker_runs_the_samples_queue(compose: dict[str, Any]) -> None:
     assert option(cmd, "-Q", "--queues") == "samples"
     assert option(cmd, "-c", "--concurrency") == "1"
     assert "deploy" not in samples
+
+
+def test_webhooks_worker_runs_the_webhooks_queue_on_threads(compose: dict[str, Any]) -> None:
+    cmd = services(compose)["webhooks"]["command"]
+    assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+    assert option(cmd, "-Q", "--queues") == "webhooks"
+    assert option(cmd, "-P", "--pool") == "threads"
+    assert "deploy" not in services(compose)["webhooks"]
 
 
 def test_api_serves_the_app_factory(compose: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from worker.leases import bound_idle_transactions
 from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile, relay
 from worker.service import ACTIVITY, SHUTDOWN
 from worker.settings import WorkerSettings, load_settings
+from worker.webhooks import relay_webhooks, webhook_settings
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ log = logging.getLogger(__name__)
 KOMBU_SQLALCHEMY_POLL_S = 0.2
 kombu_sqlalchemy.Transport.polling_interval = KOMBU_SQLALCHEMY_POLL_S
 
-QUEUES = ("train", "samples")
+QUEUES = ("train", "samples", "webhooks")
 TASK_ROUTES = {
+    "stabletrain.webhook_deliver": {"queue": "webhooks"},
     "stabletrain.train_job": {"queue": "train"},
     "stabletrain.sample": {"queue": "samples"},
     "stabletrain.export": {"queue": "samples"},
@@ -158,8 +160,9 @@ def reconcile_now() -> ReconcileReport:
 
 
 def relay_now() -> int:
-    """One relay pass (the outbox's sender) with this process's settings."""
-    return relay(utcnow(), engine=engine(), send=send, broker_started_at=broker_watch.started_at())
+    """One relay pass (the outbox's sender) with this process's settings: jobs, samples, then webhook deliveries."""
+    sent = relay(utcnow(), engine=engine(), send=send, broker_started_at=broker_watch.started_at())
+    return sent + relay_webhooks(engine(), send, webhook_settings(flask_app.config).resend_after_s)
 
 
 _reconciler: list[ReconcilerThread] = []

@@ -25,6 +25,7 @@ from sqlalchemy.orm import aliased
 
 from app.models import Event, Job
 from app.models.clock import db_now
+from app.services.webhook_events import record_health_changes, record_job_event
 from worker.db import utcnow
 from worker.logs import log_context
 
@@ -81,6 +82,8 @@ def claim_job(engine: Engine, job_id: str, worker_id: str, lease_s: float) -> Le
     )
     with engine.begin() as conn:
         won = conn.execute(stmt).rowcount == 1
+        if won:
+            record_job_event(conn, job_id, "job.running")
     return Lease(job_id, token, worker_id) if won else None
 
 
@@ -170,10 +173,14 @@ def finish_job(engine: Engine, lease: Lease, status: str, error: str | None = No
     stmt = update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
                              Job.status.in_(OWNED_STATUSES))
     with engine.begin() as conn:
+        old_diagnosis = conn.execute(select(Job.diagnosis).where(Job.id == lease.job_id)).scalar_one_or_none()
         if conn.execute(stmt.values(**values)).rowcount != 1:
             return False
         if event is not None:
             insert_event(conn, lease.job_id, event[0], event[1])
+        if diagnosis is not None:
+            record_health_changes(conn, lease.job_id, old_diagnosis, diagnosis)
+        record_job_event(conn, lease.job_id)  # job.succeeded, job.failed or job.cancelled
         return True
 
 
@@ -220,6 +227,7 @@ def pause_held_job(engine: Engine, lease: Lease, step: int | None = None, messag
             return False
         if message is not None:
             insert_event(conn, lease.job_id, "paused", message, step)
+        record_job_event(conn, lease.job_id, "job.paused")
         return True
 
 

@@ -38,6 +38,7 @@ from sqlalchemy import ColumnElement, Engine, and_, or_, select, update
 from app.models import Event, Job, Sample
 from app.models.clock import db_now
 from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, TRAIN_QUEUE, TRAIN_TASK
+from app.services.webhook_events import record_job_event
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> lis
             if changed:
                 conn.execute(Event.__table__.insert().values(
                     job_id=job_id, kind=kind, message=message, data=None, created_at=now))
+                if kind == "failed":
+                    record_job_event(conn, job_id, "job.failed")
                 if kind == "requeued":
                     done.append(job_id)
     return done
@@ -96,11 +99,15 @@ def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> lis
 def cancel_orphaned(engine: Engine, now: datetime) -> int:
     """Cancelling jobs whose worker is gone (lease expired) -> cancelled."""
     with engine.begin() as conn:
-        return conn.execute(
+        cancelled = conn.execute(
             update(Job)
             .where(Job.status == "cancelling", Job.lease_expires_at < db_now())
             .values(status="cancelled", lease_token=None, lease_expires_at=None, finished_at=now, updated_at=now)
-        ).rowcount
+            .returning(Job.id)
+        ).scalars().all()
+        for job_id in cancelled:
+            record_job_event(conn, job_id, "job.cancelled")
+    return len(cancelled)
 
 
 def pause_orphaned(engine: Engine, now: datetime) -> list[str]:
@@ -123,6 +130,7 @@ def pause_orphaned(engine: Engine, now: datetime) -> list[str]:
                 conn.execute(Event.__table__.insert().values(
                     job_id=job_id, kind="paused", data=None, created_at=now,
                     message="worker lease expired while pausing; the job resumes from its newest checkpoint"))
+                record_job_event(conn, job_id, "job.paused")
                 done.append(job_id)
     return done
 

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, update
+from sqlalchemy import Connection, Engine, delete, select, update
 from sqlalchemy.exc import DBAPIError
 
 from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import finite_or_none, without_nonfinite
+from app.services.webhook_events import record_health_changes, record_job_event
 from worker.db import upsert, utcnow, with_retry
 from worker.engine.diagnosis import health_of
 from worker.engine.trainer import Callbacks
@@ -170,7 +171,13 @@ class DbReporter(Callbacks):
             "health": info.get("health"),
             "created_at": utcnow(),
         }
-        self._write("checkpoint", lambda conn: upsert(conn, Checkpoint.__table__, [record], ("job_id", "step")))
+        event = {k: record[k] for k in ("step", "bytes", "sha256", "val_loss", "health")}
+
+        def work(conn: Connection) -> None:
+            upsert(conn, Checkpoint.__table__, [record], ("job_id", "step"))
+            record_job_event(conn, self.job_id, "checkpoint.created", {"checkpoint": event})
+
+        self._write("checkpoint", work)
 
     def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
         """Delete the record of a checkpoint file that keep_last pruned."""
@@ -179,8 +186,15 @@ class DbReporter(Callbacks):
 
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
         """Keep a running job's diagnosis and health current (the final ones are written with the result)."""
-        stmt = update(Job).where(Job.id == self.job_id).values(**diagnosis_values(findings, summary))
-        self._write("diagnosis", lambda conn: conn.execute(stmt))
+        values = diagnosis_values(findings, summary)
+        stmt = update(Job).where(Job.id == self.job_id).values(**values)
+
+        def work(conn: Connection) -> None:
+            old = conn.execute(select(Job.diagnosis).where(Job.id == self.job_id)).scalar_one_or_none()
+            conn.execute(stmt)
+            record_health_changes(conn, self.job_id, old, values["diagnosis"])  # job.health_changed
+
+        self._write("diagnosis", work)
 
     def may_write_checkpoints(self) -> bool:
         """Once another worker owns the job, its checkpoint folder is theirs: write and prune nothing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import shared_task
 from celery.exceptions import Reject
@@ -16,6 +17,7 @@ from worker.logs import log_context
 from worker.probes import run_calibration, run_probe
 from worker.service import SHUTDOWN, run_sample, run_train_job
 from worker.settings import load_settings
+from worker.webhooks import WEBHOOK_TASK, deliver, webhook_settings
 
 # A database that is down at claim time: retry the message; once claimed, the
 # lease + reconciler take over, so retries never run a job twice at once.
@@ -68,3 +70,17 @@ def calibrate(reason: str = "") -> str:
     if SHUTDOWN.is_set():
         raise Reject("worker shutting down", requeue=True)
     return run_calibration(db.engine, load_settings(current_app.config))
+
+
+@shared_task(name=WEBHOOK_TASK, bind=True, ignore_result=True, acks_late=True, max_retries=None, **{
+    k: v for k, v in RETRY.items() if k != "max_retries"})
+def webhook_deliver(self: Any, delivery_id: str) -> str:
+    """One attempt of a webhook delivery; after a failure Celery runs it again when the schedule says.
+
+    The delivery's own row decides (worker.webhooks): a duplicate or early message claims nothing, and
+    the relay re-sends a due delivery whose retry message was lost with the broker."""
+    with log_context(delivery_id=delivery_id):
+        outcome, delay = deliver(db.engine, delivery_id, webhook_settings(current_app.config))
+    if delay is not None:
+        raise self.retry(countdown=delay)
+    return outcome

@@ -16,9 +16,21 @@ from app.models.job import (
 from app.models.metrics import ActivationMetric, LayerMetric, StepMetric
 from app.models.probe import PENDING_PROBE_STATUSES, PROBE_STATUSES, DeviceCalibration, Probe
 from app.models.sample import PENDING_SAMPLE_STATUSES, SAMPLE_STATUSES, Sample, next_fair_sample
+from app.models.webhook import (
+    DELIVERY_STATUSES,
+    WEBHOOK_EVENTS,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookMessage,
+)
 
 __all__ = [
     "ActivationMetric",
+    "DELIVERY_STATUSES",
+    "WEBHOOK_EVENTS",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookMessage",
     "ApiKey",
     "Checkpoint",
     "Dataset",

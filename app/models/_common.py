@@ -16,7 +16,7 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-ID_PATTERN = re.compile(r"(key|ds|job|smp|prb)_[0-9a-f]{24}")
+ID_PATTERN = re.compile(r"(key|ds|job|smp|prb|wh|msg|dlv)_[0-9a-f]{24}")
 
 
 def is_server_id(value: object, prefix: str | None = None) -> bool:

@@ -32,7 +32,7 @@ _INT = r"[0-9]{1,10}"
 _B64 = r"(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?"
 # app.models.ID_PATTERN (not imported: the schemas load this module before the models exist; a test keeps
 # the two the same)
-SERVER_ID = r"(?:key|ds|job|smp|prb)_[0-9a-f]{24}"
+SERVER_ID = r"(?:key|ds|job|smp|prb|wh|msg|dlv)_[0-9a-f]{24}"
 PATTERNS = {
     "steps": rf"^s{_INT}$",
     "events": rf"^e{_INT}$",

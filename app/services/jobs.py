@@ -11,12 +11,23 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.models import LIVE_STATUSES, TERMINAL_STATUSES, Dataset, Event, Job, StepMetric, is_server_id, utcnow
+from app.models import (
+    LIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Dataset,
+    Event,
+    Job,
+    StepMetric,
+    is_server_id,
+    new_id,
+    utcnow,
+)
 from app.schemas.spec import spec_to_json
 from app.services.common import clean_row, get_owned, lock_owner, newest_first_page
 from app.services.metrics import STEP_COLUMNS
 from app.services.params import estimate_params, vocab_estimate
 from app.services.queue import TRAIN_QUEUE, TRAIN_TASK, publish
+from app.services.webhook_events import record_job_event
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +107,14 @@ def submit_job(owner_id: str, spec: dict[str, Any], idempotency_key: str | None,
     _check_live_jobs(owner_id)
     # enqueued_at is stamped with the record, before the publish: a reconciler pass that runs
     # between this commit and the publish must not send the job a second time
-    job = Job(owner_id=owner_id, dataset_id=spec["dataset_id"], name=spec["name"], spec=spec_to_json(spec),
+    job = Job(id=new_id("job"), owner_id=owner_id, dataset_id=spec["dataset_id"], name=spec["name"], spec=spec_to_json(spec),
               status="queued", max_steps=spec["training"]["max_steps"], idempotency_key=idempotency_key,
               idempotency_hash=body_hash if idempotency_key else None, enqueued_at=utcnow(),
               parent_id=parent_id, applied_patch=applied_patch)
     db.session.add(job)
     try:
+        db.session.flush()
+        record_job_event(db.session, job.id)  # job.queued, committed with the job (the webhook outbox)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
@@ -148,6 +161,7 @@ def cancel_job(owner_id: str, job_id: str) -> Job:
     if done:
         message = "cancelled while paused" if was == "paused" else "cancelled before it started"
         db.session.add(Event(job_id=job.id, step=job.step, kind="cancelled", message=message))
+        record_job_event(db.session, job.id, "job.cancelled")
     else:
         db.session.execute(
             update(Job).where(Job.id == job.id, Job.status.in_(("running", "pausing", "cancelling")))
@@ -173,6 +187,7 @@ def pause_job(owner_id: str, job_id: str) -> Job:
         message = ("paused before it started" if job.started_at is None
                    else "paused while queued; it resumes from its newest checkpoint")
         db.session.add(Event(job_id=job.id, step=job.step, kind="paused", message=message))
+        record_job_event(db.session, job.id, "job.paused")
     else:
         db.session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
                            .values(status="pausing", updated_at=now))
@@ -210,6 +225,7 @@ def resume_job(owner_id: str, job_id: str) -> tuple[Job, bool]:
     )
     db.session.add(Event(job_id=job.id, step=job.step, kind="requeued",
                          message="resumed; the job continues from its newest checkpoint"))
+    record_job_event(db.session, job.id, "job.queued")
     db.session.commit()
     db.session.refresh(job)
     enqueue_job(job)

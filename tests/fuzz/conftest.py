@@ -45,6 +45,7 @@ def seed_app(tmp: Path, **overrides: Any) -> Seeded:
         "RATELIMIT_DEFAULT": "1000000/minute",  # the limiter still runs on every request
         "RATELIMIT_UNAUTHENTICATED": "1000000/minute",  # the URL-map walks send thousands of bad keys
         "MAX_LIVE_JOBS": 1_000_000,
+        "MAX_WEBHOOKS_PER_KEY": 1_000_000,
         "SAMPLE_POLL_S": 0.01,
         "LOG_LEVEL": "ERROR",
     }
@@ -96,8 +97,12 @@ def seed_app(tmp: Path, **overrides: Any) -> Seeded:
         db.session.add_all([sample, probe])
         db.session.commit()
         sample_id, probe_id = sample.id, probe.id
+    webhook = client.post("/v1/webhooks", json={"url": "https://93.184.215.14/hook", "events": ["job.failed"]},
+                          headers=auth)
+    assert webhook.status_code == 201, webhook.json
     ids = {"job_id": [finished, running], "dataset_id": [ds.json["id"]], "step": ["100"],
-           "sample_id": [sample_id], "probe_id": [probe_id]}  # the finished job comes first
+           "sample_id": [sample_id], "probe_id": [probe_id],
+           "webhook_id": [webhook.json["id"]]}  # the finished job comes first
     return Seeded(app=app, auth=auth, ids=ids)
 
 

@@ -42,20 +42,24 @@ WORKER_ENV = {
 }
 
 
-def start_worker_process(env: dict[str, str], log_path: Path, name: str = "it") -> subprocess.Popen[bytes]:
-    """Start one `celery worker` (solo pool, both queues) appending to log_path; return once it is ready."""
-    proc, wait_ready = launch_worker_process(env, log_path, name)
+def start_worker_process(env: dict[str, str], log_path: Path, name: str = "it",
+                         pool: tuple[str, ...] = ("-Q", "train,samples", "-c", "1", "--pool=solo")
+                         ) -> subprocess.Popen[bytes]:
+    """Start one `celery worker` (by default: solo pool, train and samples) appending to log_path; return
+    once it is ready."""
+    proc, wait_ready = launch_worker_process(env, log_path, name, pool)
     wait_ready()
     return proc
 
 
-def launch_worker_process(env: dict[str, str], log_path: Path,
-                          name: str = "it") -> tuple[subprocess.Popen[bytes], Callable[[], None]]:
+def launch_worker_process(env: dict[str, str], log_path: Path, name: str = "it",
+                          pool: tuple[str, ...] = ("-Q", "train,samples", "-c", "1", "--pool=solo"),
+                          ) -> tuple[subprocess.Popen[bytes], Callable[[], None]]:
     """Start one `celery worker` without waiting; the returned callable waits until it is ready."""
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it until it exits
     start = log_path.stat().st_size
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,samples",
-           "-c", "1", "--pool=solo", "-n", f"{name}-{uuid.uuid4().hex[:8]}@%h", "--loglevel=INFO"]
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", *pool,
+           "-n", f"{name}-{uuid.uuid4().hex[:8]}@%h", "--loglevel=INFO"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
 
@@ -73,12 +77,14 @@ def launch_worker_process(env: dict[str, str], log_path: Path,
 class Stack:
     """Database, broker, storage, one worker process and an API client, all sharing one config."""
 
-    def __init__(self, name: str, database_url: str, broker_url: str, root: Path) -> None:
+    def __init__(self, name: str, database_url: str, broker_url: str, root: Path,
+                 extra_config: dict[str, str] | None = None) -> None:
         self.name, self.root = name, root
         self.config = {
             "DATABASE_URL": database_url,
             "BROKER_URL": broker_url,
             "STORAGE_DIR": str(root / "storage"),
+            **(extra_config or {}),
         }
         self.env = {**os.environ, **WORKER_ENV, **{f"STABLETRAIN_{k}": v for k, v in self.config.items()}}
         self.worker: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,5 @@
+"""Webhooks resource."""
+
+from app.api.webhooks.resources import blp
+
+__all__ = ["blp"]

@@ -1,0 +1,51 @@
+"""`stabletrain webhooks add|list|rm|deliveries` and the client's webhook calls against the real API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from stabletrain import ApiError, Client
+from tests.client.conftest import run_cli
+
+MakeClient = Callable[..., Client]
+PUBLIC_URL = "https://93.184.215.14/hooks"  # a literal public address: no DNS needed
+TEXT = "the quick brown fox jumps over the lazy dog. " * 200
+
+
+def test_webhook_commands_add_list_deliveries_and_rm(api_url: str, api_key: str,
+                                                     make_client: MakeClient) -> None:
+    connection = ("--url", api_url, "--key", api_key)
+    added = run_cli("webhooks", "add", PUBLIC_URL, "--events", "job.queued", "job.failed", "--json", *connection)
+    assert added.rc == 0, added.err
+    webhook = json.loads(added.out)
+    assert webhook["secret"].startswith("whsec_") and webhook["events"] == ["job.failed", "job.queued"]
+
+    listed = run_cli("webhooks", "list", *connection)
+    assert listed.rc == 0 and webhook["id"] in listed.out and "whsec_" not in listed.out
+
+    client = make_client(api_url, api_key)
+    job = client.submit({"name": "c", "training": {"max_steps": 10, "seq_len": 16}},
+                        dataset_id=client.upload_text(TEXT)["id"])
+    log = run_cli("webhooks", "deliveries", webhook["id"], *connection)
+    assert log.rc == 0, log.err
+    (line,) = log.out.strip().splitlines()
+    assert "job.queued" in line and "pending" in line and "attempts 0" in line and "next " in line
+    (delivery,) = client.webhook_deliveries(webhook["id"])
+    assert delivery["status"] == "pending" and delivery["webhook_id"].startswith("msg_")
+    assert job["status"] == "queued"
+
+    removed = run_cli("webhooks", "rm", webhook["id"], *connection)
+    assert removed.rc == 0 and f"{webhook['id']} deleted" in removed.out
+    assert list(client.webhooks()) == []
+
+
+def test_a_refused_url_exits_with_the_reason(api_url: str, api_key: str, make_client: MakeClient) -> None:
+    result = run_cli("webhooks", "add", "https://169.254.169.254/latest", "--url", api_url, "--key", api_key)
+    assert result.rc != 0 and "link-local" in result.err
+    try:
+        make_client(api_url, api_key).add_webhook("http://93.184.215.14/", ["job.queued"])
+    except ApiError as exc:
+        assert exc.status == 422 and "https" in " ".join(exc.field_messages())
+    else:
+        raise AssertionError("an http URL was accepted")
