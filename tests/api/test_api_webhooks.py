@@ -134,6 +134,19 @@ def test_submit_and_cancel_record_events_for_subscribed_endpoints_only(
     assert log["items"][0]["webhook_id"].startswith("msg_") and log["items"][0]["next_attempt_at"]
 
 
+def test_pause_resume_and_cancel_of_a_paused_job_record_their_events(
+        app: Flask, client: FlaskClient, auth: dict[str, str], dataset: dict[str, Any], submit: Any) -> None:
+    hook = add_webhook(client, auth, events=["job.paused", "job.queued", "job.cancelled"]).json["id"]
+    job = submit(auth, dataset["id"]).json
+    assert client.post(f"/v1/jobs/{job['id']}/pause", headers=auth).json["status"] == "paused"
+    assert client.post(f"/v1/jobs/{job['id']}/resume", headers=auth).json["status"] == "queued"
+    assert client.post(f"/v1/jobs/{job['id']}/pause", headers=auth).status_code == 200
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json["status"] == "cancelled"
+    # one transaction each; rows written within the same clock tick have no order between them
+    assert sorted(event for event, endpoint, _ in outbox(app) if endpoint == hook) == [
+        "job.cancelled", "job.paused", "job.paused", "job.queued", "job.queued"]
+
+
 def test_an_owner_without_endpoints_writes_no_outbox_rows(app: Flask, auth: dict[str, str],
                                                           dataset: dict[str, Any], submit: Any) -> None:
     assert submit(auth, dataset["id"]).status_code == 202
