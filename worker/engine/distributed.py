@@ -190,21 +190,30 @@ class _Run:
             self.poll(callbacks, timeout=max(0.0, deadline - time.monotonic()))
 
     def failure(self) -> BaseException:
-        """The cause: a killed rank, else rank 0's own exception when it alone failed, else the first
-        rank that reported an error (the others' collectives failing is its consequence)."""
+        """The cause: a killed rank; else rank 0's own exception (a DataError, a spec the device cannot
+        run: what a single-device run would raise); else the first rank whose error is its own rather
+        than a collective failing because a peer went away."""
         world = len(self.procs)
         for rank, proc in enumerate(self.procs):
             if proc.exitcode is not None and proc.exitcode < 0:
                 return RankFailed(_failure_message(rank, world, proc.exitcode, None))
         own = self.errors.get(0)
-        if own is not None and own[0] is not None and set(self.errors) == {0}:
+        if own is not None and own[0] is not None and not _peer_failure(own[1]):
             return own[0]
-        for rank, (_, text) in sorted(self.errors.items(), key=lambda item: item[0] == 0):
+        reports = sorted(self.errors.items(), key=lambda item: (_peer_failure(item[1][1]), item[0]))
+        if reports:
+            rank, (_, text) = reports[0]
             return RankFailed(_failure_message(rank, world, self.procs[rank].exitcode, text))
         for rank, proc in enumerate(self.procs):
             if proc.exitcode not in (None, 0):
                 return RankFailed(_failure_message(rank, world, proc.exitcode, None))
         return RankFailed(_failure_message(0, world, 0, "exited without a result"))
+
+
+def _peer_failure(text: str) -> bool:
+    """An error a rank sees because another rank failed: a collective or the store lost its peer."""
+    return text.startswith(("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")) or any(
+        marker in text for marker in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
 
 
 def _failure_message(rank: int, world_size: int, exitcode: int | None, error: str | None) -> str:
