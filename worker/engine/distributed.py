@@ -141,11 +141,15 @@ def run_data_parallel(
 def _serve(ranks: list[tuple[Any, Connection]], callbacks: Callbacks) -> TrainResult:
     """Answer rank 0's callback calls until it hands over its result and every rank has exited."""
     run = _Run(ranks)
-    while not (run.result is not None and not run.alive()):
+    while run.result is None:
         run.poll(callbacks)
-        if run.failed():
+        if run.result is None and run.failed():
             run.settle(callbacks)
             raise run.failure()
+    # Training is over and rank 0's checkpoint is written: a rank slow to leave (or failing on its way
+    # out) changes nothing; the caller's cleanup terminates whatever is left after the grace.
+    for proc in run.procs:
+        proc.join(EXIT_GRACE_S)
     return run.result
 
 
@@ -255,13 +259,13 @@ def _rank_main(rank: int, world_size: int, port: int, device_type: str, timeout_
             trainer = Trainer(callbacks=callbacks, device=str(device),
                               parallel=DataParallel(rank, world_size, device), **kwargs)
             result = trainer.run()
+            if rank == 0:
+                conn.send(("result", result))
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the rank exits non-zero
         _report_error(conn, exc)
         sys.exit(1)
-    if rank == 0:
-        conn.send(("result", result))
     conn.close()
 
 
