@@ -126,3 +126,29 @@ def test_specs_data_parallelism_cannot_honour_are_refused(over: dict[str, Any], 
 def test_one_device_is_the_default_and_batchnorm_stays_allowed_there() -> None:
     assert spec().resources.devices == 1
     assert spec(model={"arch": "mlp", "norm": "batchnorm"}, training={"batch_size": 7}).resources.devices == 1
+
+
+class StopAfterSteps(Recorder):
+    """Asks to stop before step `steps + 1` (should_stop is polled once before each step)."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.polls, self.steps = 0, steps
+
+    def should_stop(self) -> bool:
+        self.polls += 1
+        return self.polls > self.steps
+
+
+def test_a_stop_heard_by_rank_zero_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    # only rank 0 polls should_stop (the worker's cancel and shutdown flags): the ranks must agree on it,
+    # or rank 1 would wait in its next step's all-reduce until the collective timeout
+    stopper = StopAfterSteps(6)
+    result = run_data_parallel(spec(resources={"devices": 2}), corpus(), tmp_path / "stop", stopper,
+                               collective_timeout_s=60)
+    assert (result.status, result.step) == ("cancelled", 6)
+    assert [r["step"] for r in stopper.rows] == list(range(1, 7))
+    assert stopper.kinds()[-1] == "cancelled" and [c["step"] for c in stopper.checkpoints] == [6]
+    saved = load_checkpoint(tmp_path / "stop" / "step_6.pt")
+    assert saved["step"] == 6 and len(saved["rng"]["ranks"]) == 2
+    assert not ranks_alive()
