@@ -6,10 +6,13 @@ few and tiny: a one-layer LSTM, 8-row global batches, a dozen or twenty steps.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from worker.engine.config import SpecError
 from worker.engine.distributed import RANK_PROCESS_PREFIX, RankFailed, run_data_parallel
 from worker.engine.trainer import Trainer
 
-from .spec_helpers import Recorder, corpus, spec
+from .spec_helpers import BASE, CORPUS, Recorder, corpus, merge, spec
 
 # A float32 all-reduce sums the two ranks' gradients in another order than one process's batch mean
 # (and divides the sum by 2 afterwards): each step differs by ~1 ulp relative (~1e-7), measured up to
@@ -152,3 +155,17 @@ def test_a_stop_heard_by_rank_zero_stops_every_rank_at_the_same_step(tmp_path: P
     saved = load_checkpoint(tmp_path / "stop" / "step_6.pt")
     assert saved["step"] == 6 and len(saved["rng"]["ranks"]) == 2
     assert not ranks_alive()
+
+
+def test_cli_trains_a_two_device_spec_with_one_set_of_records(tmp_path: Path) -> None:
+    raw = merge(BASE, {"training": {"max_steps": 6}, "resources": {"devices": 2}})
+    (tmp_path / "spec.json").write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "worker.engine", "train", str(tmp_path / "spec.json"),
+                           "--data", str(CORPUS), "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "succeeded after 6 steps" in done.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    assert (out / "checkpoints" / "step_6.pt").is_file()
