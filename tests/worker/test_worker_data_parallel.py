@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select
 
 from app.models import Checkpoint, Event, Job, StepMetric
@@ -65,3 +67,18 @@ def test_a_dying_rank_fails_the_whole_job(engine: Engine, settings: WorkerSettin
     assert events[-1] == "failed" and "finished" not in events
     assert ckpts == [5] and max(steps) < 12  # the work up to the checkpoint is kept
     assert not ranks_alive()  # rank 0 was stopped with it
+
+
+def test_more_devices_than_the_worker_has_fails_the_job_with_the_field(engine: Engine, settings: WorkerSettings) -> None:
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the two GPUs the job asks for")
+    job_id = make_job(engine, settings.storage_dir, spec=TWO_DEVICES)
+    gpu_worker = replace(settings, device="cuda")
+    assert run_train_job(engine, job_id, gpu_worker) == "failed"
+    job, steps, events, _ = _job(engine, job_id)
+    assert job.status == "failed" and steps == [] and events[-1] == "failed"
+    assert job.error == (f"cannot train this spec here: resources.devices: the job asks for 2 devices; "
+                         f"this worker has {torch.cuda.device_count()}")
+    assert not ranks_alive()
