@@ -184,7 +184,8 @@ class _Run:
                 self.errors[rank] = (message[1], message[2])
 
     def failed(self) -> bool:
-        lost_primary = self.procs[0].exitcode == 0 and self.result is None and not self.conns
+        # rank 0's pipe is read to its end (the result comes before the end) before this counts
+        lost_primary = self.procs[0].exitcode == 0 and self.result is None and 0 not in self.conns.values()
         return bool(self.errors) or lost_primary or any(p.exitcode not in (None, 0) for p in self.procs)
 
     def settle(self, callbacks: Callbacks) -> None:
