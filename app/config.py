@@ -11,6 +11,8 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_MAX_PARAMS                largest estimated model (default 50M parameters)
 - STABLETRAIN_MAX_STEPS                 largest training.max_steps (default 1,000,000)
 - STABLETRAIN_MAX_SEQ_LEN               largest training.seq_len (default 2048)
+- STABLETRAIN_MAX_DEVICES               largest resources.devices: the devices one training worker has
+                                        (default 1; set it to the GPUs per worker)
 - STABLETRAIN_MAX_LIVE_JOBS             queued + running jobs per key (default 8)
 - STABLETRAIN_MAX_QUEUED_SAMPLES        queued + running samples per key (default 8); past it 429
 - STABLETRAIN_MAX_QUEUED_PROBES         queued + running LR probes per key (default 2); past it 429
@@ -59,6 +61,7 @@ def default_config() -> dict[str, Any]:
         "MAX_PARAMS": 50_000_000,
         "MAX_STEPS": 1_000_000,
         "MAX_SEQ_LEN": 2048,
+        "MAX_DEVICES": 1,
         "MAX_LIVE_JOBS": 8,
         "MAX_QUEUED_SAMPLES": 8,
         "MAX_QUEUED_PROBES": 2,

@@ -131,10 +131,13 @@ def test_start_order_waits_for_healthy_stores_and_finished_migration(compose: di
         assert deps["redis"] == {"condition": "service_healthy"}, name
 
 
-def test_training_worker_reserves_a_gpu_and_runs_one_job(compose: dict[str, Any]) -> None:
+def test_training_worker_reserves_its_gpus_and_runs_one_job(compose: dict[str, Any]) -> None:
     worker = services(compose)["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # every GPU of the machine: a job's resources.devices ranks run on them (data parallel)
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    # the API refuses jobs asking for more devices than a worker has
+    assert env(worker)["STABLETRAIN_MAX_DEVICES"] == env(services(compose)["api"])["STABLETRAIN_MAX_DEVICES"]
     cmd = worker["command"]
     assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
     assert option(cmd, "-Q", "--queues") == "train"

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, delete, select, update
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
+from worker.engine.distributed import RankFailed, run_data_parallel
 from worker.leases import (
     Heartbeat,
     Lease,
@@ -48,6 +49,9 @@ SHUTDOWN = threading.Event()
 
 SAMPLE_PARAMS = ("max_new_tokens", "temperature", "top_k", "seed")
 CLAIM_TRIES = 5
+# Seconds beyond the reporter's database retry that a data-parallel rank may wait in a collective
+# (a checkpoint write and a diagnosis on rank 0 fit in it).
+COLLECTIVE_MARGIN_S = 600
 
 
 class Activity:
@@ -208,6 +212,10 @@ def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     except JobInputError as exc:
         _fail(engine, lease, str(exc))
         return "failed"
+    except RankFailed as exc:  # one rank of a data-parallel job died: every rank was stopped
+        log.error("job %s: %s", lease.job_id, exc)
+        _fail(engine, lease, f"{exc}. Its checkpoints are kept; retry the job, or lower resources.devices")
+        return "failed"
     except Exception as exc:
         log.exception("job %s crashed", lease.job_id)
         _fail(engine, lease, describe_crash(exc))
@@ -244,15 +252,30 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
         reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, pause=hb.pause.is_set,
                               fenced=hb.lost.is_set, lease=lease, on_lease_lost=hb.lost.set)
+        out_dir = checkpoint_dir(settings.storage_dir, job_id)
         try:
-            trainer = Trainer(spec, text, checkpoint_dir(settings.storage_dir, job_id), reporter,
-                              device=device, resume_from=resume_from)
+            if spec.resources.devices > 1:
+                result = run_data_parallel(spec, text, out_dir, reporter, device_type=torch_device_type(device),
+                                           resume_from=resume_from,
+                                           collective_timeout_s=collective_timeout_s(settings))
+            else:
+                result = Trainer(spec, text, out_dir, reporter, device=device, resume_from=resume_from).run()
         except DataError as exc:
             raise JobInputError(f"cannot train on this dataset: {exc}") from exc
-        except ValueError as exc:  # a spec this device cannot run (e.g. fp16 recurrent layers on CPU)
+        except ValueError as exc:  # a spec this device cannot run (e.g. fp16 recurrent layers on CPU, too few GPUs)
             raise JobInputError(f"cannot train this spec here: {exc}") from exc
-        result = trainer.run()
     return _record_result(engine, lease, settings, result, stop, hb, reporter.checkpoint_error)
+
+
+def torch_device_type(device: str) -> str:
+    """`cuda` for cuda:N, else the device name (a data-parallel job uses that type's devices 0..N-1)."""
+    return device.split(":", 1)[0]
+
+
+def collective_timeout_s(settings: WorkerSettings) -> float:
+    """How long a rank waits in a collective before the job fails as hung. Rank 0 may spend up to
+    db_retry_s in a database write (an outage) while the others wait for its next step."""
+    return settings.db_retry_s + COLLECTIVE_MARGIN_S
 
 
 def final_checkpoint_missing(result: Any, checkpoint_error: str | None) -> str | None:

@@ -102,6 +102,10 @@ _API_FIELDS: dict[str, dict[str, Any]] = {
     "name": {"validate": Length(min=1, max=engine.NAME_MAX_CHARS)},
     "model.hidden": {"metadata": {"description": "null: 4 * d_model for transformer (the FFN width), 128 otherwise"}},
     "model.residual": {"metadata": {"description": "null: true for transformer, false otherwise"}},
+    "resources.devices": {"metadata": {"description": (
+        "devices of one worker that train the job together (data parallel: DDP over NCCL on GPUs, gloo "
+        "processes on CPU); training.batch_size stays the global batch and must be divisible by it; "
+        "at most STABLETRAIN_MAX_DEVICES on this server")}},
 }
 
 

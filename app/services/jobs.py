@@ -44,6 +44,10 @@ def check_limits(spec: dict[str, Any]) -> None:
         _invalid("training.max_steps", f"must be at most {cfg['MAX_STEPS']} on this server")
     if training["seq_len"] > int(cfg["MAX_SEQ_LEN"]):
         _invalid("training.seq_len", f"must be at most {cfg['MAX_SEQ_LEN']} on this server")
+    devices = (spec.get("resources") or {}).get("devices", 1)
+    if devices > int(cfg["MAX_DEVICES"]):
+        _invalid("resources.devices", f"must be at most {cfg['MAX_DEVICES']} on this server (the devices "
+                                      "of one training worker)")
     params = estimate_params(spec["model"], training["seq_len"], vocab_estimate(spec.get("tokenizer") or {}))
     if params > int(cfg["MAX_PARAMS"]):
         _invalid("model", f"has about {params:,} parameters; this server allows {int(cfg['MAX_PARAMS']):,}")

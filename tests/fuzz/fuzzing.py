@@ -100,6 +100,9 @@ SEMANTIC_LIMITS: dict[tuple[str, str, str], str] = {
     ("POST /v1/jobs/{job_id}/retry", "*", ""): "overrides are checked against the patched spec",
     ("POST /v1/jobs", "training.seq_len", "on this server"): "STABLETRAIN_MAX_SEQ_LEN, set per deployment",
     ("POST /v1/jobs", "training.max_steps", "on this server"): "STABLETRAIN_MAX_STEPS, set per deployment",
+    ("POST /v1/jobs", "resources.devices", "on this server"): "STABLETRAIN_MAX_DEVICES, set per deployment",
+    ("POST /v1/jobs", "training.batch_size", "divisible by resources.devices"): "cross-field rule (batch vs devices)",
+    ("POST /v1/jobs", "model.norm", "would normalize each device"): "cross-field rule (batchnorm vs devices)",
     ("POST /v1/datasets", "file", "invalid UTF-8"): "a dataset is UTF-8 text; a binary upload may be any bytes",
     # where a host resolves and whether that address is public is no schema matter (docs/contracts.md, Webhooks)
     ("POST /v1/webhooks", "url", ""): "https on a public address, resolved by the server",

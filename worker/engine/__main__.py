@@ -103,18 +103,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail_input(f"invalid spec: {exc}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return _fail_input(str(exc).splitlines()[0])
-    from .trainer import Trainer  # torch import only once input is known to be good
+    from .distributed import RankFailed, run_data_parallel  # torch import only once input is known to be good
+    from .trainer import Trainer
 
     out = Path(args.out)
     callbacks = FileCallbacks(out)
     signal.signal(signal.SIGINT, lambda *_: setattr(callbacks, "stop_requested", True))
+    resume_from = Path(args.resume) if args.resume else None
     try:
-        trainer = Trainer(spec, text, out / "checkpoints", callbacks, device=args.device,
-                          resume_from=Path(args.resume) if args.resume else None)
+        if spec.resources.devices > 1:  # data parallel: ranks spawned here, this process reports
+            result = run_data_parallel(spec, text, out / "checkpoints", callbacks,
+                                       device_type=args.device.split(":", 1)[0], resume_from=resume_from)
+        else:
+            result = Trainer(spec, text, out / "checkpoints", callbacks, device=args.device,
+                             resume_from=resume_from).run()
     except (DataError, CheckpointError, ValueError) as exc:
         callbacks.close()
         return _fail_input(str(exc))
-    result = trainer.run()
+    except RankFailed as exc:
+        callbacks.close()
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
     callbacks.close()
     (out / "diagnosis.json").write_text(json.dumps(_json_safe({
         "status": result.status, "step": result.step, "error": result.error,

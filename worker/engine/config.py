@@ -131,6 +131,13 @@ class CheckpointingConfig:
 
 
 @dataclass
+class ResourcesConfig:
+    # devices (GPUs, or gloo processes on CPU) of one worker that train this job as data-parallel ranks;
+    # training.batch_size stays the global batch and must be divisible by it
+    devices: int = 1
+
+
+@dataclass
 class JobSpec:
     name: str = "run"
     dataset_id: str | None = None
@@ -140,6 +147,7 @@ class JobSpec:
     stabilization: StabilizationConfig = field(default_factory=StabilizationConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,7 @@ RULES: dict[str, Bound] = {
     "monitoring.attribution_top_k": _between(0, 64),
     "checkpointing.every_steps": _at_least(1),
     "checkpointing.keep_last": _between(1, 100),
+    "resources.devices": _between(1, 64),
 }
 NAME_MAX_CHARS = 200
 # Floats that may be infinite (an inf-norm clip); every other float must be finite.
@@ -401,7 +410,23 @@ def _check_rules(spec: JobSpec) -> None:
 def _check_consistency(spec: JobSpec) -> None:
     if spec.training.warmup_steps > spec.training.max_steps:
         raise SpecError("training.warmup_steps", "must not exceed training.max_steps")
+    _check_devices(spec)
     _check_applicable(spec)
+
+
+def _check_devices(spec: JobSpec) -> None:
+    """Data parallelism keeps the single-device run's meaning: equal shards of the global batch (so the
+    ranks' averaged gradient is the full batch's mean gradient) and no per-shard batch statistics."""
+    devices = spec.resources.devices
+    if devices == 1:
+        return
+    if spec.training.batch_size % devices:
+        raise SpecError("training.batch_size",
+                        f"must be divisible by resources.devices ({devices}): each device takes an equal share "
+                        "of the global batch")
+    if spec.model.norm == "batchnorm":
+        raise SpecError("model.norm", "batchnorm would normalize each device's share of the batch separately; "
+                                      "use layernorm or rmsnorm with resources.devices above 1")
 
 
 def _check_applicable(spec: JobSpec) -> None:

@@ -42,6 +42,7 @@ from .monitor import (
     layer_update_stats,
     snapshot,
 )
+from .parallel import SingleDevice
 from .stabilizers import GradClipper, SpikeGuard, apply_weight_max_norm
 from .tokenizers import build_tokenizer, tokenizer_from_state
 
@@ -237,8 +238,11 @@ class Trainer:
         device: str = "cpu",
         resume_from: Path | None = None,
         sync_every: int | None = None,
+        parallel: SingleDevice | None = None,
     ) -> None:
         self.spec = spec
+        # one device, or this process's rank of a data-parallel job (worker/engine/distributed.py)
+        self.parallel = parallel or SingleDevice()
         self.cb = callbacks or Callbacks()
         self.device = torch.device(device)
         self.out_dir = Path(out_dir)
@@ -252,6 +256,9 @@ class Trainer:
         self.data = load_text_data(text, self.tokenizer, t.seq_len, t.val_fraction).to(self.device)
         torch.manual_seed(t.seed)  # model init and dropout are reproducible from the seed
         self.model = build_model(spec.model, self.tokenizer.vocab_size, t.seq_len).to(self.device)
+        if self.parallel.rank:
+            # every rank built the same model from the seed; dropout masks differ between ranks' rows
+            torch.manual_seed(t.seed + self.parallel.rank)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         named = dict(self.model.named_parameters())
         self.layer_names: list[str] = list(self.model.layer_names())
@@ -264,7 +271,9 @@ class Trainer:
         agc_weights = [w for w in self.weights if w is not head] or self.weights
         self.clipper = GradClipper(stab.clip, self.params, agc_weights)
         self.guard = SpikeGuard(stab.explosion_factor, stab.on_explosion != "none", self.device)
-        self.act_monitor = ActivationMonitor(self.model) if spec.monitoring.activation_stats else None
+        # statistics are reported by rank 0 alone, from its rows
+        monitor_acts = spec.monitoring.activation_stats and self.parallel.is_primary
+        self.act_monitor = ActivationMonitor(self.model) if monitor_acts else None
         self.pending_activations: list[PendingActivationStats] = []
         self.latest_findings: list[dict[str, Any]] | None = None
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
@@ -292,6 +301,8 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps
         if resume:
             self._load_state(resume)
+        # what the forward-backward pass runs (DDP's wrapper when data parallel); self.model is the module
+        self.trained_model = self.parallel.wrap(self.model)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -305,9 +316,9 @@ class Trainer:
             self._keep_healthy_state()  # the starting point is the first known-good state
         try:
             while self.step < max_steps:
-                if self.cb.should_stop():
+                if self.parallel.agree(self.cb.should_stop()):
                     return self._finish_cancelled()
-                if self.cb.should_pause():
+                if self.parallel.agree(self.cb.should_pause()):
                     return self._finish_paused()
                 self.train_step()
                 if self.step % self.spec.checkpointing.every_steps == 0 and self.step < max_steps:
@@ -324,9 +335,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        want_layers = step % self.spec.monitoring.layer_stats_every == 0
+        want_layers = step % self.spec.monitoring.layer_stats_every == 0 and self.parallel.is_primary
         monitor_acts = want_layers and self.act_monitor is not None
         loss, row_losses, offsets, first = self._forward_backward(monitor_acts)
+        loss = self.parallel.average(loss)  # the global batch's loss, so every rank judges the same value
         activations = self._activation_stats(step, first) if monitor_acts else None
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16: norms and clipping see true gradients
         grad_norms = layer_grad_norms(self.weights) if want_layers else None
@@ -363,18 +375,21 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         row_losses, offsets = [], []
         first: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Every rank draws the global batch one process would draw and trains its own rows of it.
+        mine = self.parallel.rows(t.batch_size)
         with self.act_monitor.capture() if monitor_acts else nullcontext():
-            for _ in range(t.grad_accum_steps):
+            for micro in range(t.grad_accum_steps):
                 x, y, starts = self.data.batch_with_offsets("train", t.batch_size, self.data_gen)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, y = x[mine].to(self.device, non_blocking=True), y[mine].to(self.device, non_blocking=True)
                 first = first or (x, y)
-                with _autocast(self.device, self.spec.stabilization.precision):
-                    logits = self.model(x)
-                token_losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-                per_row = token_losses.view(x.shape).mean(dim=1)
-                # Equal-sized micro-batches: mean / accum == mean over the whole window (one big batch).
-                loss = per_row.mean() / t.grad_accum_steps
-                self.scaler.scale(loss).backward()
+                with self.parallel.micro_step(self.trained_model, final=micro == t.grad_accum_steps - 1):
+                    with _autocast(self.device, self.spec.stabilization.precision):
+                        logits = self.trained_model(x)
+                    token_losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+                    per_row = token_losses.view(x.shape).mean(dim=1)
+                    # Equal-sized micro-batches: mean / accum == mean over the whole window (one big batch).
+                    loss = per_row.mean() / t.grad_accum_steps
+                    self.scaler.scale(loss).backward()
                 total += loss.detach()
                 row_losses.append(per_row.detach())
                 offsets.append(starts)
@@ -482,7 +497,7 @@ class Trainer:
     def _attribution(self, pending: PendingStep) -> dict[str, Any]:
         """Where in the dataset the spiking window came from, and its worst rows by their own loss."""
         offsets = [int(o) for o in pending.offsets.tolist()]
-        losses = pending.row_losses.float().cpu().tolist()
+        losses = self.parallel.gather_rows(pending.row_losses, self.spec.training.grad_accum_steps).float().tolist()
         ranked = sorted(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf,
                         reverse=True)
         top = [{"offset": offsets[i], "loss": losses[i] if math.isfinite(losses[i]) else None,
@@ -597,7 +612,8 @@ class Trainer:
             self.cb.on_activation_stats(acts.step, rows)
         self.pending_activations = []
         self.last_flush = time.monotonic()
-        if 0 < self.step < self.spec.training.max_steps:  # the final diagnosis comes with the result
+        # the final diagnosis comes with the result; rank 0 reports for all ranks
+        if 0 < self.step < self.spec.training.max_steps and self.parallel.is_primary:
             self._live_diagnosis()
 
     def _event(self, kind: str, message: str, data: dict[str, Any], step: int | None = None) -> None:
@@ -614,14 +630,15 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
+        mine = self.parallel.rows(t.batch_size)
         for _ in range(t.eval_batches):
             x, y = self.data.batch("val", t.batch_size, gen)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x[mine].to(self.device), y[mine].to(self.device)
             with _autocast(self.device, self.spec.stabilization.precision):
                 logits = self.model(x)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         self.model.train(was_training)
-        return (total / t.eval_batches).item()
+        return (self.parallel.average(total) / t.eval_batches).item()
 
     def diagnose(self) -> list[dict[str, Any]]:
         """Findings over the whole run so far."""
@@ -658,9 +675,16 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "health": self._health(),
         }
+        if self.parallel.world_size > 1:
+            # each rank's dropout stream, so a resumed data-parallel run continues bit-identically
+            state["rng"]["ranks"] = self.parallel.gather_objects(self._torch_rng())
         if self.healthy_states:
             state["healthy_states"] = list(self.healthy_states)
         return state
+
+    def _torch_rng(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -673,6 +697,11 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        ranks = state["rng"].get("ranks") or []
+        if len(ranks) == self.parallel.world_size > 1:
+            torch.set_rng_state(ranks[self.parallel.rank]["torch"])
+            if self.device.type == "cuda" and ranks[self.parallel.rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ranks[self.parallel.rank]["cuda"], self.device)
         monitor = state["monitor"]
         self.history.load_state_dict(monitor["history"])
         self.history.truncate_after(self.step)
@@ -688,11 +717,13 @@ class Trainer:
     def save(self) -> dict[str, Any] | None:
         """Write a checkpoint of the current step; a storage failure is an event, not a crash."""
         self.flush()  # every row up to this step reaches the callbacks before the checkpoint
-        if not self.cb.may_write_checkpoints():
-            return None  # another owner writes this folder now (lost lease): touch nothing
+        state = self.state_dict()  # on every rank: it gathers the ranks' random states
+        # rank 0 writes; another owner writing this folder now (lost lease) means touching nothing
+        if not self.parallel.is_primary or not self.cb.may_write_checkpoints():
+            return None
         path = checkpoint_path(self.out_dir, self.step)
         try:
-            written = save_checkpoint(path, self.state_dict())
+            written = save_checkpoint(path, state)
         except (OSError, CheckpointError, RuntimeError) as exc:
             self._event("checkpoint_failed", f"checkpoint at step {self.step} not written: {exc}",
                         {"previous": self.last_checkpoint and self.last_checkpoint["step"]})
@@ -733,7 +764,7 @@ class Trainer:
         self.flush()
         # Diagnose before the final checkpoint, so its health is the final diagnosis' health.
         findings = self.latest_findings = self.diagnose()
-        if not self.last_checkpoint or self.last_checkpoint["step"] != self.step:
+        if self.parallel.from_primary(not self.last_checkpoint or self.last_checkpoint["step"] != self.step):
             self.save()
         self._event("finished", f"finished {self.step} steps; {summarize(findings).splitlines()[0]}",
                     {"val_loss": self.last_val_loss})
@@ -746,8 +777,10 @@ class Trainer:
         return TrainResult("cancelled", self.step, None, self.diagnose(), self.last_checkpoint)
 
     def _finish_paused(self) -> TrainResult:
-        # paused before the first step: nothing to keep, a resumed run starts from the beginning
-        if self.step and (not self.last_checkpoint or self.last_checkpoint["step"] != self.step):
+        # paused before the first step: nothing to keep, a resumed run starts from the beginning. Rank 0
+        # decides for all (save() is collective; only rank 0 knows the checkpoints it wrote).
+        unsaved = bool(self.step) and (not self.last_checkpoint or self.last_checkpoint["step"] != self.step)
+        if self.parallel.from_primary(unsaved):
             self.save()
         self.flush()
         self._event("paused", f"paused at step {self.step}", {})
