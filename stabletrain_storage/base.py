@@ -76,7 +76,7 @@ class Storage(ABC):
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
-        """Keys under `prefix` (a folder ending in '/'), sorted."""
+        """Keys starting with `prefix` (a folder ends in '/'), sorted."""
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under a folder prefix."""

@@ -72,11 +72,13 @@ class LocalStorage(Storage):
         self.path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
-        folder = self.root / check_key(prefix.rstrip("/"))
+        folder_key = prefix.rpartition("/")[0]
+        folder = self.root / check_key(folder_key) if folder_key else self.root
         if not folder.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in folder.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
+        keys = (p.relative_to(self.root).as_posix() for p in folder.rglob("*")
+                if p.is_file() and not p.name.startswith("."))  # dot files: writes in progress
+        return sorted(k for k in keys if k.startswith(prefix))
 
     def move(self, key: str, new_key: str) -> bool:
         target = self.path(new_key)

@@ -114,7 +114,7 @@ class S3Storage(Storage):
             raise _wrap(f"delete of {key}", exc) from exc
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix.rstrip("/")) + "/"
+        full = self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
         keys: list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):

@@ -182,7 +182,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(engine: Engine, settings: Work
     assert run_train_job(engine, job_id, settings) == "succeeded"
     newest = settings.storage_dir / "checkpoints" / job_id / "step_12.pt"
     newest.write_bytes(b"corrupt")
-    path, step = service.find_resume_point(engine, job_id, settings.storage_dir)
+    path, step = service.find_resume_point(engine, job_id, settings.storage)
     assert (path.name, step) == ("step_10.pt", 10)
 
 
