@@ -114,7 +114,9 @@ class S3Storage(Storage):
             raise _wrap(f"delete of {key}", exc) from exc
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        full = (f"{self.prefix}/" if self.prefix else "") + prefix
         keys: list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
