@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from stabletrain_storage import Storage, checkpoint_key, checkpoint_prefix, checkpoint_step
+from stabletrain_storage import Storage, StorageError, checkpoint_key, checkpoint_prefix, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,11 @@ def pull_tokenizers(store: Storage, text: str) -> Path:
     """Fetch the bucket's BPE tokenizers of this text into the local tokenizer cache; returns that folder."""
     folder = store.local_dir(TOKENIZERS)
     if store.is_remote:
-        for key in store.list(TOKENIZERS + _tokenizer_names(text)):
-            store.local_copy(key)
+        try:
+            for key in store.list(TOKENIZERS + _tokenizer_names(text)):
+                store.local_copy(key)
+        except StorageError as exc:  # a cache only: without it the engine trains the tokenizer again
+            log.warning("tokenizers not fetched from storage: %s", exc)
     return folder
 
 
@@ -154,7 +157,10 @@ def push_tokenizers(store: Storage, text: str) -> None:
     """Upload the tokenizers of this text that this host trained and the bucket lacks."""
     if not store.is_remote:
         return
-    for path in sorted(store.local_dir(TOKENIZERS).glob(_tokenizer_names(text) + "*.json")):
-        key = TOKENIZERS + path.name
-        if not store.exists(key):
-            store.put_file(path, key)
+    try:
+        for path in sorted(store.local_dir(TOKENIZERS).glob(_tokenizer_names(text) + "*.json")):
+            key = TOKENIZERS + path.name
+            if not store.exists(key):
+                store.put_file(path, key)
+    except StorageError as exc:  # a cache only: the next job of this dataset trains it again
+        log.warning("tokenizers not stored: %s", exc)

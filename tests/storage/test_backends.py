@@ -99,3 +99,20 @@ def test_open_storage_picks_the_backend(tmp_path: Path, moto_endpoint: str) -> N
     assert open_storage("s3://bucket-x/a/b", tmp_path, moto_endpoint) is s3  # one client per configuration
     with pytest.raises(ValueError):
         open_storage("gs://bucket", tmp_path)
+
+
+def test_bpe_tokenizers_travel_through_the_bucket(bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    """Host A's trained tokenizer reaches the bucket; host B's engine cache folder gets it before training."""
+    from worker.artifacts import pull_tokenizers, push_tokenizers
+
+    text, other = "some corpus text", "another corpus"
+    host_a = S3Storage(bucket, "p", tmp_path / "a", endpoint_url=moto_endpoint)
+    host_b = S3Storage(bucket, "p", tmp_path / "b", client=host_a.client)
+    name = f"bpe-{hashlib.sha256(text.encode()).hexdigest()}-300-r1.json"
+    (host_a.local_dir("tokenizers") / name).write_text('{"model": 1}')
+    (host_a.local_dir("tokenizers") / f"bpe-{hashlib.sha256(other.encode()).hexdigest()}-300-r1.json").write_text("{}")
+    push_tokenizers(host_a, text)
+    assert host_a.list("tokenizers/") == [f"tokenizers/{name}"]  # only this text's tokenizers
+    folder = pull_tokenizers(host_b, text)
+    assert folder == tmp_path / "b" / "tokenizers" and [p.name for p in folder.iterdir()] == [name]
+    assert (folder / name).read_text() == '{"model": 1}'
