@@ -127,8 +127,9 @@ def local_checkpoint_dir(store: Storage, job_id: str) -> Path:
 
 
 def clear_cached_checkpoints(store: Storage, job_id: str, keep: Path | None) -> None:
-    """Drop this host's cached checkpoint files of the job but the one resumed from: the bucket is the
-    truth, and stale copies from an earlier attempt here would take part in the trainer's keep_last."""
+    """Drop this host's cached checkpoint files of the job (but `keep`, the one resumed from): the bucket
+    is the truth, and stale copies from an earlier attempt here would take part in the trainer's
+    keep_last. A folder store keeps its files: they are the store."""
     if not store.is_remote:
         return
     for path in local_checkpoint_dir(store, job_id).glob("step_*.pt"):

@@ -258,6 +258,7 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
             result = trainer.run()
         finally:
             reporter.finish_uploads()  # under the heartbeat: the lease holds while the last upload runs
+            clear_cached_checkpoints(store, job_id, keep=None)  # uploaded: the bucket has them, free the disk
         result = replace(result, checkpoint=reporter.stored_checkpoint(result.checkpoint))
     return _record_result(engine, lease, settings, result, stop, hb, reporter.checkpoint_error)
 

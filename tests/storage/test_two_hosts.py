@@ -128,6 +128,7 @@ def test_train_download_sample_export_and_resume_across_hosts(
     # host A trains: its checkpoints reach the bucket, and each record names an uploaded object
     job_id = submit(client, auth, dataset["id"])
     assert run_train_job(engine, job_id, host(api, tmp_path / "host-a")) == "succeeded"
+    assert list((tmp_path / "host-a" / "cache" / "checkpoints" / job_id).iterdir()) == []  # uploaded, then freed
     stored = records(engine, job_id)
     assert [c.step for c in stored] == [10, 12]  # keep_last 2: step 5 left the bucket with its record
     assert bucket_keys(s3_client, bucket, f"checkpoints/{job_id}/") == [
@@ -279,7 +280,7 @@ def test_a_failed_checkpoint_upload_leaves_no_record(api: Flask, engine: Engine,
     assert final_step in failed  # the cancel's checkpoint: its upload ended before the final state
     assert not {f"checkpoints/{job_id}/step_{s}.pt" for s in failed} & recorded
     assert max(failed) > max(int(k.rsplit("_", 1)[1].split(".")[0]) for k in recorded)  # training went on
-    assert not list((tmp_path / "a" / "cache" / "checkpoints" / job_id).glob(".upload-*"))  # staged copies gone
+    assert list((tmp_path / "a" / "cache" / "checkpoints" / job_id).iterdir()) == []  # no staged copy left behind
 
 
 def failed_steps(engine: Engine, job_id: str) -> set[int]:
