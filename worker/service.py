@@ -25,6 +25,7 @@ from sqlalchemy import Engine, delete, select, update
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
 from stabletrain_storage import (
     Storage,
+    StorageError,
     checkpoint_key,
     checkpoint_prefix,
     checkpoint_step,
@@ -213,6 +214,8 @@ def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
 
 def describe_crash(exc: Exception) -> str:
     """Words for an unexpected exception; out-of-memory gets a fix the user can apply."""
+    if isinstance(exc, StorageError):
+        return f"the storage could not be reached ({exc}); retry the job once it is back"
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return ("out of device memory: lower training.batch_size or training.seq_len, use "
                 "training.grad_accum_steps, or shrink the model")

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from app.models import Checkpoint, Event, Job, LayerMetric, Sample, StepMetric, new_id
+from stabletrain_storage import StorageError
 from tests.worker.jobfactory import TINY_SPEC, make_job
 from worker import service
 from worker.db import utcnow
@@ -215,6 +216,9 @@ def test_crash_descriptions() -> None:
     assert service.describe_crash(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
                                   ).startswith("out of device memory: lower training.batch_size")
     assert service.describe_crash(KeyError("x")) == "internal error in the worker: KeyError: 'x'"
+    assert service.describe_crash(StorageError("storage: listing of checkpoints/ failed: timeout")) == (
+        "the storage could not be reached (storage: listing of checkpoints/ failed: timeout); "
+        "retry the job once it is back")
 
 
 def test_a_running_job_has_a_current_diagnosis(engine: Engine, settings: WorkerSettings) -> None:
