@@ -27,6 +27,7 @@ COPY pyproject.toml gunicorn.conf.py ./
 COPY app ./app
 COPY worker ./worker
 COPY stabletrain_export ./stabletrain_export
+COPY stabletrain_storage ./stabletrain_storage
 COPY migrations ./migrations
 RUN pip install --no-deps -e .
 USER stabletrain
@@ -46,6 +47,7 @@ COPY pyproject.toml gunicorn.conf.py ./
 COPY app ./app
 COPY worker ./worker
 COPY stabletrain_export ./stabletrain_export
+COPY stabletrain_storage ./stabletrain_storage
 COPY migrations ./migrations
 RUN pip install --no-deps -e .
 USER stabletrain

@@ -4,7 +4,13 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 
 - STABLETRAIN_DATABASE_URL              SQLAlchemy URL (default sqlite:///<repo>/var/stabletrain.db)
 - STABLETRAIN_BROKER_URL                Celery broker (default sqlalchemy+sqlite:///<repo>/var/broker.db)
-- STABLETRAIN_STORAGE_DIR               datasets and checkpoints (default <repo>/var/storage)
+- STABLETRAIN_STORAGE_DIR               datasets and checkpoints (default <repo>/var/storage); with a bucket
+                                        it holds only this host's temp files and caches
+- STABLETRAIN_STORAGE_URL               s3://bucket/prefix keeps datasets, tokenizers, checkpoints and exports
+                                        in an S3-compatible bucket (boto3; AWS_ACCESS_KEY_ID,
+                                        AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); empty = STORAGE_DIR
+- STABLETRAIN_S3_ENDPOINT_URL           endpoint of a non-AWS store (MinIO: http://minio:9000)
+- STABLETRAIN_CACHE_DIR                 a worker's local copies of bucket objects (default <STORAGE_DIR>/cache)
 - STABLETRAIN_MAX_DATASET_BYTES         largest upload (default 50 MB)
 - STABLETRAIN_MAX_JSON_BYTES             largest JSON request body (default 1 MB)
 - STABLETRAIN_MAX_DATASET_BYTES_PER_KEY total dataset bytes per API key (default 500 MB)
@@ -55,6 +61,9 @@ def default_config() -> dict[str, Any]:
         "DATABASE_URL": f"sqlite:///{VAR_DIR / 'stabletrain.db'}",
         "BROKER_URL": f"sqlalchemy+sqlite:///{VAR_DIR / 'broker.db'}",
         "STORAGE_DIR": str(VAR_DIR / "storage"),
+        "STORAGE_URL": "",
+        "S3_ENDPOINT_URL": "",
+        "CACHE_DIR": "",
         "MAX_DATASET_BYTES": 50 * MB,
         "MAX_DATASET_BYTES_PER_KEY": 500 * MB,
         "MAX_JSON_BYTES": 1 * MB,

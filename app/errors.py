@@ -8,6 +8,8 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from stabletrain_storage import StorageError
+
 log = logging.getLogger(__name__)
 
 CODES = {
@@ -102,7 +104,15 @@ def handle_unexpected(error: BaseException) -> Response:
     return error_response(500, "Internal server error.")
 
 
+def handle_storage_error(error: StorageError) -> Response:
+    """The bucket could not be reached: 503 (retry later); nothing was recorded without its object."""
+    log.error("storage unavailable", exc_info=error)
+    return error_response(503, "Storage is unavailable; try again shortly.", code="storage_unavailable",
+                          headers={"Retry-After": "5"})
+
+
 def register_error_handlers(app: Flask) -> None:
     """Install the envelope for HTTP errors and unexpected exceptions (after flask-smorest's own)."""
     app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(StorageError, handle_storage_error)
     app.register_error_handler(Exception, handle_unexpected)

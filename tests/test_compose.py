@@ -23,6 +23,9 @@ from worker.settings import WORKER_DEFAULTS
 REPO = Path(__file__).resolve().parents[1]
 APP_SERVICES = ("migrate", "api", "worker", "samples", "webhooks")
 WORKER_ONLY_KEYS = {"DEVICE", "WORKER_ID"}
+# boto3's standard credential variables, read by the S3 storage backend (stabletrain_storage)
+AWS_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+S3_PROFILE_SERVICES = {"minio", "minio-init"}
 IMAGE_TARGETS = {"migrate": "api", "api": "api", "worker": "worker", "samples": "worker", "webhooks": "worker"}
 
 
@@ -75,7 +78,10 @@ def test_schema_check_rejects_a_broken_file(compose: dict[str, Any], validator: 
 
 
 def test_services_present(compose: dict[str, Any]) -> None:
-    assert set(services(compose)) == {"postgres", "redis", "migrate", "api", "worker", "samples", "webhooks"}
+    assert set(services(compose)) == ({"postgres", "redis", "migrate", "api", "worker", "samples", "webhooks"}
+                                      | S3_PROFILE_SERVICES)
+    for name in S3_PROFILE_SERVICES:  # optional: started only with `--profile s3`
+        assert services(compose)[name]["profiles"] == ["s3"], name
     for name in APP_SERVICES:
         target = IMAGE_TARGETS[name]
         assert services(compose)[name]["image"] == f"stabletrain-{target}:latest", name
@@ -172,7 +178,7 @@ def test_api_serves_the_app_factory(compose: dict[str, Any]) -> None:
 def test_env_var_names_are_ones_the_code_reads(compose: dict[str, Any]) -> None:
     known = set(default_config()) | set(WORKER_DEFAULTS) | WORKER_ONLY_KEYS
     for name in APP_SERVICES:
-        for var in env(services(compose)[name]):
+        for var in set(env(services(compose)[name])) - AWS_KEYS:
             assert var.startswith("STABLETRAIN_"), f"{name}: {var}"
             assert var.removeprefix("STABLETRAIN_") in known, f"{name}: {var} is not read by app/config or worker/settings"
 
@@ -199,3 +205,19 @@ def test_dockerfile_copies_what_exists() -> None:
     sources = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
     assert sources and all((REPO / src).exists() for src in sources), sources
     assert "STABLETRAIN_STORAGE_DIR=/data/storage" in dockerfile
+
+
+def test_app_containers_can_share_an_s3_bucket(compose: dict[str, Any]) -> None:
+    """One set of variables wires every app container to the bucket; MinIO (profile s3) takes the same
+    credentials as its root login, and its init job creates the bucket once MinIO is healthy."""
+    svc = services(compose)
+    wired = ("STABLETRAIN_STORAGE_URL", "STABLETRAIN_S3_ENDPOINT_URL", *sorted(AWS_KEYS))
+    values = {name: tuple(env(svc[name])[k] for k in wired) for name in APP_SERVICES}
+    assert len(set(values.values())) == 1, values
+    assert values["api"][:2] == ("${STABLETRAIN_STORAGE_URL:-}", "${STABLETRAIN_S3_ENDPOINT_URL:-}")  # off by default
+    minio = svc["minio"]
+    assert minio["environment"]["MINIO_ROOT_USER"].startswith("${AWS_ACCESS_KEY_ID")
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${AWS_SECRET_ACCESS_KEY")
+    assert "healthcheck" in minio and "miniodata" in compose["volumes"]
+    assert svc["minio-init"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert "mc mb --ignore-existing" in " ".join(svc["minio-init"]["entrypoint"])

@@ -23,6 +23,8 @@ from sqlalchemy.exc import DBAPIError
 from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric
 from app.services.common import finite_or_none, without_nonfinite
 from app.services.webhook_events import record_health_changes, record_job_event
+from stabletrain_storage import Storage
+from worker.artifacts import CheckpointUploads
 from worker.db import upsert, utcnow, with_retry
 from worker.engine.diagnosis import health_of
 from worker.engine.trainer import Callbacks
@@ -84,6 +86,8 @@ class DbReporter(Callbacks):
         fenced: Callable[[], bool] = lambda: False,
         lease: Lease | None = None,
         on_lease_lost: Callable[[], None] = lambda: None,
+        store: Storage | None = None,
+        keep_last: int = 1,
     ) -> None:
         self.engine = engine
         self.job_id = job_id
@@ -97,6 +101,10 @@ class DbReporter(Callbacks):
         self._on_lease_lost = on_lease_lost
         # message of the last checkpoint the engine could not write (storage full, read-only, ...)
         self.checkpoint_error: str | None = None
+        # a bucket: checkpoint files go up in the background and are recorded after (None: a folder store,
+        # where the trainer's file is already in place and is recorded at once)
+        self.uploads = CheckpointUploads(store, job_id, keep_last, self) if store is not None and store.is_remote \
+            else None
 
     def _write(self, what: str, work: Callable[[Connection], None]) -> None:
         def fenced_work(conn: Connection) -> None:
@@ -157,7 +165,8 @@ class DbReporter(Callbacks):
         self._write("event", lambda conn: conn.execute(Event.__table__.insert().values(**record)))
 
     def on_checkpoint(self, info: dict[str, Any]) -> None:
-        """Record a checkpoint whose file is fully written (upsert: a resumed run may rewrite it)."""
+        """Record a checkpoint whose file is fully written (upsert: a resumed run may rewrite it); with a
+        bucket, after its background upload finished."""
         path = Path(info["path"])
         if not path.is_file():
             log.warning("job %s: checkpoint %s reported but missing; not recorded", self.job_id, path)
@@ -171,6 +180,13 @@ class DbReporter(Callbacks):
             "health": info.get("health"),
             "created_at": utcnow(),
         }
+        if self.uploads is not None:
+            self.uploads.submit(path, record)
+            return
+        self.write_checkpoint_record(record)
+
+    def write_checkpoint_record(self, record: dict[str, Any]) -> None:
+        """Upsert one checkpoint record (its file or object is complete) and its checkpoint.created event."""
         event = {k: record[k] for k in ("step", "bytes", "sha256", "val_loss", "health")}
 
         def work(conn: Connection) -> None:
@@ -180,9 +196,28 @@ class DbReporter(Callbacks):
         self._write("checkpoint", work)
 
     def on_checkpoint_removed(self, info: dict[str, Any]) -> None:
-        """Delete the record of a checkpoint file that keep_last pruned."""
-        stmt = delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == int(info["step"]))
+        """Delete the record of a checkpoint file that keep_last pruned (with a bucket, queued behind the
+        uploads, and the object goes too)."""
+        if self.uploads is not None:
+            self.uploads.remove(int(info["step"]))
+            return
+        self.remove_checkpoint_record(int(info["step"]))
+
+    def remove_checkpoint_record(self, step: int) -> None:
+        """Delete one checkpoint record."""
+        stmt = delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
         self._write("checkpoint removal", lambda conn: conn.execute(stmt))
+
+    def finish_uploads(self) -> None:
+        """Wait for the background uploads (the job's final state is written after them)."""
+        if self.uploads is not None:
+            self.uploads.close()
+
+    def stored_checkpoint(self, reported: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The engine's last checkpoint if it is stored, else the newest one that is (its upload failed)."""
+        if self.uploads is None or reported is None or int(reported["step"]) not in self.uploads.failed_steps:
+            return reported
+        return self.uploads.stored
 
     def on_diagnosis(self, findings: list[dict[str, Any]], summary: str) -> None:
         """Keep a running job's diagnosis and health current (the final ones are written with the result)."""

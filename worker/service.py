@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,18 @@ from typing import Any
 from sqlalchemy import Engine, delete, select, update
 
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
+from stabletrain_storage import (
+    Storage,
+    StorageError,
+    checkpoint_key,
+    checkpoint_prefix,
+    checkpoint_step,
+    dataset_key,
+    fetch_verified,
+)
+from stabletrain_storage.base import key_name
+from worker.artifacts import clear_cached_checkpoints, local_checkpoint_dir, pull_tokenizers, push_tokenizers
 from worker.db import utcnow
-from worker.engine.checkpoint import checkpoint_path, file_sha256
 from worker.engine.distributed import RankFailed, run_data_parallel
 from worker.leases import (
     Heartbeat,
@@ -111,31 +121,22 @@ class StopFlags:
         return self.timed_out
 
 
-def dataset_path(storage: Path, sha256: str) -> Path:
-    """Content-addressed location of an uploaded corpus."""
-    return storage / "datasets" / f"{sha256}.txt"
-
-
-def checkpoint_dir(storage: Path, job_id: str) -> Path:
-    """Folder of a job's checkpoint files."""
-    return storage / "checkpoints" / job_id
-
-
-def find_resume_point(engine: Engine, job_id: str, storage: Path) -> tuple[Path | None, int]:
-    """Newest recorded checkpoint whose file exists and matches its sha256, and its step (0: none)."""
+def find_resume_point(engine: Engine, job_id: str, store: Storage) -> tuple[Path | None, int]:
+    """Newest recorded checkpoint whose stored file matches its sha256 (a local copy of it) and its step
+    (0: none). A bucket's object is fetched into this host's cache, so any host can resume the job."""
     with engine.connect() as conn:
         rows = conn.execute(
             select(Checkpoint.step, Checkpoint.sha256).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
         ).all()
     for step, sha in rows:
-        path = checkpoint_path(checkpoint_dir(storage, job_id), step)
-        if path.is_file() and file_sha256(path) == sha:
+        path = fetch_verified(store, checkpoint_key(job_id, step), sha)
+        if path is not None:
             return path, step
         log.warning("job %s: checkpoint at step %s is missing or corrupt; trying an older one", job_id, step)
     return None, 0
 
 
-def forget_after(engine: Engine, lease: Lease, step: int, storage: Path) -> None:
+def forget_after(engine: Engine, lease: Lease, step: int, store: Storage) -> None:
     """Drop records and files past the resume point: the lost attempt's steps are re-run and rewritten."""
     job_id = lease.job_id
     with engine.begin() as conn:
@@ -145,12 +146,16 @@ def forget_after(engine: Engine, lease: Lease, step: int, storage: Path) -> None
         conn.execute(delete(LayerMetric).where(LayerMetric.job_id == job_id, LayerMetric.step > step))
         conn.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step))
     # stale newer files would outrank the new ones when the engine prunes to keep_last
-    for path in checkpoint_dir(storage, job_id).glob("step_*.pt"):
-        if path.stem.removeprefix("step_").isdigit() and int(path.stem.removeprefix("step_")) > step:
+    for path in local_checkpoint_dir(store, job_id).glob("step_*.pt"):
+        if (checkpoint_step(path.name) or 0) > step:
             path.unlink(missing_ok=True)
+    if store.is_remote:
+        for key in store.list(checkpoint_prefix(job_id)):
+            if (checkpoint_step(key) or 0) > step:
+                store.delete(key)
 
 
-def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, Any], str, Any]:
+def load_inputs(engine: Engine, job_id: str, store: Storage) -> tuple[dict[str, Any], str, Any]:
     """The job's raw spec, its dataset text and when its running time started (JobInputError when unusable).
 
     The running time starts at started_at moved later by the seconds the job spent paused: the job
@@ -163,11 +168,11 @@ def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, A
             sha = conn.execute(select(Dataset.sha256).where(Dataset.id == job.dataset_id)).scalar_one_or_none()
     if sha is None:
         raise JobInputError("the job's dataset was deleted; upload it again and submit a new job")
-    path = dataset_path(storage, sha)
+    key = dataset_key(sha)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = store.local_copy(key).read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise JobInputError(f"dataset file {path.name} is missing from storage") from exc
+        raise JobInputError(f"dataset file {key_name(key)} is missing from storage") from exc
     started_at = job.started_at and job.started_at + timedelta(seconds=job.paused_s or 0.0)
     return dict(job.spec), text, started_at
 
@@ -224,6 +229,8 @@ def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
 
 def describe_crash(exc: Exception) -> str:
     """Words for an unexpected exception; out-of-memory gets a fix the user can apply."""
+    if isinstance(exc, StorageError):
+        return f"the storage could not be reached ({exc}); retry the job once it is back"
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return ("out of device memory: lower training.batch_size or training.seq_len, use "
                 "training.grad_accum_steps, or shrink the model")
@@ -240,30 +247,43 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
     from worker.engine.trainer import Trainer
 
     job_id = lease.job_id
-    raw_spec, text, started_at = load_inputs(engine, job_id, settings.storage_dir)
+    store = settings.storage
+    raw_spec, text, started_at = load_inputs(engine, job_id, store)
     try:
         spec = parse_spec(raw_spec)
     except SpecError as exc:
         raise JobInputError(f"invalid spec: {exc}") from exc
-    resume_from, resume_step = find_resume_point(engine, job_id, settings.storage_dir)
-    forget_after(engine, lease, resume_step, settings.storage_dir)
     device = pick_device(settings.device)
     with Heartbeat(engine, lease, settings.lease_s, settings.heartbeat_s) as hb:
+        # under the heartbeat: fetching a checkpoint from a bucket may take longer than the lease
+        resume_from, resume_step = find_resume_point(engine, job_id, store)
+        forget_after(engine, lease, resume_step, store)
+        clear_cached_checkpoints(store, job_id, keep=resume_from)
+        pull_tokenizers(store, text)
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
         reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, pause=hb.pause.is_set,
-                              fenced=hb.lost.is_set, lease=lease, on_lease_lost=hb.lost.set)
-        out_dir = checkpoint_dir(settings.storage_dir, job_id)
+                              fenced=hb.lost.is_set, lease=lease, on_lease_lost=hb.lost.set, store=store,
+                              keep_last=spec.checkpointing.keep_last)
+        out_dir = local_checkpoint_dir(store, job_id)
         try:
-            if spec.resources.devices > 1:
-                result = run_data_parallel(spec, text, out_dir, reporter, device_type=torch_device_type(device),
-                                           resume_from=resume_from,
-                                           collective_timeout_s=collective_timeout_s(settings))
-            else:
-                result = Trainer(spec, text, out_dir, reporter, device=device, resume_from=resume_from).run()
-        except DataError as exc:
-            raise JobInputError(f"cannot train on this dataset: {exc}") from exc
-        except ValueError as exc:  # a spec this device cannot run (e.g. fp16 recurrent layers on CPU, too few GPUs)
-            raise JobInputError(f"cannot train this spec here: {exc}") from exc
+            try:
+                if spec.resources.devices > 1:
+                    result = run_data_parallel(spec, text, out_dir, reporter, device_type=torch_device_type(device),
+                                               resume_from=resume_from,
+                                               collective_timeout_s=collective_timeout_s(settings))
+                else:
+                    trainer = Trainer(spec, text, out_dir, reporter, device=device, resume_from=resume_from)
+                    push_tokenizers(store, text)
+                    result = trainer.run()
+            except DataError as exc:
+                raise JobInputError(f"cannot train on this dataset: {exc}") from exc
+            except ValueError as exc:  # a spec this device cannot run (fp16 recurrent layers on CPU, too few GPUs)
+                raise JobInputError(f"cannot train this spec here: {exc}") from exc
+            push_tokenizers(store, text)  # a no-op when pushed already; the ranks of a multi-device run trained it
+        finally:
+            reporter.finish_uploads()  # under the heartbeat: the lease holds while the last upload runs
+            clear_cached_checkpoints(store, job_id, keep=None)  # uploaded: the bucket has them, free the disk
+        result = replace(result, checkpoint=reporter.stored_checkpoint(result.checkpoint))
     return _record_result(engine, lease, settings, result, stop, hb, reporter.checkpoint_error)
 
 
@@ -302,7 +322,7 @@ def _record_result(engine: Engine, lease: Lease, settings: WorkerSettings, resul
         return _record_pause(engine, lease, result, diagnosed)
     status, error = result.status, result.error
     missing = final_checkpoint_missing(result, checkpoint_error)
-    if missing and find_resume_point(engine, job_id, settings.storage_dir)[1] == result.step:
+    if missing and find_resume_point(engine, job_id, settings.storage)[1] == result.step:
         missing = None  # resumed at its last step: the stored final checkpoint is the one it resumed from
     if missing:  # a "succeeded" job must have its result stored and downloadable
         status, error = "failed", missing
@@ -365,6 +385,15 @@ def finish_sample(engine: Engine, sample_id: str, text: str | None, error: str |
         conn.execute(update(Sample).where(Sample.id == sample_id, Sample.status == "running").values(**values))
 
 
+def sample_checkpoint(engine: Engine, store: Storage, job_id: str, step: int) -> Path | None:
+    """A local copy of the recorded checkpoint, checked against the record's sha256 (fetched from a
+    bucket into this host's cache); None when the record or a matching file is gone."""
+    with engine.connect() as conn:
+        sha = conn.execute(select(Checkpoint.sha256).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
+                           ).scalar_one_or_none()
+    return None if sha is None else fetch_verified(store, checkpoint_key(job_id, step), sha)
+
+
 def run_sample(engine: Engine, message_sample_id: str, settings: WorkerSettings) -> str:
     """Generate text for the fairest queued sample request (see claim_sample) from its checkpoint."""
     with ACTIVITY.busy():
@@ -380,8 +409,8 @@ def _run_sample(engine: Engine, message_sample_id: str, settings: WorkerSettings
     try:
         with engine.connect() as conn:
             sample = conn.execute(select(Sample).where(Sample.id == sample_id)).one()
-        path = checkpoint_path(checkpoint_dir(settings.storage_dir, sample.job_id), sample.checkpoint_step)
-        if not path.is_file():
+        path = sample_checkpoint(engine, settings.storage, sample.job_id, sample.checkpoint_step)
+        if path is None:
             finish_sample(engine, sample_id, None, f"checkpoint at step {sample.checkpoint_step} no longer exists")
             return "failed"
         from worker.engine.sampling import sample_from_checkpoint

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import default_config
+from stabletrain_storage import Storage, open_storage
 
 PREFIX = "STABLETRAIN_"
 
@@ -67,6 +68,14 @@ class WorkerSettings:
     max_attempts: int
     device: str | None
     worker_id: str
+    storage_url: str = ""
+    s3_endpoint_url: str = ""
+    cache_dir: Path | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """The shared store (STORAGE_URL's bucket, else the STORAGE_DIR folder) with this host's cache."""
+        return open_storage(self.storage_url, self.storage_dir, self.s3_endpoint_url or None, self.cache_dir)
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -103,6 +112,9 @@ def load_settings(config: Mapping[str, Any] | None = None, env: Mapping[str, str
         max_attempts=int(value("MAX_ATTEMPTS")),
         device=str(value("DEVICE")) if value("DEVICE") else None,
         worker_id=str(value("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"),
+        storage_url=str(value("STORAGE_URL") or ""),
+        s3_endpoint_url=str(value("S3_ENDPOINT_URL") or ""),
+        cache_dir=Path(str(value("CACHE_DIR"))) if value("CACHE_DIR") else None,
     )
 
 

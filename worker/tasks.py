@@ -31,8 +31,9 @@ def train_job(job_id: str) -> str:
         raise Reject("worker shutting down", requeue=True)
     settings = load_settings(current_app.config)
     # BPE tokenizers trained on a dataset are kept in storage, so a retry or another job of the same
-    # dataset and settings reads them instead of training again (the engine reads this variable).
-    os.environ[TOKENIZER_CACHE_ENV] = str(settings.storage_dir / "tokenizers")
+    # dataset and settings reads them instead of training again (the engine reads this variable; with
+    # a bucket it is this host's cache folder, synced with the bucket by worker.artifacts).
+    os.environ[TOKENIZER_CACHE_ENV] = str(settings.storage.local_dir("tokenizers"))
     with log_context(job_id=job_id):
         return run_train_job(db.engine, job_id, settings)
 
@@ -52,7 +53,7 @@ def export(job_id: str, step: int, sha256: str, fmt: str) -> str:
     if SHUTDOWN.is_set():
         raise Reject("worker shutting down", requeue=True)
     with log_context(job_id=job_id):
-        return run_export(load_settings(current_app.config).storage_dir, job_id, int(step), sha256, fmt)
+        return run_export(load_settings(current_app.config).storage, job_id, int(step), sha256, fmt)
 
 
 @shared_task(name="stabletrain.lr_probe", ignore_result=True, **RETRY)

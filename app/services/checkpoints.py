@@ -1,8 +1,6 @@
-"""Checkpoint listing and file lookup."""
+"""Checkpoint listing and stored-file lookup."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from flask_smorest import abort
 from sqlalchemy import select
@@ -10,7 +8,8 @@ from sqlalchemy import select
 from app.extensions import db
 from app.models import Checkpoint, Job
 from app.schemas.fields import DB_INT_MAX
-from app.services.storage import checkpoint_path
+from app.services.storage import checkpoint_key, storage
+from stabletrain_storage import ObjectInfo
 
 
 def list_checkpoints(job: Job) -> list[Checkpoint]:
@@ -35,12 +34,14 @@ def newest_checkpoint(job: Job) -> Checkpoint | None:
     ).scalar_one_or_none()
 
 
-def checkpoint_file(ckpt: Checkpoint) -> Path:
-    """Path of an existing checkpoint file, built from server-made ids only; 404 when pruned."""
-    path = checkpoint_path(ckpt.job_id, ckpt.step)
-    if not path.is_file():
+def checkpoint_file(ckpt: Checkpoint) -> tuple[str, ObjectInfo]:
+    """Key and size of a stored checkpoint, the key built from server-made ids only; 404 when pruned."""
+    key = checkpoint_key(ckpt.job_id, ckpt.step)
+    info = storage().stat(key)
+    if info is None:
         gone(ckpt)
-    return path
+        raise AssertionError  # unreachable: gone() aborts
+    return key, info
 
 
 def gone(ckpt: Checkpoint) -> None:

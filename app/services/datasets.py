@@ -22,7 +22,7 @@ from app.extensions import db
 from app.inputs import BAD_TEXT
 from app.models import UNFINISHED_STATUSES, Dataset, DatasetFile, Job
 from app.services.common import get_owned, lock_owner, newest_first_page
-from app.services.storage import dataset_path, tmp_dir
+from app.services.storage import dataset_key, storage, tmp_dir
 
 CHUNK = 1 << 20
 log = logging.getLogger(__name__)
@@ -99,9 +99,9 @@ def create_dataset(owner_id: str, stream: IO[bytes], name: str | None) -> Datase
         lock_owner(owner_id)  # after the upload, until the commit below: concurrent uploads queue here
         _check_quota(owner_id, stored.size)
         _count_file_ref(stored.sha256, +1)  # under the hash's lock until the commit: no delete removes it
-        target = dataset_path(stored.sha256)
-        if not target.exists():
-            os.replace(stored.tmp_path, target)
+        store, key = storage(), dataset_key(stored.sha256)
+        if not store.exists(key):
+            store.put_file(stored.tmp_path, key)  # upload first, record after: the commit below
     finally:
         stored.tmp_path.unlink(missing_ok=True)
     # a multipart filename is the client's own metadata: drop what no database can store rather than refuse
@@ -140,16 +140,17 @@ def delete_dataset(owner_id: str, dataset_id: str) -> None:
         db.session.commit()
         return
     # the last reference: the file goes with the commit, while no upload of this content can run
-    aside = _move_aside(dataset_path(sha))
+    store, key = storage(), dataset_key(sha)
+    aside = _move_aside(key)
     try:
         db.session.commit()
     except BaseException:
         if aside is not None:
-            os.replace(aside, dataset_path(sha))
+            store.move(aside, key)
         db.session.rollback()
         raise
     if aside is not None:
-        aside.unlink(missing_ok=True)
+        store.delete(aside)
 
 
 def _rows_sharing(sha256: str, refs: int) -> int:
@@ -162,20 +163,24 @@ def _rows_sharing(sha256: str, refs: int) -> int:
     return rows
 
 
-def _move_aside(path: Path) -> Path | None:
-    """Rename a file into tmp/ (same filesystem), so a failed commit can put it back; None when absent."""
-    aside = tmp_dir() / f"{path.name}.{uuid.uuid4().hex}.deleting"
-    try:
-        os.replace(path, aside)
-    except FileNotFoundError:
-        return None
-    return aside
+def _move_aside(key: str) -> str | None:
+    """Move an object to tmp/ in the store (a rename in a folder), so a failed commit can put it back;
+    None when absent."""
+    aside = f"tmp/{key.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.deleting"
+    return aside if storage().move(key, aside) else None
 
 
 def distinct_characters(dataset: Dataset) -> int | None:
     """How many distinct characters the dataset's text has (a char tokenizer's vocabulary less its
-    unknown id); None when the file cannot be read as UTF-8."""
+    unknown id), read in chunks from the store; None when it cannot be read as UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen: set[str] = set()
     try:
-        return len(set(dataset_path(dataset.sha256).read_text(encoding="utf-8")))
+        stream, _ = storage().open(dataset_key(dataset.sha256))
+        with stream:
+            while chunk := stream.read(1 << 20):
+                seen.update(decoder.decode(chunk))
+        seen.update(decoder.decode(b"", final=True))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
+    return len(seen)

@@ -9,25 +9,23 @@ exchange stateless: `.pending` (a request was sent; not re-sent within EXPORT_PE
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 from flask import current_app
 from flask_smorest import abort
 
 from app.models import Checkpoint, Job
 from app.services.queue import EXPORT_TASK, SAMPLE_QUEUE, publish
-from app.services.storage import export_path
+from app.services.storage import export_key, storage
 from stabletrain_export.rules import ERROR_SUFFIX, PENDING_SUFFIX, export_blocker
 
 # A request whose worker has not answered within this long is sent again (the worker may have died).
 EXPORT_PENDING_S = 120.0
 
 
-def export_file_path(ckpt: Checkpoint, fmt: str) -> Path:
-    """Where the worker writes (and the API finds) this checkpoint's export."""
-    return export_path(ckpt.job_id, ckpt.step, ckpt.sha256, fmt)
+def export_file_key(ckpt: Checkpoint, fmt: str) -> str:
+    """Where the worker stores (and the API finds) this checkpoint's export."""
+    return export_key(ckpt.job_id, ckpt.step, ckpt.sha256, fmt)
 
 
 def refuse_unmappable(job: Job, fmt: str) -> None:
@@ -39,52 +37,50 @@ def refuse_unmappable(job: Job, fmt: str) -> None:
               details={field: [reason]})
 
 
-def request_export(ckpt: Checkpoint, fmt: str) -> Path:
-    """The export's path; asks a worker for it unless it exists or was asked for recently.
+def request_export(ckpt: Checkpoint, fmt: str) -> str:
+    """The export's key; asks a worker for it unless it exists or was asked for recently.
 
     A worker's failure is answered here as a 500 with its message, once.
     """
-    path = export_file_path(ckpt, fmt)
-    if path.is_file():
-        return path
-    report_failure(path)
-    pending = path.with_name(path.name + PENDING_SUFFIX)
+    key = export_file_key(ckpt, fmt)
+    store = storage()
+    if store.exists(key):
+        return key
+    report_failure(key)
+    pending = key + PENDING_SUFFIX
     if not _recent(pending):
-        pending.parent.mkdir(parents=True, exist_ok=True)
-        pending.touch()
+        store.put_bytes(b"", pending)
         if not publish(EXPORT_TASK, ckpt.job_id, SAMPLE_QUEUE, (ckpt.step, ckpt.sha256, fmt)):
-            pending.unlink(missing_ok=True)
+            store.delete(pending)
             abort(503, message="The task queue is unavailable; try the export again shortly.")
-    return path
+    return key
 
 
-def wait_for_export(path: Path, wait_s: float) -> bool:
+def wait_for_export(key: str, wait_s: float) -> bool:
     """Poll until the export (or the worker's failure) is there or wait_s passes; True: the file is."""
-    error = _error_marker(path)
+    store = storage()
+    error = key + ERROR_SUFFIX
     deadline = time.monotonic() + wait_s
-    while not (path.is_file() or error.is_file()) and time.monotonic() < deadline:
+    while not (store.exists(key) or store.exists(error)) and time.monotonic() < deadline:
         time.sleep(float(current_app.config["SAMPLE_POLL_S"]))
-    if path.is_file():
+    if store.exists(key):
         return True
-    report_failure(path)
+    report_failure(key)
     return False
 
 
-def report_failure(path: Path) -> None:
-    """500 with the worker's message when it failed to write `path` (cleared: the next request retries)."""
-    error = _error_marker(path)
-    if error.is_file():
-        message = error.read_text(encoding="utf-8", errors="replace")[:2000]
-        error.unlink(missing_ok=True)
-        abort(500, message=f"The export failed: {message}", code="export_failed")
-
-
-def _error_marker(path: Path) -> Path:
-    return path.with_name(path.name + ERROR_SUFFIX)
-
-
-def _recent(marker: Path) -> bool:
+def report_failure(key: str) -> None:
+    """500 with the worker's message when it failed to store `key` (cleared: the next request retries)."""
+    store = storage()
     try:
-        return time.time() - os.stat(marker).st_mtime < EXPORT_PENDING_S
+        message = store.read_bytes(key + ERROR_SUFFIX).decode("utf-8", errors="replace")[:2000]
     except FileNotFoundError:
-        return False
+        return
+    store.delete(key + ERROR_SUFFIX)
+    abort(500, message=f"The export failed: {message}", code="export_failed")
+
+
+def _recent(marker: str) -> bool:
+    info = storage().stat(marker)
+    # the store's clock (a bucket's Last-Modified) against ours: a skew only shifts when a request is re-sent
+    return info is not None and time.time() - info.modified < EXPORT_PENDING_S

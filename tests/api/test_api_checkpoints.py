@@ -106,10 +106,10 @@ def test_file_removed_while_the_download_starts(app: Flask, client: FlaskClient,
     _write_checkpoint(app, job["id"], 30)
     found = service.checkpoint_file
 
-    def found_then_pruned(ckpt: Checkpoint) -> Path:
-        path = found(ckpt)
-        path.unlink()
-        return path
+    def found_then_pruned(ckpt: Checkpoint) -> Any:
+        key, info = found(ckpt)
+        (Path(app.config["STORAGE_DIR"]) / key).unlink()
+        return key, info
 
     monkeypatch.setattr(service, "checkpoint_file", found_then_pruned)
     _assert_gone(client.get(f"/v1/jobs/{job['id']}/checkpoints/30/file", headers=auth), 30)

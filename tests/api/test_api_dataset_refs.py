@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.models import Dataset, DatasetFile
+from stabletrain_storage import LocalStorage
 from worker.service import load_inputs
 
 ROUNDS = 16
@@ -40,7 +41,7 @@ def _job_reads(app: Flask, submit: Any, headers: dict[str, str], dataset_id: str
     response = submit(headers, dataset_id)
     assert response.status_code == 202, response.json
     with app.app_context():
-        _spec, loaded, _started = load_inputs(db.engine, response.json["id"], Path(app.config["STORAGE_DIR"]))
+        _spec, loaded, _started = load_inputs(db.engine, response.json["id"], LocalStorage(Path(app.config["STORAGE_DIR"])))
     assert loaded == text
     return response.json["id"]
 

@@ -15,9 +15,15 @@ from kombu import Connection
 
 from app.extensions import db
 from app.models import Checkpoint
+from stabletrain_storage import LocalStorage, Storage
 from tests.export_helpers import GPT2_SPEC, assert_hf_matches, extract_tar, write_checkpoint
 from worker.engine.checkpoint import file_sha256
 from worker.exports import run_export
+
+
+def storage_of(app: Flask) -> Storage:
+    """The app's folder store, as a worker on the same host opens it."""
+    return LocalStorage(Path(app.config["STORAGE_DIR"]))
 
 
 @pytest.fixture
@@ -70,7 +76,7 @@ def test_hf_export_is_requested_then_served(app: Flask, client: FlaskClient, aut
     assert len(messages) == 1, "a pending export is asked for once"
     job_id, step, sha256, fmt = messages[0]
     assert (job_id, step, fmt) == (gpt2_job["id"], 10, "hf")
-    assert run_export(Path(app.config["STORAGE_DIR"]), job_id, step, sha256, fmt) == "written"
+    assert run_export(storage_of(app), job_id, step, sha256, fmt) == "written"
 
     done = client.get(_url(gpt2_job, 10), headers=auth)
     assert done.status_code == 200 and done.mimetype == "application/gzip"
@@ -114,7 +120,7 @@ def test_worker_failure_is_reported_once_then_retried(app: Flask, client: FlaskC
         db.session.commit()
     assert client.get(_url(gpt2_job, 10), headers=auth).status_code == 202
     [args] = _export_messages(app)
-    assert run_export(Path(app.config["STORAGE_DIR"]), *args) == "failed"
+    assert run_export(storage_of(app), *args) == "failed"
     failed = client.get(_url(gpt2_job, 10), headers=auth)
     assert failed.status_code == 500 and failed.json["error"]["code"] == "export_failed"
     assert "cannot read checkpoint" in failed.json["error"]["message"]
@@ -143,7 +149,7 @@ def test_weights_only_export_of_any_arch(app: Flask, client: FlaskClient, auth: 
     assert client.get(_url(job, 10, "&format=safetensors"), headers=auth).status_code == 202
     [args] = _export_messages(app)
     assert args[3] == "safetensors"
-    assert run_export(Path(app.config["STORAGE_DIR"]), *args) == "written"
+    assert run_export(storage_of(app), *args) == "written"
     response = client.get(_url(job, 10, "&format=safetensors"), headers=auth)
     assert response.status_code == 200 and response.mimetype == "application/octet-stream"
     (tmp_path / "w.safetensors").write_bytes(response.data)

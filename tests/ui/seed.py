@@ -12,7 +12,7 @@ from typing import Any
 
 from app.extensions import db
 from app.models import ActivationMetric, Checkpoint, Event, Job, LayerMetric, StepMetric, utcnow
-from app.services.storage import checkpoint_path
+from app.services.storage import checkpoint_key, storage
 
 LAYERS = ["embed.weight", "layers.0.rnn.weight_ih_l0", "layers.0.rnn.weight_hh_l0",
           "layers.1.rnn.weight_ih_l0", "layers.1.rnn.weight_hh_l0", "head.weight"]
@@ -156,9 +156,7 @@ def make_job(owner_id: str, status: str = "succeeded", steps: int = 200, name: s
 
 def add_checkpoint(job_id: str, step: int) -> None:
     """A small checkpoint file and its record."""
-    path = checkpoint_path(job_id, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = b"stabletrain test checkpoint " + str(step).encode()
-    path.write_bytes(body)
+    storage().put_bytes(body, checkpoint_key(job_id, step))
     db.session.add(Checkpoint(job_id=job_id, step=step, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
                               val_loss=1.9, health="ok"))

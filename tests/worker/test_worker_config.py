@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from app import create_app
+from stabletrain_storage import LocalStorage
+from stabletrain_storage.s3 import S3Storage
 from worker.celery_app import broker_transport_options, make_celery
 from worker.settings import load_settings
 
@@ -17,6 +19,17 @@ def test_settings_prefer_app_config_then_environment_then_defaults() -> None:
     assert (settings.device, settings.worker_id) == ("cuda:1", "gpu-7")
     assert settings.job_time_limit_s == 86400 and settings.resend_after_s == 600
     assert settings.broker_url.startswith("sqlalchemy+sqlite:///")
+
+
+def test_storage_comes_from_the_same_variables_as_the_api(tmp_path: Path) -> None:
+    folder = load_settings({"STORAGE_DIR": str(tmp_path)}, env={})
+    assert isinstance(folder.storage, LocalStorage) and folder.storage.root == tmp_path
+    bucket = load_settings({"STORAGE_DIR": str(tmp_path)}, env={
+        "STABLETRAIN_STORAGE_URL": "s3://bkt/pre", "STABLETRAIN_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+        "STABLETRAIN_CACHE_DIR": str(tmp_path / "c")})
+    store = bucket.storage
+    assert isinstance(store, S3Storage) and (store.bucket, store.prefix, store.cache_dir) == ("bkt", "pre", tmp_path / "c")
+    assert store.client.meta.endpoint_url == "http://127.0.0.1:9"
 
 
 def test_redis_visibility_timeout_outlasts_the_longest_job() -> None:

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from app.models import Checkpoint, Event, Job, LayerMetric, Sample, StepMetric, new_id
+from stabletrain_storage import StorageError
 from tests.worker.jobfactory import TINY_SPEC, make_job
 from worker import service
 from worker.db import utcnow
@@ -182,7 +183,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(engine: Engine, settings: Work
     assert run_train_job(engine, job_id, settings) == "succeeded"
     newest = settings.storage_dir / "checkpoints" / job_id / "step_12.pt"
     newest.write_bytes(b"corrupt")
-    path, step = service.find_resume_point(engine, job_id, settings.storage_dir)
+    path, step = service.find_resume_point(engine, job_id, settings.storage)
     assert (path.name, step) == ("step_10.pt", 10)
 
 
@@ -215,6 +216,9 @@ def test_crash_descriptions() -> None:
     assert service.describe_crash(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
                                   ).startswith("out of device memory: lower training.batch_size")
     assert service.describe_crash(KeyError("x")) == "internal error in the worker: KeyError: 'x'"
+    assert service.describe_crash(StorageError("storage: listing of checkpoints/ failed: timeout")) == (
+        "the storage could not be reached (storage: listing of checkpoints/ failed: timeout); "
+        "retry the job once it is back")
 
 
 def test_a_running_job_has_a_current_diagnosis(engine: Engine, settings: WorkerSettings) -> None:

@@ -6,7 +6,7 @@ import math
 from http import HTTPStatus
 from typing import Any
 
-from flask import Response, request, send_file, url_for
+from flask import Response, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
@@ -16,6 +16,7 @@ from app.models import Checkpoint
 from app.services import checkpoints as service
 from app.services import exports as exports_service
 from app.services import jobs as jobs_service
+from app.services.storage import send_stored
 from stabletrain_export.rules import MEDIA_TYPES, SUFFIXES
 
 blp = Blueprint("checkpoints", __name__, url_prefix="/v1/jobs", description="Checkpoints")
@@ -58,13 +59,12 @@ class CheckpointFile(MethodView):
         """Download a checkpoint file (streamed; ETag and Range)."""
         job = jobs_service.get_job(current_owner_id(), job_id)
         ckpt = service.get_checkpoint(job, step)
-        path = service.checkpoint_file(ckpt)
+        key, info = service.checkpoint_file(ckpt)
+        _check_range(info.size)
         try:
-            _check_range(path.stat().st_size)
-            # send_file stats and opens the path again; once open, a later prune cannot cut the download
-            return send_file(path, mimetype="application/octet-stream", as_attachment=True,
-                             download_name=f"{job.id}_step_{ckpt.step}.pt", conditional=True, etag=ckpt.sha256,
-                             max_age=0)
+            # opened here; once open, a later prune cannot cut the download
+            return send_stored(key, mimetype="application/octet-stream",
+                               download_name=f"{job.id}_step_{ckpt.step}.pt", etag=ckpt.sha256)
         except FileNotFoundError:  # pruned (keep_last) or deleted since the record was read
             service.gone(ckpt)
             raise  # unreachable
@@ -93,11 +93,10 @@ class CheckpointExport(MethodView):
         ckpt = service.get_checkpoint(job, step)
         service.checkpoint_file(ckpt)  # 404 once pruned: a worker could not read it either
         exports_service.refuse_unmappable(job, fmt)
-        path = exports_service.request_export(ckpt, fmt)
-        if exports_service.wait_for_export(path, query["wait"]):
-            return send_file(path, mimetype=MEDIA_TYPES[fmt], as_attachment=True,
-                             download_name=f"{job.id}_step_{ckpt.step}{SUFFIXES[fmt]}", conditional=True,
-                             etag=f"{ckpt.sha256}-{fmt}", max_age=0)
+        key = exports_service.request_export(ckpt, fmt)
+        if exports_service.wait_for_export(key, query["wait"]):
+            return send_stored(key, mimetype=MEDIA_TYPES[fmt],
+                               download_name=f"{job.id}_step_{ckpt.step}{SUFFIXES[fmt]}", etag=f"{ckpt.sha256}-{fmt}")
         body = {"job_id": job.id, "step": ckpt.step, "format": fmt, "status": "pending",
                 "retry_after_s": EXPORT_RETRY_AFTER_S}
         return body, 202, {"Retry-After": str(EXPORT_RETRY_AFTER_S)}

@@ -1,0 +1,118 @@
+"""Both backends behave alike: put/read/stat/list/move/delete, atomic local copies, verified fetches.
+
+The S3 backend runs against moto's HTTP server (tests/storage/conftest.py), through real boto3 calls."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stabletrain_storage import LocalStorage, Storage, fetch_verified, open_storage
+from stabletrain_storage.s3 import S3Storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "folder")
+    bucket = request.getfixturevalue("bucket")
+    return S3Storage(bucket, "pre/fix", tmp_path / "cache", endpoint_url=request.getfixturevalue("moto_endpoint"))
+
+
+def test_put_read_stat_list_move_delete(store: Storage, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 1000)
+    store.put_file(src, "datasets/a.txt")
+    store.put_bytes(b"hello", "exports/job_1/step_5-abc.safetensors.error")
+    assert src.read_bytes() == b"x" * 1000  # the source stays
+    assert store.read_bytes("datasets/a.txt") == b"x" * 1000
+    assert store.stat("datasets/a.txt").size == 1000 and store.stat("datasets/b.txt") is None
+    assert store.list("exports/") == ["exports/job_1/step_5-abc.safetensors.error"]
+    assert store.list("datasets/a") == ["datasets/a.txt"] and store.list("data/") == []
+    assert store.move("datasets/a.txt", "tmp/a.deleting") and not store.exists("datasets/a.txt")
+    assert not store.move("datasets/a.txt", "tmp/again")
+    assert store.read_bytes("tmp/a.deleting") == b"x" * 1000
+    store.delete("tmp/a.deleting")
+    store.delete("tmp/a.deleting")  # absent: no error
+    store.delete_prefix("exports/")
+    assert store.list("") == []
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("datasets/a.txt")
+    with pytest.raises(FileNotFoundError):
+        store.open("datasets/a.txt")
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a//b", "a/./b", "", "a\\b", "a/\x00"])
+def test_keys_outside_the_layout_are_refused(store: Storage, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.put_bytes(b"x", key)
+
+
+def test_open_seeks_and_reads_ranges(store: Storage) -> None:
+    payload = bytes(range(256)) * 64
+    store.put_bytes(payload, "checkpoints/job_1/step_1.pt")
+    reader, info = store.open("checkpoints/job_1/step_1.pt")
+    with reader:
+        assert info.size == len(payload)
+        reader.seek(1000)
+        assert reader.read(24) == payload[1000:1024]
+        reader.seek(-10, os.SEEK_END)
+        assert reader.read() == payload[-10:]
+        reader.seek(0)
+        assert reader.read() == payload
+
+
+def test_fetch_verified_refetches_a_stale_copy_and_refuses_a_damaged_object(store: Storage, tmp_path: Path) -> None:
+    key, v1, v2 = "checkpoints/job_1/step_5.pt", b"checkpoint v1", b"checkpoint v2"
+    sha1, sha2 = hashlib.sha256(v1).hexdigest(), hashlib.sha256(v2).hexdigest()
+    store.put_bytes(v1, key)
+    path = fetch_verified(store, key, sha1)
+    assert path is not None and path.read_bytes() == v1
+    store.put_bytes(v2, key)  # the key is rewritten (a resumed run writes the step again)
+    # a cached copy of the old content is not trusted for the new record: fetched again
+    assert fetch_verified(store, key, sha2).read_bytes() == v2
+    if isinstance(store, S3Storage):  # another host, empty cache: the object does not match the old record
+        store = S3Storage(store.bucket, store.prefix, tmp_path / "host2", client=store.client)
+    assert fetch_verified(store, key, sha1) is None
+    assert fetch_verified(store, "checkpoints/job_1/step_6.pt", sha1) is None
+
+
+def test_large_files_go_up_in_parts(bucket: str, moto_endpoint: str, s3_client: Any, tmp_path: Path) -> None:
+    store = S3Storage(bucket, "", tmp_path / "cache", endpoint_url=moto_endpoint)
+    big = tmp_path / "big.pt"
+    big.write_bytes(os.urandom(1 << 20) * 17)  # 17 MB: over the 16 MB multipart threshold
+    store.put_file(big, "checkpoints/job_1/step_1.pt")
+    head = s3_client.head_object(Bucket=bucket, Key="checkpoints/job_1/step_1.pt")
+    assert head["ETag"].strip('"').endswith("-2")  # a multipart upload's ETag counts its parts
+    copy = store.local_copy("checkpoints/job_1/step_1.pt")
+    assert copy.read_bytes() == big.read_bytes() and copy.parent == tmp_path / "cache" / "checkpoints" / "job_1"
+
+
+def test_open_storage_picks_the_backend(tmp_path: Path, moto_endpoint: str) -> None:
+    assert isinstance(open_storage("", tmp_path), LocalStorage)
+    s3 = open_storage("s3://bucket-x/a/b", tmp_path, moto_endpoint)
+    assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix, s3.cache_dir) == ("bucket-x", "a/b", tmp_path / "cache")
+    assert open_storage("s3://bucket-x/a/b", tmp_path, moto_endpoint) is s3  # one client per configuration
+    with pytest.raises(ValueError):
+        open_storage("gs://bucket", tmp_path)
+
+
+def test_bpe_tokenizers_travel_through_the_bucket(bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    """Host A's trained tokenizer reaches the bucket; host B's engine cache folder gets it before training."""
+    from worker.artifacts import pull_tokenizers, push_tokenizers
+
+    text, other = "some corpus text", "another corpus"
+    host_a = S3Storage(bucket, "p", tmp_path / "a", endpoint_url=moto_endpoint)
+    host_b = S3Storage(bucket, "p", tmp_path / "b", client=host_a.client)
+    name = f"bpe-{hashlib.sha256(text.encode()).hexdigest()}-300-r1.json"
+    (host_a.local_dir("tokenizers") / name).write_text('{"model": 1}')
+    (host_a.local_dir("tokenizers") / f"bpe-{hashlib.sha256(other.encode()).hexdigest()}-300-r1.json").write_text("{}")
+    push_tokenizers(host_a, text)
+    assert host_a.list("tokenizers/") == [f"tokenizers/{name}"]  # only this text's tokenizers
+    folder = pull_tokenizers(host_b, text)
+    assert folder == tmp_path / "b" / "tokenizers" and [p.name for p in folder.iterdir()] == [name]
+    assert (folder / name).read_text() == '{"model": 1}'
