@@ -25,6 +25,7 @@ from sqlalchemy import Engine, delete, select, update
 from app.models import Checkpoint, Dataset, Job, LayerMetric, Sample, StepMetric, next_fair_sample
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, file_sha256
+from worker.engine.corpus import CorpusFile
 from worker.leases import (
     Heartbeat,
     Lease,
@@ -110,6 +111,11 @@ def dataset_path(storage: Path, sha256: str) -> Path:
     return storage / "datasets" / f"{sha256}.txt"
 
 
+def token_cache_dir(storage: Path) -> Path:
+    """Folder of the tokenized corpora (`<sha256>-<tokenizer>.u16` + sidecar, worker/engine/corpus.py)."""
+    return storage / "tokens"
+
+
 def checkpoint_dir(storage: Path, job_id: str) -> Path:
     """Folder of a job's checkpoint files."""
     return storage / "checkpoints" / job_id
@@ -144,8 +150,9 @@ def forget_after(engine: Engine, lease: Lease, step: int, storage: Path) -> None
             path.unlink(missing_ok=True)
 
 
-def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, Any], str, Any]:
-    """The job's raw spec, its dataset text and its started_at; JobInputError when unusable."""
+def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, Any], CorpusFile, Any]:
+    """The job's raw spec, its dataset file (a local path, never read into memory here, and the token
+    cache folder) and its started_at; JobInputError when unusable."""
     with engine.connect() as conn:
         job = conn.execute(select(Job.spec, Job.dataset_id, Job.started_at).where(Job.id == job_id)).one()
         sha = None
@@ -154,11 +161,9 @@ def load_inputs(engine: Engine, job_id: str, storage: Path) -> tuple[dict[str, A
     if sha is None:
         raise JobInputError("the job's dataset was deleted; upload it again and submit a new job")
     path = dataset_path(storage, sha)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise JobInputError(f"dataset file {path.name} is missing from storage") from exc
-    return dict(job.spec), text, job.started_at
+    if not path.is_file():
+        raise JobInputError(f"dataset file {path.name} is missing from storage")
+    return dict(job.spec), CorpusFile(path, token_cache_dir(storage), sha), job.started_at
 
 
 def time_left_s(started_at: Any, limit_s: float) -> float:
@@ -225,7 +230,7 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
     from worker.engine.trainer import Trainer
 
     job_id = lease.job_id
-    raw_spec, text, started_at = load_inputs(engine, job_id, settings.storage_dir)
+    raw_spec, corpus, started_at = load_inputs(engine, job_id, settings.storage_dir)
     try:
         spec = parse_spec(raw_spec)
     except SpecError as exc:
@@ -238,7 +243,7 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
         reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, fenced=hb.lost.is_set,
                               lease=lease, on_lease_lost=hb.lost.set)
         try:
-            trainer = Trainer(spec, text, checkpoint_dir(settings.storage_dir, job_id), reporter,
+            trainer = Trainer(spec, corpus, checkpoint_dir(settings.storage_dir, job_id), reporter,
                               device=device, resume_from=resume_from)
         except DataError as exc:
             raise JobInputError(f"cannot train on this dataset: {exc}") from exc

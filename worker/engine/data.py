@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,15 +30,26 @@ def min_tokens(seq_len: int, val_fraction: float) -> int:
     return n
 
 
-class TokenData:
-    """A 1-D token stream split into a train head and a contiguous validation tail."""
+# Dtypes of a memory-mapped token file; a stream in one of them stays on the host and each batch is
+# widened to int64 (and moved to the training device) after the gather.
+COMPACT_DTYPES = (torch.uint16, torch.uint32)
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, val_fraction: float) -> None:
+
+class TokenData:
+    """A 1-D token stream split into a train head and a contiguous validation tail.
+
+    `tokens` is an int64 tensor (in memory, on any device) or a memory-mapped uint16/uint32 one
+    (`from_token_file`): the latter stays on the host, and only the drawn windows are read from it.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, val_fraction: float,
+                 device: torch.device | str | None = None) -> None:
         if tokens.dim() != 1:
             raise DataError("tokens must be a 1-D tensor")
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.tokens = tokens.long()
+        self.tokens = tokens if tokens.dtype in COMPACT_DTYPES else tokens.long()
+        self.device = torch.device(device) if device is not None else self.tokens.device
         self.seq_len = seq_len
         self.val_fraction = val_fraction
         n = self.tokens.numel()
@@ -48,8 +60,29 @@ class TokenData:
             raise DataError(_too_short_message(n, seq_len, val_fraction))
         self._offsets = torch.arange(window, device=self.tokens.device)
 
+    @classmethod
+    def from_token_file(cls, path: Path, dtype: torch.dtype, n_tokens: int, seq_len: int,
+                        val_fraction: float) -> TokenData:
+        """A stream memory-mapped from a raw token file (native byte order, `n_tokens` of `dtype`).
+
+        Mapped private and read-only in use: pages are read when a window touches them and the kernel
+        may drop them again, so the process holds no copy of the corpus.
+        """
+        if dtype not in COMPACT_DTYPES:
+            raise DataError(f"token files hold uint16 or uint32, not {dtype}")
+        if n_tokens < 1:
+            raise DataError(_too_short_message(0, seq_len, val_fraction))
+        tokens = torch.from_file(str(path), shared=False, size=n_tokens, dtype=dtype)
+        return cls(tokens, seq_len, val_fraction)
+
     def to(self, device: torch.device | str) -> TokenData:
-        """Same data with the token stream on `device` (batches are gathered there)."""
+        """Same data with batches delivered on `device`.
+
+        An in-memory stream moves there (a batch is a gather on the device, not a copy); a memory-mapped
+        one stays on the host and each gathered batch is copied over.
+        """
+        if self.tokens.dtype in COMPACT_DTYPES:
+            return TokenData(self.tokens, self.seq_len, self.val_fraction, device=device)
         return TokenData(self.tokens.to(device), self.seq_len, self.val_fraction)
 
     def batch(
@@ -73,11 +106,22 @@ class TokenData:
         starts = torch.randint(lo, hi + 1, (batch_size,), generator=generator, device=generator.device)
         idx = starts.to(self.tokens.device).unsqueeze(1) + self._offsets
         windows = self.tokens[idx]
+        if windows.dtype != torch.long:
+            windows = windows.long()
+        if windows.device != self.device:
+            windows = _to_device(windows, self.device)
         return windows[:, :-1], windows[:, 1:], starts
 
     def excerpt(self, offset: int, n_tokens: int) -> list[int]:
         """The token ids of the stream from `offset` on (at most n_tokens)."""
         return self.tokens[offset:offset + n_tokens].tolist()
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`; through pinned memory to a GPU, so the copy does not wait on the host."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def _too_short_message(n_tokens: int, seq_len: int, val_fraction: float) -> str:
