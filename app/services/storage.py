@@ -30,6 +30,13 @@ def dataset_path(sha256: str) -> Path:
     return storage_dir() / "datasets" / f"{sha256}.txt"
 
 
+def token_files(sha256: str) -> list[Path]:
+    """The worker's tokenized copies of a dataset file (`tokens/<sha256>-<tokenizer>.u16` and sidecars)."""
+    dataset_path(sha256)  # the same check on the digest
+    folder = storage_dir() / "tokens"
+    return sorted(folder.glob(f"{sha256}-*")) if folder.is_dir() else []
+
+
 def checkpoint_path(job_id: str, step: int) -> Path:
     """Checkpoint file of a job at a step."""
     if not is_server_id(job_id, "job") or isinstance(step, bool) or not isinstance(step, int) or step < 0:
