@@ -118,3 +118,20 @@ def test_upload_memory_does_not_grow_with_its_size(app: Flask, client: FlaskClie
     assert response.status_code == 201, response.json
     assert response.json["bytes"] == size
     assert peak < 8 * 1024 * 1024, f"peak Python memory {peak} bytes for a {size} byte upload"
+
+
+def test_token_cache_goes_with_the_last_reference(app: Flask, client: FlaskClient, upload: Any,
+                                                  auth: dict[str, str], make_auth: Any) -> None:
+    other = make_auth("other")
+    first = upload(auth, "shared text " * 20).json
+    second = upload(other, "shared text " * 20).json
+    tokens = Path(app.config["STORAGE_DIR"]) / "tokens"
+    tokens.mkdir()
+    cached = [tokens / f"{first['sha256']}-byte-0123.u16", tokens / f"{first['sha256']}-byte-0123.u16.json"]
+    unrelated = tokens / f"{'0' * 64}-byte-0123.u16"
+    for path in [*cached, unrelated]:
+        path.write_bytes(b"\0\0")
+    assert client.delete(f"/v1/datasets/{first['id']}", headers=auth).status_code == 204
+    assert all(p.exists() for p in cached), "the other key's dataset still uses the content"
+    assert client.delete(f"/v1/datasets/{second['id']}", headers=other).status_code == 204
+    assert not any(p.exists() for p in cached) and unrelated.exists()
