@@ -4,9 +4,10 @@
    and as the cached uint16 token file (`CorpusFile`, memory-mapped). Blocks alternate between the two so
    machine noise hits both alike; medians are reported. Measured twice: batch drawing alone
    (`TokenData.batch`) and whole trainer steps of a small transformer (what a job sees).
-2. Memory. Peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) of a fresh process that tokenizes a
-   generated corpus into the token cache and trains a few steps from it, for a 1 MB and a large (default
-   200 MB) corpus in /tmp; each in its own subprocess, byte tokenizer. `--baseline-rss` also measures
+2. Memory. Peak RSS of a fresh process that tokenizes a generated corpus into the token cache and trains
+   30 steps from it, for a 1 MB and a large (default 200 MB) corpus in /tmp; each in its own subprocess,
+   byte tokenizer. The figure is the child's VmHWM (`ru_maxrss` is printed beside it: Linux keeps it
+   across exec, so a child of this large parent reports at least the parent's peak). `--baseline-rss` also measures
    today's path (text read whole, ids as a list and an int64 tensor) on the 1 MB and a 20 MB corpus.
 
 Prints the figures and, last, `ratio: X` = memmap / in-memory tokens/s of trainer steps (target >= 0.97)
@@ -67,8 +68,9 @@ def make_corpus(path: Path, n_bytes: int) -> Path:
 def bench_batches(data_a, data_b, rounds: int, n: int) -> tuple[float, float]:
     """Median tokens/s of `batch("train")` for two TokenData, alternating blocks of n batches."""
     rates: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for k, data in enumerate((data_a, data_b)):
+    for r in range(rounds):
+        for k in (0, 1) if r % 2 == 0 else (1, 0):  # ABBA: neither always runs first
+            data = (data_a, data_b)[k]
             gen = torch.Generator().manual_seed(0)
             t0 = time.perf_counter()
             for _ in range(n):
@@ -85,8 +87,9 @@ def bench_trainers(text: str, corpus: CorpusFile, rounds: int, steps: int, tmp: 
         for _ in range(3):
             tr.train_step()
     rates: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for k, tr in enumerate(trainers):
+    for r in range(rounds):
+        for k in (0, 1) if r % 2 == 0 else (1, 0):
+            tr = trainers[k]
             t0 = time.perf_counter()
             for _ in range(steps):
                 tr.train_step()
@@ -100,8 +103,24 @@ def child_rss(path: Path, cache: Path, mode: str) -> dict[str, float]:
     source = CorpusFile(path, cache) if mode == "file" else path.read_text(encoding="utf-8")
     result = Trainer(parse_spec(RSS_SPEC), source, cache.parent / f"out-{mode}-{path.stem}").run()
     assert result.status == "succeeded", result.error
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "seconds": time.perf_counter() - t0}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM where Linux has it, else ru_maxrss.
+
+    Linux carries ru_maxrss over exec from the process that forked the child, so a child of a large
+    parent (this bench, after its speed part) would report the parent's peak; VmHWM belongs to the
+    child's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_rss(path: Path, cache: Path, mode: str) -> dict[str, float]:
@@ -112,6 +131,40 @@ def measure_rss(path: Path, cache: Path, mode: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def speed(args: argparse.Namespace, tmp: Path) -> float:
+    """Print batch and trainer tokens/s of both forms; return the trainer ratio memmap / in-memory."""
+    speed_path = make_corpus(tmp / "speed.txt", int(args.speed_mb * 1e6))
+    corpus = CorpusFile(speed_path, tmp / "tokens")
+    text = speed_path.read_text(encoding="utf-8")
+    in_memory = load_text_data(text, ByteTokenizer(), SEQ_LEN, 0.1)
+    mapped = data_for(corpus, tokenizer_for(TokenizerConfig(kind="byte"), corpus), SEQ_LEN, 0.1)
+    b_mem, b_map = bench_batches(in_memory, mapped, args.rounds, args.batches)
+    print(f"batches ({args.speed_mb:g} MB corpus, {BATCH} x {SEQ_LEN}): in-memory int64 {b_mem / 1e6:.1f}M tok/s, "
+          f"memmap uint16 {b_map / 1e6:.1f}M tok/s, ratio {b_map / b_mem:.3f}")
+    t_mem, t_map = bench_trainers(text, corpus, args.rounds, args.steps, tmp)
+    print(f"trainer steps (transformer 2 x 64): in-memory {t_mem:,.0f} tok/s, memmap {t_map:,.0f} tok/s, "
+          f"ratio {t_map / t_mem:.3f}")
+    return t_map / t_mem
+
+
+def rss(args: argparse.Namespace, tmp: Path) -> float:
+    """Print peak RSS per corpus size; return large minus small (MB)."""
+    small = make_corpus(tmp / "small.txt", 1_000_000)
+    large = make_corpus(tmp / "large.txt", int(args.large_mb * 1e6))
+    large_name = f"{args.large_mb:g} MB"
+    rows = {"1 MB": measure_rss(small, tmp / "tokens", "file"),
+            large_name: measure_rss(large, tmp / "tokens", "file"),
+            f"{large_name}, cached": measure_rss(large, tmp / "tokens", "file")}
+    if args.baseline_rss:
+        rows["1 MB, in-memory (before)"] = measure_rss(small, tmp / "tokens-text", "text")
+        mid = make_corpus(tmp / "mid.txt", 20_000_000)
+        rows["20 MB, in-memory (before)"] = measure_rss(mid, tmp / "tokens-text", "text")
+    for name, row in rows.items():
+        print(f"peak RSS {name:>26}: {row['peak_rss_mb']:7.1f} MB  (ru_maxrss {row['ru_maxrss_mb']:.1f} MB; "
+              f"{row['seconds']:.1f} s incl. tokenizing)")
+    return rows[large_name]["peak_rss_mb"] - rows["1 MB"]["peak_rss_mb"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -120,6 +173,7 @@ def main() -> int:
     parser.add_argument("--speed-mb", type=float, default=20, help="corpus size of the speed part")
     parser.add_argument("--large-mb", type=float, default=200)
     parser.add_argument("--baseline-rss", action="store_true", help="also today's in-memory path (1 and 20 MB)")
+    parser.add_argument("--parts", default="speed,rss", help="speed, rss or both (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the generated corpora in /tmp")
     parser.add_argument("--child", nargs=3, metavar=("CORPUS", "CACHE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,33 +183,12 @@ def main() -> int:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="stabletrain-data-bench-", dir="/tmp"))
     try:
-        speed_path = make_corpus(tmp / "speed.txt", int(args.speed_mb * 1e6))
-        corpus = CorpusFile(speed_path, tmp / "tokens")
-        text = speed_path.read_text(encoding="utf-8")
-        in_memory = load_text_data(text, ByteTokenizer(), SEQ_LEN, 0.1)
-        mapped = data_for(corpus, tokenizer_for(TokenizerConfig(kind="byte"), corpus), SEQ_LEN, 0.1)
-        b_mem, b_map = bench_batches(in_memory, mapped, args.rounds, args.batches)
-        print(f"batches ({args.speed_mb:g} MB corpus, {BATCH} x {SEQ_LEN}): in-memory int64 {b_mem / 1e6:.1f}M tok/s, "
-              f"memmap uint16 {b_map / 1e6:.1f}M tok/s, ratio {b_map / b_mem:.3f}")
-        t_mem, t_map = bench_trainers(text, corpus, args.rounds, args.steps, tmp)
-        print(f"trainer steps (transformer 2 x 64): in-memory {t_mem:,.0f} tok/s, memmap {t_map:,.0f} tok/s, "
-              f"ratio {t_map / t_mem:.3f}")
-        del text, in_memory, mapped
-
-        small = make_corpus(tmp / "small.txt", 1_000_000)
-        large = make_corpus(tmp / "large.txt", int(args.large_mb * 1e6))
-        rss = {"1 MB": measure_rss(small, tmp / "tokens", "file"),
-               f"{args.large_mb:g} MB": measure_rss(large, tmp / "tokens", "file"),
-               f"{args.large_mb:g} MB, cached": measure_rss(large, tmp / "tokens", "file")}
-        if args.baseline_rss:
-            rss["1 MB, in-memory (today)"] = measure_rss(small, tmp / "tokens-text", "text")
-            mid = make_corpus(tmp / "mid.txt", 20_000_000)
-            rss["20 MB, in-memory (today)"] = measure_rss(mid, tmp / "tokens-text", "text")
-        for name, row in rss.items():
-            print(f"peak RSS {name:>26}: {row['peak_rss_mb']:7.1f} MB  ({row['seconds']:.1f} s incl. tokenizing)")
-        delta = rss[f"{args.large_mb:g} MB"]["peak_rss_mb"] - rss["1 MB"]["peak_rss_mb"]
-        print(f"rss_delta_mb: {delta:.1f}")
-        print(f"ratio: {t_map / t_mem:.3f}")
+        parts = set(args.parts.split(","))
+        ratio = speed(args, tmp) if "speed" in parts else None
+        if "rss" in parts:
+            print(f"rss_delta_mb: {rss(args, tmp):.1f}")
+        if ratio is not None:
+            print(f"ratio: {ratio:.3f}")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
