@@ -1,19 +1,21 @@
 """Data path: memory-mapped token batches against today's in-memory int64 stream, and peak RSS by corpus size.
 
 1. Speed. The same corpus (byte tokenizer) as an in-memory int64 tensor (`load_text_data`, the baseline)
-   and as the cached uint16 token file (`CorpusFile`, memory-mapped). Blocks alternate between the two so
-   machine noise hits both alike; medians are reported. Measured twice: batch drawing alone
+   and as the cached uint16 token file (`CorpusFile`, memory-mapped). Blocks alternate between the two
+   (ABBA) so machine noise hits both alike; medians are reported. Measured twice: batch drawing alone
    (`TokenData.batch`) and whole trainer steps of a small transformer (what a job sees).
 2. Memory. Peak RSS of a fresh process that tokenizes a generated corpus into the token cache and trains
    30 steps from it, for a 1 MB and a large (default 200 MB) corpus in /tmp; each in its own subprocess,
    byte tokenizer. The figure is the child's VmHWM (`ru_maxrss` is printed beside it: Linux keeps it
-   across exec, so a child of this large parent reports at least the parent's peak). `--baseline-rss` also measures
-   today's path (text read whole, ids as a list and an int64 tensor) on the 1 MB and a 20 MB corpus.
+   across exec, so a child of this large parent reports at least the parent's peak). `--baseline-rss`
+   also measures the former path (text read whole, ids as a list and an int64 tensor) at 1 and 20 MB.
 
-Prints the figures and, last, `ratio: X` = memmap / in-memory tokens/s of trainer steps (target >= 0.97)
-after `rss_delta_mb: Y` = large-corpus peak RSS minus 1 MB-corpus peak RSS (target <= 300).
+Prints the figures, then `rss_delta_mb: Y` = large-corpus peak RSS minus 1 MB-corpus peak RSS (target
+<= 300) and, last, `ratio: X` = memmap / in-memory tokens/s of trainer steps, the median of the per-round
+ratios (target >= 0.97).
 
-    python bench/data_speed.py [--rounds 10] [--steps 10] [--large-mb 200] [--baseline-rss] [--keep]
+    python bench/data_speed.py [--rounds 10] [--steps 10] [--large-mb 200] [--baseline-rss]
+                               [--parts speed,rss] [--keep]
 """
 
 from __future__ import annotations
@@ -65,36 +67,49 @@ def make_corpus(path: Path, n_bytes: int) -> Path:
     return path
 
 
-def bench_batches(data_a, data_b, rounds: int, n: int) -> tuple[float, float]:
-    """Median tokens/s of `batch("train")` for two TokenData, alternating blocks of n batches."""
+def alternate(runs: list, rounds: int, work: int) -> tuple[float, float, float]:
+    """Median tokens/s of the two runs and the median of their per-round ratio (second / first).
+
+    Blocks alternate ABBA so neither always goes first; a round's ratio pairs two adjacent blocks, so a
+    change in the machine's load between rounds cancels out.
+    """
     rates: list[list[float]] = [[], []]
     for r in range(rounds):
-        for k in (0, 1) if r % 2 == 0 else (1, 0):  # ABBA: neither always runs first
-            data = (data_a, data_b)[k]
-            gen = torch.Generator().manual_seed(0)
+        for k in (0, 1) if r % 2 == 0 else (1, 0):
             t0 = time.perf_counter()
+            runs[k]()
+            rates[k].append(work / (time.perf_counter() - t0))
+    ratios = [b / a for a, b in zip(rates[0], rates[1], strict=True)]
+    return statistics.median(rates[0]), statistics.median(rates[1]), statistics.median(ratios)
+
+
+def bench_batches(data_a, data_b, rounds: int, n: int) -> tuple[float, float, float]:
+    """`alternate` over blocks of n `batch("train")` calls of two TokenData."""
+    def block(data):
+        def run() -> None:
+            gen = torch.Generator().manual_seed(0)
             for _ in range(n):
                 data.batch("train", BATCH, gen)
-            rates[k].append(n * BATCH * SEQ_LEN / (time.perf_counter() - t0))
-    return statistics.median(rates[0]), statistics.median(rates[1])
+        return run
+
+    return alternate([block(data_a), block(data_b)], rounds, n * BATCH * SEQ_LEN)
 
 
-def bench_trainers(text: str, corpus: CorpusFile, rounds: int, steps: int, tmp: Path) -> tuple[float, float]:
-    """Median tokens/s of trainer steps from the in-memory text and from the memory-mapped file."""
+def bench_trainers(text: str, corpus: CorpusFile, rounds: int, steps: int, tmp: Path) -> tuple[float, float, float]:
+    """`alternate` over blocks of trainer steps from the in-memory text and from the memory-mapped file."""
     spec = parse_spec(SPEC)
     trainers = [Trainer(spec, text, tmp / "a"), Trainer(spec, corpus, tmp / "b")]
     for tr in trainers:  # warm-up: allocator, first page faults
         for _ in range(3):
             tr.train_step()
-    rates: list[list[float]] = [[], []]
-    for r in range(rounds):
-        for k in (0, 1) if r % 2 == 0 else (1, 0):
-            tr = trainers[k]
-            t0 = time.perf_counter()
+
+    def block(tr):
+        def run() -> None:
             for _ in range(steps):
                 tr.train_step()
-            rates[k].append(steps * BATCH * SEQ_LEN / (time.perf_counter() - t0))
-    return statistics.median(rates[0]), statistics.median(rates[1])
+        return run
+
+    return alternate([block(t) for t in trainers], rounds, steps * BATCH * SEQ_LEN)
 
 
 def child_rss(path: Path, cache: Path, mode: str) -> dict[str, float]:
@@ -138,13 +153,13 @@ def speed(args: argparse.Namespace, tmp: Path) -> float:
     text = speed_path.read_text(encoding="utf-8")
     in_memory = load_text_data(text, ByteTokenizer(), SEQ_LEN, 0.1)
     mapped = data_for(corpus, tokenizer_for(TokenizerConfig(kind="byte"), corpus), SEQ_LEN, 0.1)
-    b_mem, b_map = bench_batches(in_memory, mapped, args.rounds, args.batches)
+    b_mem, b_map, b_ratio = bench_batches(in_memory, mapped, args.rounds, args.batches)
     print(f"batches ({args.speed_mb:g} MB corpus, {BATCH} x {SEQ_LEN}): in-memory int64 {b_mem / 1e6:.1f}M tok/s, "
-          f"memmap uint16 {b_map / 1e6:.1f}M tok/s, ratio {b_map / b_mem:.3f}")
-    t_mem, t_map = bench_trainers(text, corpus, args.rounds, args.steps, tmp)
+          f"memmap uint16 {b_map / 1e6:.1f}M tok/s, ratio {b_ratio:.3f}")
+    t_mem, t_map, t_ratio = bench_trainers(text, corpus, args.rounds, args.steps, tmp)
     print(f"trainer steps (transformer 2 x 64): in-memory {t_mem:,.0f} tok/s, memmap {t_map:,.0f} tok/s, "
-          f"ratio {t_map / t_mem:.3f}")
-    return t_map / t_mem
+          f"ratio {t_ratio:.3f}")
+    return t_ratio
 
 
 def rss(args: argparse.Namespace, tmp: Path) -> float:

@@ -177,3 +177,12 @@ def test_trainer_on_a_corpus_file_matches_training_on_its_text(corpus_file: Path
                                  strict=True):
         assert torch.equal(a, b), name
     assert [r["loss"] for r in from_text.history.step_rows()] == [r["loss"] for r in from_file.history.step_rows()]
+
+
+def test_compact_tensor_without_a_file_batches_like_int64() -> None:
+    compact = TokenData(torch.arange(1000).to(torch.uint16), seq_len=8, val_fraction=0.1)
+    wide = TokenData(torch.arange(1000), seq_len=8, val_fraction=0.1)
+    for split in ("train", "val"):
+        a = compact.batch_with_offsets(split, 6, torch.Generator().manual_seed(1))
+        b = wide.batch_with_offsets(split, 6, torch.Generator().manual_seed(1))
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].dtype == torch.long
