@@ -96,20 +96,31 @@ def bench_batches(data_a, data_b, rounds: int, n: int) -> tuple[float, float, fl
 
 
 def bench_trainers(text: str, corpus: CorpusFile, rounds: int, steps: int, tmp: Path) -> tuple[float, float, float]:
-    """`alternate` over blocks of trainer steps from the in-memory text and from the memory-mapped file."""
+    """Tokens/s of trainer steps from the in-memory text and from the token file, and their ratio.
+
+    The two trainers take turns step by step (ABBA within a round), since a step is long enough to time
+    alone and load changes on a shared machine are faster than a block of steps; a round's ratio
+    pairs its two sums.
+    """
     spec = parse_spec(SPEC)
     trainers = [Trainer(spec, text, tmp / "a"), Trainer(spec, corpus, tmp / "b")]
-    for tr in trainers:  # warm-up: allocator, first page faults
+    for tr in trainers:  # warm-up: allocator, first reads
         for _ in range(3):
             tr.train_step()
-
-    def block(tr):
-        def run() -> None:
-            for _ in range(steps):
-                tr.train_step()
-        return run
-
-    return alternate([block(t) for t in trainers], rounds, steps * BATCH * SEQ_LEN)
+    rates: list[list[float]] = [[], []]
+    ratios: list[float] = []
+    for _ in range(rounds):
+        spent = [0.0, 0.0]
+        for s in range(steps):
+            for k in (0, 1) if s % 2 == 0 else (1, 0):
+                t0 = time.perf_counter()
+                trainers[k].train_step()
+                spent[k] += time.perf_counter() - t0
+        work = steps * BATCH * SEQ_LEN
+        rates[0].append(work / spent[0])
+        rates[1].append(work / spent[1])
+        ratios.append(spent[0] / spent[1])
+    return statistics.median(rates[0]), statistics.median(rates[1]), statistics.median(ratios)
 
 
 def child_rss(path: Path, cache: Path, mode: str) -> dict[str, float]:
