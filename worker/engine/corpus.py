@@ -48,6 +48,8 @@ HASH_BLOCK = 1 << 22
 # (suffix, array typecode, torch dtype) by the widest id a tokenizer can produce
 UINT16 = (".u16", "H", torch.uint16)
 UINT32 = (".u32", "I", torch.uint32)
+if array.array("H").itemsize != 2 or array.array("I").itemsize != 4:  # C types; true on every platform torch runs on
+    raise ImportError("token files need 2-byte 'H' and 4-byte 'I' arrays")
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ def token_file_for(dataset_path: Path, tokenizer: AnyTokenizer, cache_dir: Path,
 
 def read_valid_token_file(path: Path, sha256: str, tokenizer: AnyTokenizer) -> TokenFile | None:
     """The token file when it and its sidecar agree (size, sha256, corpus, tokenizer), else None."""
-    suffix, typecode, dtype = _layout(tokenizer)
+    dtype = _layout(tokenizer)[2]
     try:
         meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
         expected = {"format": TOKEN_FORMAT, "dtype": str(dtype).removeprefix("torch."), "byteorder": sys.byteorder,
@@ -169,7 +171,7 @@ def read_valid_token_file(path: Path, sha256: str, tokenizer: AnyTokenizer) -> T
         if any(meta.get(k) != v for k, v in expected.items()):
             return None
         n_tokens = int(meta["n_tokens"])
-        if path.stat().st_size != n_tokens * array.array(typecode).itemsize:
+        if path.stat().st_size != n_tokens * dtype.itemsize:
             return None
         if file_sha256(path) != meta["sha256"]:
             return None
@@ -192,7 +194,7 @@ def build_token_file(dataset_path: Path, tokenizer: AnyTokenizer, path: Path, sh
             fh.write(block)
             n_tokens += len(ids)
     meta = {"format": TOKEN_FORMAT, "dtype": str(dtype).removeprefix("torch."), "byteorder": sys.byteorder,
-            "n_tokens": n_tokens, "bytes": n_tokens * array.array(typecode).itemsize,
+            "n_tokens": n_tokens, "bytes": n_tokens * dtype.itemsize,
             "sha256": digest.hexdigest(), "dataset_sha256": sha256, "tokenizer_kind": tokenizer.kind,
             "tokenizer_key": tokenizer_key(tokenizer), "vocab_size": tokenizer.vocab_size}
     with _atomic_file(sidecar_path(path), "w") as fh:
