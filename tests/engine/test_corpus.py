@@ -186,3 +186,19 @@ def test_compact_tensor_without_a_file_batches_like_int64() -> None:
         a = compact.batch_with_offsets(split, 6, torch.Generator().manual_seed(1))
         b = wide.batch_with_offsets(split, 6, torch.Generator().manual_seed(1))
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].dtype == torch.long
+
+
+def test_resume_on_a_corpus_file_is_bit_identical(corpus_file: Path, tmp_path: Path) -> None:
+    s = spec(tokenizer={"kind": "char"}, training={"max_steps": 8, "eval_every": 4})
+    source = CorpusFile(corpus_file, tmp_path / "tokens")
+    straight = Trainer(s, source, tmp_path / "a")
+    assert straight.run().status == "succeeded"
+    first = Trainer(s, source, tmp_path / "b")
+    for _ in range(3):
+        first.train_step()
+    info = first.save()
+    resumed = Trainer(s, source, tmp_path / "c", resume_from=Path(info["path"]))
+    assert resumed.run().status == "succeeded" and resumed.step == 8
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert len(list(source.cache_dir.glob("*.u16"))) == 1, "the resumed run reads the same token file"
