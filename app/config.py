@@ -11,9 +11,9 @@ Environment variables (values are parsed as JSON when possible, else kept as str
                                         AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); empty = STORAGE_DIR
 - STABLETRAIN_S3_ENDPOINT_URL           endpoint of a non-AWS store (MinIO: http://minio:9000)
 - STABLETRAIN_CACHE_DIR                 a worker's local copies of bucket objects (default <STORAGE_DIR>/cache)
-- STABLETRAIN_MAX_DATASET_BYTES         largest upload (default 50 MB)
+- STABLETRAIN_MAX_DATASET_BYTES         largest upload (default 1 GiB; streamed to disk, 413 past it)
 - STABLETRAIN_MAX_JSON_BYTES             largest JSON request body (default 1 MB)
-- STABLETRAIN_MAX_DATASET_BYTES_PER_KEY total dataset bytes per API key (default 500 MB)
+- STABLETRAIN_MAX_DATASET_BYTES_PER_KEY total dataset bytes per API key (default 4 GiB)
 - STABLETRAIN_MAX_PARAMS                largest estimated model (default 50M parameters)
 - STABLETRAIN_MAX_STEPS                 largest training.max_steps (default 1,000,000)
 - STABLETRAIN_MAX_SEQ_LEN               largest training.seq_len (default 2048)
@@ -53,6 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VAR_DIR = REPO_ROOT / "var"
 
 MB = 1_000_000
+GIB = 1 << 30
 
 
 def default_config() -> dict[str, Any]:
@@ -64,8 +65,8 @@ def default_config() -> dict[str, Any]:
         "STORAGE_URL": "",
         "S3_ENDPOINT_URL": "",
         "CACHE_DIR": "",
-        "MAX_DATASET_BYTES": 50 * MB,
-        "MAX_DATASET_BYTES_PER_KEY": 500 * MB,
+        "MAX_DATASET_BYTES": GIB,
+        "MAX_DATASET_BYTES_PER_KEY": 4 * GIB,
         "MAX_JSON_BYTES": 1 * MB,
         "MAX_PARAMS": 50_000_000,
         "MAX_STEPS": 1_000_000,

@@ -8,7 +8,6 @@ complete, so a record always names a stored object and a failed upload leaves no
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from stabletrain_storage import Storage, StorageError, checkpoint_key, checkpoin
 log = logging.getLogger(__name__)
 
 TOKENIZERS = "tokenizers/"
+TOKENS = "tokens/"
 
 
 class CheckpointRecords(Protocol):
@@ -137,31 +137,35 @@ def clear_cached_checkpoints(store: Storage, job_id: str, keep: Path | None) -> 
             path.unlink(missing_ok=True)
 
 
-def _tokenizer_names(text: str) -> str:
-    # the engine names a BPE cache file bpe-<sha256 of the text>-<vocab>-<recipe>.json (tokenizers.py)
-    return f"bpe-{hashlib.sha256(text.encode('utf-8')).hexdigest()}-"
+def _dataset_caches(sha256: str) -> tuple[tuple[str, str], ...]:
+    """(folder, name prefix) of what workers derive from one dataset file: its BPE tokenizers
+    (`bpe-<sha256>-<vocab>-<recipe>.json`, worker/engine/tokenizers.py) and its token files with their
+    sidecars (`<sha256>-<kind>-<tokenizer key>.u16`, worker/engine/corpus.py). Temp files start with a dot."""
+    return ((TOKENIZERS, f"bpe-{sha256}-"), (TOKENS, f"{sha256}-"))
 
 
-def pull_tokenizers(store: Storage, text: str) -> Path:
-    """Fetch the bucket's BPE tokenizers of this text into the local tokenizer cache; returns that folder."""
-    folder = store.local_dir(TOKENIZERS)
-    if store.is_remote:
-        try:
-            for key in store.list(TOKENIZERS + _tokenizer_names(text)):
-                store.local_copy(key)
-        except StorageError as exc:  # a cache only: without it the engine trains the tokenizer again
-            log.warning("tokenizers not fetched from storage: %s", exc)
-    return folder
-
-
-def push_tokenizers(store: Storage, text: str) -> None:
-    """Upload the tokenizers of this text that this host trained and the bucket lacks."""
+def pull_dataset_caches(store: Storage, sha256: str) -> None:
+    """Fetch the bucket's tokenizers and token files of this dataset into this host's cache folders."""
     if not store.is_remote:
         return
     try:
-        for path in sorted(store.local_dir(TOKENIZERS).glob(_tokenizer_names(text) + "*.json")):
-            key = TOKENIZERS + path.name
-            if not store.exists(key):
-                store.put_file(path, key)
-    except StorageError as exc:  # a cache only: the next job of this dataset trains it again
-        log.warning("tokenizers not stored: %s", exc)
+        for folder, prefix in _dataset_caches(sha256):
+            for key in store.list(folder + prefix):
+                store.local_copy(key)
+    except StorageError as exc:  # a cache only: without it the engine tokenizes (and trains a BPE) again
+        log.warning("dataset caches not fetched from storage: %s", exc)
+
+
+def push_dataset_caches(store: Storage, sha256: str) -> None:
+    """Upload the tokenizers and token files of this dataset that this host made and the bucket lacks.
+    A token file whose sidecar disagrees after a racing upload is rebuilt by the engine (corpus.py)."""
+    if not store.is_remote:
+        return
+    try:
+        for folder, prefix in _dataset_caches(sha256):
+            for path in sorted(store.local_dir(folder).glob(prefix + "*")):
+                key = folder + path.name
+                if not store.exists(key):
+                    store.put_file(path, key)
+    except StorageError as exc:  # a cache only: the next job of this dataset makes them again
+        log.warning("dataset caches not stored: %s", exc)

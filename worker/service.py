@@ -34,8 +34,15 @@ from stabletrain_storage import (
     fetch_verified,
 )
 from stabletrain_storage.base import key_name
-from worker.artifacts import clear_cached_checkpoints, local_checkpoint_dir, pull_tokenizers, push_tokenizers
+from worker.artifacts import (
+    TOKENS,
+    clear_cached_checkpoints,
+    local_checkpoint_dir,
+    pull_dataset_caches,
+    push_dataset_caches,
+)
 from worker.db import utcnow
+from worker.engine.corpus import CorpusFile
 from worker.engine.distributed import RankFailed, run_data_parallel
 from worker.leases import (
     Heartbeat,
@@ -155,8 +162,9 @@ def forget_after(engine: Engine, lease: Lease, step: int, store: Storage) -> Non
                 store.delete(key)
 
 
-def load_inputs(engine: Engine, job_id: str, store: Storage) -> tuple[dict[str, Any], str, Any]:
-    """The job's raw spec, its dataset text and when its running time started (JobInputError when unusable).
+def load_inputs(engine: Engine, job_id: str, store: Storage) -> tuple[dict[str, Any], CorpusFile, Any]:
+    """The job's raw spec, its dataset file (a local path, never read into memory here, with this host's
+    token cache folder) and when its running time started (JobInputError when unusable).
 
     The running time starts at started_at moved later by the seconds the job spent paused: the job
     time limit counts time spent running or queued, not paused."""
@@ -170,11 +178,11 @@ def load_inputs(engine: Engine, job_id: str, store: Storage) -> tuple[dict[str, 
         raise JobInputError("the job's dataset was deleted; upload it again and submit a new job")
     key = dataset_key(sha)
     try:
-        text = store.local_copy(key).read_text(encoding="utf-8")
+        path = store.local_copy(key)
     except FileNotFoundError as exc:
         raise JobInputError(f"dataset file {key_name(key)} is missing from storage") from exc
     started_at = job.started_at and job.started_at + timedelta(seconds=job.paused_s or 0.0)
-    return dict(job.spec), text, started_at
+    return dict(job.spec), CorpusFile(path, store.local_dir(TOKENS), sha), started_at
 
 
 def time_left_s(started_at: Any, limit_s: float) -> float:
@@ -248,7 +256,7 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
 
     job_id = lease.job_id
     store = settings.storage
-    raw_spec, text, started_at = load_inputs(engine, job_id, store)
+    raw_spec, corpus, started_at = load_inputs(engine, job_id, store)
     try:
         spec = parse_spec(raw_spec)
     except SpecError as exc:
@@ -259,7 +267,7 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
         resume_from, resume_step = find_resume_point(engine, job_id, store)
         forget_after(engine, lease, resume_step, store)
         clear_cached_checkpoints(store, job_id, keep=resume_from)
-        pull_tokenizers(store, text)
+        pull_dataset_caches(store, corpus.sha256)
         stop = StopFlags(hb, time.monotonic() + time_left_s(started_at, settings.job_time_limit_s))
         reporter = DbReporter(engine, job_id, retry_s=settings.db_retry_s, stop=stop, pause=hb.pause.is_set,
                               fenced=hb.lost.is_set, lease=lease, on_lease_lost=hb.lost.set, store=store,
@@ -268,18 +276,18 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
         try:
             try:
                 if spec.resources.devices > 1:
-                    result = run_data_parallel(spec, text, out_dir, reporter, device_type=torch_device_type(device),
+                    result = run_data_parallel(spec, corpus, out_dir, reporter, device_type=torch_device_type(device),
                                                resume_from=resume_from,
                                                collective_timeout_s=collective_timeout_s(settings))
                 else:
-                    trainer = Trainer(spec, text, out_dir, reporter, device=device, resume_from=resume_from)
-                    push_tokenizers(store, text)
+                    trainer = Trainer(spec, corpus, out_dir, reporter, device=device, resume_from=resume_from)
+                    push_dataset_caches(store, corpus.sha256)  # made at the start: other hosts need not redo them
                     result = trainer.run()
             except DataError as exc:
                 raise JobInputError(f"cannot train on this dataset: {exc}") from exc
             except ValueError as exc:  # a spec this device cannot run (fp16 recurrent layers on CPU, too few GPUs)
                 raise JobInputError(f"cannot train this spec here: {exc}") from exc
-            push_tokenizers(store, text)  # a no-op when pushed already; the ranks of a multi-device run trained it
+            push_dataset_caches(store, corpus.sha256)  # made by the ranks of a multi-device run (else a no-op)
         finally:
             reporter.finish_uploads()  # under the heartbeat: the lease holds while the last upload runs
             clear_cached_checkpoints(store, job_id, keep=None)  # uploaded: the bucket has them, free the disk

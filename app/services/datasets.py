@@ -22,7 +22,7 @@ from app.extensions import db
 from app.inputs import BAD_TEXT
 from app.models import UNFINISHED_STATUSES, Dataset, DatasetFile, Job
 from app.services.common import get_owned, lock_owner, newest_first_page
-from app.services.storage import dataset_key, storage, tmp_dir
+from app.services.storage import dataset_key, storage, tmp_dir, token_keys
 
 CHUNK = 1 << 20
 log = logging.getLogger(__name__)
@@ -43,7 +43,13 @@ def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
 
 
 def _spool(stream: IO[bytes], max_bytes: int) -> StoredFile:
-    """Copy the upload to a temp file, hashing and UTF-8 checking as it streams."""
+    """Copy the upload to a temp file in CHUNK reads, hashing and UTF-8 checking as it streams.
+
+    Memory stays at a chunk whatever the upload's size. The incremental decoder keeps the first bytes
+    of a character cut by a chunk end for the next chunk, so a valid multi-byte character split across
+    chunks passes. Past `max_bytes` (413) or at invalid UTF-8 (422) the temp file is removed before
+    anything is recorded.
+    """
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
     size = 0
@@ -52,16 +58,14 @@ def _spool(stream: IO[bytes], max_bytes: int) -> StoredFile:
     try:
         with os.fdopen(fd, "wb") as out:
             for chunk in _chunks(stream):
+                if size + len(chunk) > max_bytes:
+                    abort(413, message=f"Dataset exceeds the {max_bytes} byte limit (STABLETRAIN_MAX_DATASET_BYTES).",
+                          details={"max_bytes": max_bytes})
+                _check_utf8(decoder, chunk, size)
                 size += len(chunk)
-                if size > max_bytes:
-                    abort(413, message=f"Dataset exceeds the {max_bytes} byte limit.")
                 digest.update(chunk)
-                decoder.decode(chunk)
                 out.write(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        path.unlink(missing_ok=True)
-        abort(422, message="Dataset is not valid UTF-8 text.", details={"file": [f"invalid UTF-8 at byte {exc.start}"]})
+            _check_utf8(decoder, b"", size, final=True)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -69,6 +73,17 @@ def _spool(stream: IO[bytes], max_bytes: int) -> StoredFile:
         path.unlink(missing_ok=True)
         abort(422, message="Dataset is empty.", details={"file": ["empty file"]})
     return StoredFile(path, size, digest.hexdigest())
+
+
+def _check_utf8(decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, final: bool = False) -> None:
+    """Feed a chunk (starting at byte `offset` of the upload) to the decoder; 422 naming the bad byte."""
+    held = len(decoder.getstate()[0])  # bytes of a character the previous chunk cut
+    try:
+        decoder.decode(chunk, final=final)
+    except UnicodeDecodeError as exc:
+        at = offset - held + exc.start
+        abort(422, message=f"Dataset is not valid UTF-8 text (byte {at}).",
+              details={"file": [f"invalid UTF-8 at byte {at}: {exc.reason}"]})
 
 
 def _check_quota(owner_id: str, size: int) -> None:
@@ -151,6 +166,8 @@ def delete_dataset(owner_id: str, dataset_id: str) -> None:
         raise
     if aside is not None:
         store.delete(aside)
+    for key in token_keys(sha):  # derived from the file: of no use without it (a worker's open map stays valid)
+        store.delete(key)
 
 
 def _rows_sharing(sha256: str, refs: int) -> int:

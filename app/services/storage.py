@@ -42,6 +42,12 @@ def dataset_key(sha256: str) -> str:
     return layout_dataset_key(sha256)
 
 
+def token_keys(sha256: str) -> list[str]:
+    """The workers' tokenized copies of a dataset file (`tokens/<sha256>-<tokenizer>.u16` and sidecars)."""
+    dataset_key(sha256)  # the same check on the digest
+    return storage().list(f"tokens/{sha256}-")
+
+
 def checkpoint_key(job_id: str, step: int) -> str:
     """Checkpoint object of a job at a step."""
     if not is_server_id(job_id, "job") or isinstance(step, bool) or not isinstance(step, int) or step < 0:

@@ -42,7 +42,7 @@ def _job_reads(app: Flask, submit: Any, headers: dict[str, str], dataset_id: str
     assert response.status_code == 202, response.json
     with app.app_context():
         _spec, loaded, _started = load_inputs(db.engine, response.json["id"], LocalStorage(Path(app.config["STORAGE_DIR"])))
-    assert loaded == text
+    assert loaded.path.read_text(encoding="utf-8") == text and loaded.sha256 == hashlib.sha256(text.encode()).hexdigest()
     return response.json["id"]
 
 

@@ -78,6 +78,12 @@ def test_tiny_job_trains_and_everything_reads_back(stack: Stack, corpus: bytes) 
     job_id = submit(stack, upload(stack, corpus))
     job = wait_status(stack, job_id, {"succeeded"}, 240)
     assert job["progress"]["step"] == 30 and job["error"] is None
+    # the worker trained from the corpus tokenized once into the token cache (byte ids as uint16)
+    sha = hashlib.sha256(corpus).hexdigest()
+    storage = stack.root / "storage"
+    cached = sorted((storage / "tokens").glob(f"{sha}-byte-*.u16"))
+    text = (storage / "datasets" / f"{sha}.txt").read_text(encoding="utf-8")
+    assert len(cached) == 1 and cached[0].stat().st_size == 2 * len(text.encode("utf-8"))
 
     steps = paged(stack, f"/v1/jobs/{job_id}/metrics", limit=7)
     assert [r["step"] for r in steps] == list(range(1, 31))

@@ -101,18 +101,22 @@ def test_open_storage_picks_the_backend(tmp_path: Path, moto_endpoint: str) -> N
         open_storage("gs://bucket", tmp_path)
 
 
-def test_bpe_tokenizers_travel_through_the_bucket(bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
-    """Host A's trained tokenizer reaches the bucket; host B's engine cache folder gets it before training."""
-    from worker.artifacts import pull_tokenizers, push_tokenizers
+def test_tokenizers_and_token_files_travel_through_the_bucket(bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    """Host A's trained tokenizer and token file reach the bucket; host B's cache folders get them before training."""
+    from worker.artifacts import pull_dataset_caches, push_dataset_caches
 
-    text, other = "some corpus text", "another corpus"
+    sha, other = hashlib.sha256(b"some corpus").hexdigest(), hashlib.sha256(b"another corpus").hexdigest()
     host_a = S3Storage(bucket, "p", tmp_path / "a", endpoint_url=moto_endpoint)
     host_b = S3Storage(bucket, "p", tmp_path / "b", client=host_a.client)
-    name = f"bpe-{hashlib.sha256(text.encode()).hexdigest()}-300-r1.json"
+    name, tokens = f"bpe-{sha}-300-r1.json", f"{sha}-bpe-0123abcd.u16"
     (host_a.local_dir("tokenizers") / name).write_text('{"model": 1}')
-    (host_a.local_dir("tokenizers") / f"bpe-{hashlib.sha256(other.encode()).hexdigest()}-300-r1.json").write_text("{}")
-    push_tokenizers(host_a, text)
-    assert host_a.list("tokenizers/") == [f"tokenizers/{name}"]  # only this text's tokenizers
-    folder = pull_tokenizers(host_b, text)
-    assert folder == tmp_path / "b" / "tokenizers" and [p.name for p in folder.iterdir()] == [name]
-    assert (folder / name).read_text() == '{"model": 1}'
+    (host_a.local_dir("tokenizers") / f"bpe-{other}-300-r1.json").write_text("{}")
+    (host_a.local_dir("tokens") / tokens).write_bytes(b"\x01\x00\x02\x00")
+    (host_a.local_dir("tokens") / f".{tokens}.abc.tmp").write_bytes(b"half")  # a write in progress
+    push_dataset_caches(host_a, sha)
+    assert host_a.list("tokenizers/") == [f"tokenizers/{name}"]  # only this dataset's
+    assert host_a.list("tokens/") == [f"tokens/{tokens}"]
+    pull_dataset_caches(host_b, sha)
+    assert [p.name for p in (tmp_path / "b" / "tokenizers").iterdir()] == [name]
+    assert (tmp_path / "b" / "tokenizers" / name).read_text() == '{"model": 1}'
+    assert (tmp_path / "b" / "tokens" / tokens).read_bytes() == b"\x01\x00\x02\x00"

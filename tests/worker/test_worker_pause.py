@@ -16,11 +16,12 @@ from tests.worker.jobfactory import make_job
 from tests.worker.test_worker_claims import expire_lease, job_row
 from tests.worker.test_worker_service import checkpoints, event_kinds, run_in_thread, spec_with, steps
 from worker import service
+from worker.artifacts import local_checkpoint_dir
 from worker.db import utcnow
 from worker.engine.checkpoint import checkpoint_path, load_checkpoint
 from worker.leases import Heartbeat, claim_job, pause_held_job
 from worker.reconciler import reconcile, send_unsent
-from worker.service import checkpoint_dir, run_train_job
+from worker.service import run_train_job
 from worker.settings import WorkerSettings
 from worker.testing import wait_for
 
@@ -50,7 +51,7 @@ def requeue(engine: Engine, job_id: str) -> None:
 
 
 def final_model(settings: WorkerSettings, job_id: str, step: int) -> dict[str, torch.Tensor]:
-    return load_checkpoint(checkpoint_path(checkpoint_dir(settings.storage_dir, job_id), step))["model"]
+    return load_checkpoint(checkpoint_path(local_checkpoint_dir(settings.storage, job_id), step))["model"]
 
 
 def test_pause_frees_the_worker_and_resume_ends_with_the_weights_of_an_uninterrupted_run(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import weakref
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,15 +32,27 @@ def min_tokens(seq_len: int, val_fraction: float) -> int:
     return n
 
 
-class TokenData:
-    """A 1-D token stream split into a train head and a contiguous validation tail."""
+# Dtypes of a memory-mapped token file; a stream in one of them stays on the host and each batch is
+# widened to int64 (and moved to the training device) after the gather.
+COMPACT_DTYPES = (torch.uint16, torch.uint32)
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, val_fraction: float) -> None:
+
+class TokenData:
+    """A 1-D token stream split into a train head and a contiguous validation tail.
+
+    `tokens` is an int64 tensor (in memory, on any device) or a memory-mapped uint16/uint32 one
+    (`from_token_file`): the latter stays on the host, and only the drawn windows are read from it.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, val_fraction: float,
+                 device: torch.device | str | None = None, reader: WindowReader | None = None) -> None:
         if tokens.dim() != 1:
             raise DataError("tokens must be a 1-D tensor")
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.tokens = tokens.long()
+        self.tokens = tokens if tokens.dtype in COMPACT_DTYPES else tokens.long()
+        self._reader = reader  # positional reads of the windows from the token file behind `tokens`
+        self.device = torch.device(device) if device is not None else self.tokens.device
         self.seq_len = seq_len
         self.val_fraction = val_fraction
         n = self.tokens.numel()
@@ -47,9 +62,39 @@ class TokenData:
         if self.n_train < window or self.n_val < window:
             raise DataError(_too_short_message(n, seq_len, val_fraction))
         self._offsets = torch.arange(window, device=self.tokens.device)
+        # Every window as a row of a strided view (no copy): a batch of a mapped stream without a reader
+        # is one index_select of rows, faster than a 2-D gather.
+        self._windows = (self.tokens.as_strided((n - window + 1, window), (1, 1))
+                         if self.tokens.dtype in COMPACT_DTYPES else None)
+
+    @classmethod
+    def from_token_file(cls, path: Path, dtype: torch.dtype, n_tokens: int, seq_len: int,
+                        val_fraction: float) -> TokenData:
+        """A stream memory-mapped from a raw token file (native byte order, `n_tokens` of `dtype`).
+
+        `tokens` maps the file (private, never written; read for excerpts and checks), while batches
+        read their windows with positional reads (`WindowReader`): a page fault on the mapping maps
+        the memory around the window too (fault-around over the page cache's large folios, ~160 kB per
+        window measured on Linux 6.18, even with MADV_RANDOM), so batches through the mapping make the
+        process's RSS grow toward the file's size; pread keeps it flat at the same speed
+        (bench/data_speed.py). The page cache still holds the hot parts of the file for every process.
+        """
+        if dtype not in COMPACT_DTYPES:
+            raise DataError(f"token files hold uint16 or uint32, not {dtype}")
+        if n_tokens < 1:
+            raise DataError(_too_short_message(0, seq_len, val_fraction))
+        tokens = torch.from_file(str(path), shared=False, size=n_tokens, dtype=dtype)
+        reader = WindowReader(path, dtype, seq_len + 1) if hasattr(os, "pread") else None
+        return cls(tokens, seq_len, val_fraction, reader=reader)
 
     def to(self, device: torch.device | str) -> TokenData:
-        """Same data with the token stream on `device` (batches are gathered there)."""
+        """Same data with batches delivered on `device`.
+
+        An in-memory stream moves there (a batch is a gather on the device, not a copy); a memory-mapped
+        one stays on the host and each gathered batch is copied over.
+        """
+        if self.tokens.dtype in COMPACT_DTYPES:
+            return TokenData(self.tokens, self.seq_len, self.val_fraction, device=device, reader=self._reader)
         return TokenData(self.tokens.to(device), self.seq_len, self.val_fraction)
 
     def batch(
@@ -71,13 +116,49 @@ class TokenData:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         # Draw on the generator's device so the same generator state gives the same batch.
         starts = torch.randint(lo, hi + 1, (batch_size,), generator=generator, device=generator.device)
-        idx = starts.to(self.tokens.device).unsqueeze(1) + self._offsets
-        windows = self.tokens[idx]
+        if self._reader is not None:
+            windows = _to_device(self._reader.read(starts.tolist()).long(), self.device)
+        elif self._windows is not None:
+            windows = _to_device(self._windows.index_select(0, starts.cpu()).long(), self.device)
+        else:
+            idx = starts.to(self.tokens.device).unsqueeze(1) + self._offsets
+            windows = self.tokens[idx]
         return windows[:, :-1], windows[:, 1:], starts
 
     def excerpt(self, offset: int, n_tokens: int) -> list[int]:
         """The token ids of the stream from `offset` on (at most n_tokens)."""
         return self.tokens[offset:offset + n_tokens].tolist()
+
+
+class WindowReader:
+    """Reads windows of `window` ids at given token offsets from a token file with pread."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, window: int) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)  # closed with the last TokenData sharing this reader
+        self.dtype = dtype
+        self.width = window * dtype.itemsize
+
+    def read(self, starts: list[int]) -> torch.Tensor:
+        """[len(starts), window] ids of `dtype`."""
+        fd, width, itemsize = self._fd, self.width, self.dtype.itemsize
+        out = bytearray(width * len(starts))
+        for row, start in enumerate(starts):
+            block = os.pread(fd, width, start * itemsize)
+            if len(block) != width:
+                raise DataError(f"token file {self.path} ends before offset {start} + window")
+            out[row * width:(row + 1) * width] = block
+        return torch.frombuffer(out, dtype=self.dtype).view(len(starts), -1)
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`; through pinned memory to a GPU, so the copy does not wait on the host."""
+    if device.type == "cpu":
+        return batch
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def _too_short_message(n_tokens: int, seq_len: int, val_fraction: float) -> str:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .config import JobSpec
+from .corpus import CorpusFile
 from .parallel import DataParallel
 from .trainer import Callbacks, Trainer, TrainResult
 
@@ -103,7 +104,7 @@ def device_count(device_type: str) -> int | None:
 
 def run_data_parallel(
     spec: JobSpec,
-    text: str,
+    text: str | CorpusFile,
     out_dir: Path,
     callbacks: Callbacks,
     *,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,22 +145,33 @@ def build_tokenizer(cfg: TokenizerConfig, text: str, cache_dir: Path | None = No
 
 def bpe_cache_path(cache_dir: Path, text: str, vocab_size: int) -> Path:
     """Cache file of the BPE of `text` at `vocab_size` (the dataset's sha256 names the text)."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return bpe_cache_file(cache_dir, hashlib.sha256(text.encode("utf-8")).hexdigest(), vocab_size)
+
+
+def bpe_cache_file(cache_dir: Path, digest: str, vocab_size: int) -> Path:
+    """Cache file of the BPE of the corpus whose sha256 is `digest`."""
     return Path(cache_dir) / f"bpe-{digest}-{vocab_size}-{BPE_RECIPE}.json"
 
 
 def cached_bpe_json(text: str, vocab_size: int, cache_dir: Path | None) -> str:
     """tokenizer.json of the BPE of `text`: from the cache when there, else trained (and stored)."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return cached_bpe_json_of_chunks(digest, lambda: [text], vocab_size, cache_dir)
+
+
+def cached_bpe_json_of_chunks(digest: str, chunks: Callable[[], Iterable[str]], vocab_size: int,
+                              cache_dir: Path | None) -> str:
+    """tokenizer.json of the BPE of the corpus `chunks()` streams (sha256 `digest`): cached, else trained."""
     if cache_dir is None:
-        return train_bpe(text, vocab_size)
-    path = bpe_cache_path(cache_dir, text, vocab_size)
+        return train_bpe(chunks(), vocab_size)
+    path = bpe_cache_file(cache_dir, digest, vocab_size)
     try:
         cached = path.read_text(encoding="utf-8")
         _hf_tokenizer(cached)  # a damaged file is trained again, not trusted
         return cached
     except (OSError, ValueError):
         pass
-    trained = train_bpe(text, vocab_size)
+    trained = train_bpe(chunks(), vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -171,21 +183,48 @@ def cached_bpe_json(text: str, vocab_size: int, cache_dir: Path | None) -> str:
     return trained
 
 
-def train_bpe(text: str, vocab_size: int) -> str:
-    """tokenizer.json of a byte-level BPE trained on `text` with at most `vocab_size` ids.
+# What str.splitlines() breaks at; "\r" may be the first half of "\r\n", so a chunk ending in it waits.
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+BPE_LINES_PER_ITEM = 1000
 
-    The 256 byte symbols are always in the vocabulary (initial alphabet), so any text encodes.
+
+def line_groups(chunks: Iterable[str], lines_per_item: int = BPE_LINES_PER_ITEM) -> Iterator[str]:
+    """The text of `chunks` as items of `lines_per_item` lines each (str.splitlines of the whole text).
+
+    Chunk ends may fall anywhere; a line cut by one waits for its rest, so the items are the same as
+    those of the text in one piece (the trained merges depend on where items end).
+    """
+    carry = ""
+    pending: list[str] = []
+    for chunk in chunks:
+        lines = (carry + chunk).splitlines(keepends=True)
+        carry = lines.pop() if lines and (lines[-1][-1] not in LINE_BREAKS or lines[-1][-1] == "\r") else ""
+        pending += lines
+        while len(pending) >= lines_per_item:
+            yield "".join(pending[:lines_per_item])
+            del pending[:lines_per_item]
+    if carry:
+        pending.append(carry)
+    if pending:
+        yield "".join(pending)
+
+
+def train_bpe(chunks: Iterable[str], vocab_size: int) -> str:
+    """tokenizer.json of a byte-level BPE trained on the text `chunks` stream, with at most `vocab_size` ids.
+
+    The 256 byte symbols are always in the vocabulary (initial alphabet), so any text encodes. The text
+    reaches the trainer in items of 1,000 lines, never whole.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    if isinstance(chunks, str):
+        chunks = [chunks]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
-    lines = text.splitlines(keepends=True)
-    tok.train_from_iterator(("".join(lines[i:i + 1000]) for i in range(0, len(lines), 1000)), trainer,
-                            length=len(lines) // 1000 + 1)
+    tok.train_from_iterator(line_groups(chunks), trainer)
     return tok.to_str()
 
 

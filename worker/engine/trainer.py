@@ -31,7 +31,7 @@ from .activations import ActivationMonitor, PendingActivationStats
 from .budget import CostBudget
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import JobSpec, TrainingConfig, spec_to_dict
-from .data import load_text_data
+from .corpus import CorpusFile, data_for, tokenizer_for
 from .diagnosis import diagnose, health_of, summarize
 from .models import build_model
 from .monitor import (
@@ -44,7 +44,7 @@ from .monitor import (
 )
 from .parallel import SingleDevice
 from .stabilizers import GradClipper, SpikeGuard, apply_weight_max_norm
-from .tokenizers import build_tokenizer, tokenizer_from_state
+from .tokenizers import tokenizer_from_state
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +227,16 @@ class PendingStep:
 
 
 class Trainer:
-    """Trains one job spec on one text, reporting through callbacks."""
+    """Trains one job spec on one text, reporting through callbacks.
+
+    `text` is the corpus itself or a `CorpusFile`: a file is tokenized once into a cached token file
+    that training reads memory-mapped (worker/engine/corpus.py), so the corpus is never held in memory.
+    """
 
     def __init__(
         self,
         spec: JobSpec,
-        text: str,
+        text: str | CorpusFile,
         out_dir: Path,
         callbacks: Callbacks | None = None,
         device: str = "cpu",
@@ -250,10 +254,11 @@ class Trainer:
         resume = load_checkpoint(resume_from) if resume_from else None
         t = spec.training
         self.tokenizer = (
-            tokenizer_from_state(resume["tokenizer"]) if resume else build_tokenizer(spec.tokenizer, text)
+            tokenizer_from_state(resume["tokenizer"]) if resume else tokenizer_for(spec.tokenizer, text)
         )
-        # On a GPU the token stream lives there, so a batch is a gather on the device, not a copy.
-        self.data = load_text_data(text, self.tokenizer, t.seq_len, t.val_fraction).to(self.device)
+        # On a GPU an in-memory token stream lives there, so a batch is a gather on the device, not a
+        # copy; a memory-mapped one stays on the host and only each batch is copied over.
+        self.data = data_for(text, self.tokenizer, t.seq_len, t.val_fraction).to(self.device)
         torch.manual_seed(t.seed)  # model init and dropout are reproducible from the seed
         self.model = build_model(spec.model, self.tokenizer.vocab_size, t.seq_len).to(self.device)
         if self.parallel.rank:

@@ -34,6 +34,8 @@ UPLOAD_DOC = {
 
 
 def _upload() -> Dataset:
+    # Both paths hand the service a stream it reads in chunks: request.stream is the socket (bounded by
+    # MAX_CONTENT_LENGTH), and Werkzeug's form parser spools a multipart file past 500 kB to a temp file.
     owner = current_owner_id()
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("file")
@@ -60,7 +62,12 @@ class Datasets(MethodView):
     @blp.doc(**UPLOAD_DOC)
     @blp.response(201, DatasetSchema)
     def post(self) -> Dataset:
-        """Upload a UTF-8 text corpus (multipart `file` or text/plain body; optional `name`)."""
+        """Upload a UTF-8 text corpus (multipart `file` or text/plain body; optional `name`).
+
+        The body streams to storage in chunks, hashed and UTF-8 checked on the way, so any size up to the
+        server's limit (`STABLETRAIN_MAX_DATASET_BYTES`, default 1 GiB) is fine. Over the limit or the
+        key's quota: 413; invalid UTF-8: 422 naming the byte offset; either way nothing is stored.
+        """
         return _upload()
 
 
