@@ -69,9 +69,9 @@ def run_probe(engine: Engine, probe_id: str, settings: WorkerSettings) -> str:
         from worker.engine.config import parse_spec, upgrade_legacy_spec
         from worker.engine.lr_probe import lr_range_test
 
-        raw, text, _ = load_inputs(engine, job_id, settings.storage_dir)
+        raw, corpus, _ = load_inputs(engine, job_id, settings.storage)
         spec = parse_spec(upgrade_legacy_spec(raw))
-        result = lr_range_test(spec, text, params["lr_min"], params["lr_max"], params["steps"],
+        result = lr_range_test(spec, corpus, params["lr_min"], params["lr_max"], params["steps"],
                                device=pick_device(settings.device))
     except JobInputError as exc:
         finish_probe(engine, probe_id, None, str(exc))

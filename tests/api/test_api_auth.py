@@ -8,7 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 from app.extensions import db
-from app.models import ApiKey, Checkpoint, Sample
+from app.models import ApiKey, Checkpoint, Probe, Sample
 
 
 def test_keys_cli_create_list_revoke(runner: FlaskCliRunner, app: Flask, client: FlaskClient) -> None:
@@ -57,10 +57,15 @@ def test_other_key_gets_404_everywhere(app: Flask, client: FlaskClient, make_aut
         db.session.commit()
         owner = db.session.execute(db.select(ApiKey.id).order_by(ApiKey.created_at)).scalars().first()
         sample = Sample(job_id=job["id"], owner_id=owner, checkpoint_step=5, prompt="x", params={})
-        db.session.add(sample)
+        probe = Probe(job_id=job["id"], owner_id=owner, params={})
+        db.session.add_all([sample, probe])
         db.session.commit()
-        sample_id = sample.id
-    ids = {"job_id": job["id"], "dataset_id": dataset["id"], "step": "5", "sample_id": sample_id}
+        sample_id, probe_id = sample.id, probe.id
+    webhook = client.post("/v1/webhooks", json={"url": "https://93.184.215.14/hook", "events": ["job.failed"]},
+                          headers=auth)
+    assert webhook.status_code == 201, webhook.json
+    ids = {"job_id": job["id"], "dataset_id": dataset["id"], "step": "5", "sample_id": sample_id,
+           "probe_id": probe_id, "webhook_id": webhook.json["id"]}
     other = make_auth("other")
     checked = 0
     for rule in app.url_map.iter_rules():

@@ -50,6 +50,7 @@ def test_celery_is_configured_for_long_idempotent_tasks(tmp_path: Path) -> None:
     assert conf.task_routes["stabletrain.sample"] == {"queue": "samples"}
     bindings = {q.name: (q.exchange.name, q.routing_key) for q in conf.task_queues}
     # one exchange per queue: a shared one would deliver each message to both queues
-    assert bindings == {"train": ("train", "train"), "samples": ("samples", "samples")}
+    assert bindings == {"train": ("train", "train"), "samples": ("samples", "samples"),
+                        "webhooks": ("webhooks", "webhooks")}
     celery.loader.import_default_modules()
     assert {"stabletrain.train_job", "stabletrain.sample"} <= set(celery.tasks)

@@ -141,7 +141,7 @@ def test_a_pausing_job_whose_worker_died_becomes_paused_not_queued(engine: Engin
 def test_paused_time_does_not_count_toward_the_job_time_limit(engine: Engine, settings: WorkerSettings) -> None:
     started = utcnow() - timedelta(hours=2)
     job_id = make_job(engine, settings.storage_dir, started_at=started, paused_s=7200.0 - 60)
-    _spec, _text, running_since = service.load_inputs(engine, job_id, settings.storage_dir)
+    _spec, _corpus, running_since = service.load_inputs(engine, job_id, settings.storage)
     assert 55 < service.time_left_s(running_since, 120) < 65  # one minute of the limit used, not two hours
 
 

@@ -25,9 +25,10 @@ from .checkpoint import CheckpointError
 from .config import SpecError, parse_spec
 from .data import DataError
 from .diagnosis import health_of
+from .trainer import Callbacks
 
 
-class FileCallbacks:
+class FileCallbacks(Callbacks):
     """Writes metrics.jsonl, layers.jsonl, activations.jsonl and events.jsonl into the output folder."""
 
     def __init__(self, out_dir: Path) -> None:

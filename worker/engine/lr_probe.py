@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.config import RULES, JobSpec
-from worker.engine.data import load_text_data
+from worker.engine.corpus import CorpusFile, data_for, tokenizer_for
 from worker.engine.models import build_model
 from worker.engine.stabilizers import GradClipper
-from worker.engine.tokenizers import build_tokenizer
 from worker.engine.trainer import build_optimizer
 
 SMOOTHING = 0.98  # EMA weight of the past (fast.ai's lr_find default)
@@ -41,12 +40,12 @@ def geometric_lrs(lr_min: float, lr_max: float, steps: int) -> list[float]:
     return [lr_min * ratio**i for i in range(steps)]
 
 
-def lr_range_test(spec: JobSpec, text: str, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int = 200,
+def lr_range_test(spec: JobSpec, text: str | CorpusFile, lr_min: float = 1e-7, lr_max: float = 10.0, steps: int = 200,
                   device: str = "cpu") -> dict[str, Any]:
     """Run the test; returns the curve, the steepest-descent and divergence lrs and a recommendation."""
     t = spec.training
-    tokenizer = build_tokenizer(spec.tokenizer, text)
-    data = load_text_data(text, tokenizer, t.seq_len, t.val_fraction).to(torch.device(device))
+    tokenizer = tokenizer_for(spec.tokenizer, text)
+    data = data_for(text, tokenizer, t.seq_len, t.val_fraction).to(torch.device(device))
     torch.manual_seed(t.seed)
     model = build_model(spec.model, tokenizer.vocab_size, t.seq_len).to(device)
     model.train()
