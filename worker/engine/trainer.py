@@ -198,6 +198,19 @@ def _copy_into(dst: Any, src: Any) -> bool:
 
 
 @torch.no_grad()
+def _cloned(state: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor cloned: copy.deepcopy of the same state goes
+    through each tensor's storage and memo and took ~65 ms for a 0.9M-parameter model and its Adam state."""
+    if isinstance(state, dict):
+        return {key: _cloned(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cloned(value) for value in state)
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    return copy.deepcopy(state)
+
+
+@torch.no_grad()
 def _copy_values(dst: Any, src: Any) -> None:
     if isinstance(src, dict):
         for key, value in src.items():
@@ -339,7 +352,8 @@ class Trainer:
         lr = lr_at(step, t) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every submodule: ~1 ms a step on a small net
+            self.model.train()
         want_layers = step % self.spec.monitoring.layer_stats_every == 0 and self.parallel.is_primary
         monitor_acts = want_layers and self.act_monitor is not None
         loss, row_losses, offsets, first = self._forward_backward(monitor_acts)
@@ -555,7 +569,7 @@ class Trainer:
         to_step = target["step"]
         self.model.load_state_dict(target["model"])  # copies into the parameters
         # load_state_dict adopts matching tensors as they are: copy, or later steps edit the target
-        self.optimizer.load_state_dict(copy.deepcopy(target["optimizer"]))
+        self.optimizer.load_state_dict(_cloned(target["optimizer"]))
         self.healthy_states.clear()
         self.healthy_states.append(target)  # newer states led here: only the restored one is trusted
         self.lr_scale *= stab.rollback_lr_factor
@@ -577,8 +591,7 @@ class Trainer:
             oldest["step"] = self.step
             self.healthy_states.append(oldest)
             return
-        self.healthy_states.append({"step": self.step, "model": copy.deepcopy(model),
-                                    "optimizer": copy.deepcopy(optimizer)})
+        self.healthy_states.append({"step": self.step, "model": _cloned(model), "optimizer": _cloned(optimizer)})
 
     def _maybe_keep_healthy_state(self) -> None:
         """After enough calm steps, the current state becomes the rollback target."""
