@@ -14,7 +14,7 @@ Prints the figures, then `rss_delta_mb: Y` = large-corpus peak RSS minus 1 MB-co
 <= 300), `batch_ratio: B` = token-file / in-memory tokens/s of drawing batches alone and, last,
 `ratio: X` = the same for trainer steps; both ratios are medians of the per-round ratios (target >= 0.97).
 
-    python bench/data_speed.py [--rounds 10] [--steps 10] [--large-mb 200] [--baseline-rss]
+    python bench/data_speed.py [--rounds 10] [--steps 10] [--batch-rounds 30] [--large-mb 200] [--baseline-rss]
                                [--parts speed,rss] [--keep]
 """
 
@@ -164,7 +164,7 @@ def speed(args: argparse.Namespace, tmp: Path) -> tuple[float, float | None]:
     text = speed_path.read_text(encoding="utf-8")
     in_memory = load_text_data(text, ByteTokenizer(), SEQ_LEN, 0.1)
     mapped = data_for(corpus, tokenizer_for(TokenizerConfig(kind="byte"), corpus), SEQ_LEN, 0.1)
-    b_mem, b_map, b_ratio = bench_batches(in_memory, mapped, args.rounds, args.batches)
+    b_mem, b_map, b_ratio = bench_batches(in_memory, mapped, args.batch_rounds, args.batches)
     print(f"batches ({args.speed_mb:g} MB corpus, {BATCH} x {SEQ_LEN}): in-memory int64 {b_mem / 1e6:.1f}M tok/s, "
           f"memmap uint16 {b_map / 1e6:.1f}M tok/s, ratio {b_ratio:.3f}")
     if args.steps == 0:
@@ -198,6 +198,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="trainer steps per block (0: batches only)")
     parser.add_argument("--batches", type=int, default=200, help="batches per block (batching alone)")
+    parser.add_argument("--batch-rounds", type=int, default=30,
+                        help="rounds of batching alone (a block takes ~10 ms, so more rounds steady the median)")
     parser.add_argument("--speed-mb", type=float, default=20, help="corpus size of the speed part")
     parser.add_argument("--large-mb", type=float, default=200)
     parser.add_argument("--baseline-rss", action="store_true", help="also today's in-memory path (1 and 20 MB)")

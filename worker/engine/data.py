@@ -75,10 +75,12 @@ class TokenData:
 
         `tokens` maps the file (private, never written; read for excerpts and checks), while batches
         read their windows with positional reads (`WindowReader`): a page fault on the mapping maps
-        the memory around the window too (fault-around over the page cache's large folios, ~160 kB per
-        window measured on Linux 6.18, even with MADV_RANDOM), so batches through the mapping make the
-        process's RSS grow toward the file's size; pread keeps it flat at the same speed
-        (bench/data_speed.py). The page cache still holds the hot parts of the file for every process.
+        the memory around the window too (fault-around over the page cache's large folios: ~160 kB to
+        2 MB per window measured on Linux 6.18, even with MADV_RANDOM), so batches through the mapping
+        make the process's RSS grow toward the file's size, and dropping the pages now and then
+        (MADV_DONTNEED) costs more in re-faults than pread does; pread keeps RSS flat at the in-memory
+        stream's speed (bench/data_speed.py). The page cache still holds the hot parts of the file for
+        every process.
         """
         if dtype not in COMPACT_DTYPES:
             raise DataError(f"token files hold uint16 or uint32, not {dtype}")
