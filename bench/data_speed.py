@@ -11,10 +11,10 @@
    also measures the former path (text read whole, ids as a list and an int64 tensor) at 1 and 20 MB.
 
 Prints the figures, then `rss_delta_mb: Y` = large-corpus peak RSS minus 1 MB-corpus peak RSS (target
-<= 300) and, last, `ratio: X` = memmap / in-memory tokens/s of trainer steps, the median of the per-round
-ratios (target >= 0.97).
+<= 300), `batch_ratio: B` = token-file / in-memory tokens/s of drawing batches alone and, last,
+`ratio: X` = the same for trainer steps; both ratios are medians of the per-round ratios (target >= 0.97).
 
-    python bench/data_speed.py [--rounds 10] [--steps 10] [--large-mb 200] [--baseline-rss]
+    python bench/data_speed.py [--rounds 10] [--steps 10] [--batch-rounds 30] [--large-mb 200] [--baseline-rss]
                                [--parts speed,rss] [--keep]
 """
 
@@ -157,20 +157,22 @@ def measure_rss(path: Path, cache: Path, mode: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def speed(args: argparse.Namespace, tmp: Path) -> float:
-    """Print batch and trainer tokens/s of both forms; return the trainer ratio memmap / in-memory."""
+def speed(args: argparse.Namespace, tmp: Path) -> tuple[float, float | None]:
+    """Print batch and trainer tokens/s of both forms; return the ratios token file / in-memory (batches, steps)."""
     speed_path = make_corpus(tmp / "speed.txt", int(args.speed_mb * 1e6))
     corpus = CorpusFile(speed_path, tmp / "tokens")
     text = speed_path.read_text(encoding="utf-8")
     in_memory = load_text_data(text, ByteTokenizer(), SEQ_LEN, 0.1)
     mapped = data_for(corpus, tokenizer_for(TokenizerConfig(kind="byte"), corpus), SEQ_LEN, 0.1)
-    b_mem, b_map, b_ratio = bench_batches(in_memory, mapped, args.rounds, args.batches)
+    b_mem, b_map, b_ratio = bench_batches(in_memory, mapped, args.batch_rounds, args.batches)
     print(f"batches ({args.speed_mb:g} MB corpus, {BATCH} x {SEQ_LEN}): in-memory int64 {b_mem / 1e6:.1f}M tok/s, "
           f"memmap uint16 {b_map / 1e6:.1f}M tok/s, ratio {b_ratio:.3f}")
+    if args.steps == 0:
+        return b_ratio, None
     t_mem, t_map, t_ratio = bench_trainers(text, corpus, args.rounds, args.steps, tmp)
     print(f"trainer steps (transformer 2 x 64): in-memory {t_mem:,.0f} tok/s, memmap {t_map:,.0f} tok/s, "
           f"ratio {t_ratio:.3f}")
-    return t_ratio
+    return b_ratio, t_ratio
 
 
 def rss(args: argparse.Namespace, tmp: Path) -> float:
@@ -194,8 +196,10 @@ def rss(args: argparse.Namespace, tmp: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=10, help="trainer steps per block")
+    parser.add_argument("--steps", type=int, default=10, help="trainer steps per block (0: batches only)")
     parser.add_argument("--batches", type=int, default=200, help="batches per block (batching alone)")
+    parser.add_argument("--batch-rounds", type=int, default=30,
+                        help="rounds of batching alone (a block takes ~10 ms, so more rounds steady the median)")
     parser.add_argument("--speed-mb", type=float, default=20, help="corpus size of the speed part")
     parser.add_argument("--large-mb", type=float, default=200)
     parser.add_argument("--baseline-rss", action="store_true", help="also today's in-memory path (1 and 20 MB)")
@@ -210,9 +214,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stabletrain-data-bench-", dir="/tmp"))
     try:
         parts = set(args.parts.split(","))
-        ratio = speed(args, tmp) if "speed" in parts else None
+        batch_ratio, ratio = speed(args, tmp) if "speed" in parts else (None, None)
         if "rss" in parts:
             print(f"rss_delta_mb: {rss(args, tmp):.1f}")
+        if batch_ratio is not None:
+            print(f"batch_ratio: {batch_ratio:.3f}")
         if ratio is not None:
             print(f"ratio: {ratio:.3f}")
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,49 @@ def test_compact_tensor_without_a_file_batches_like_int64() -> None:
         a = compact.batch_with_offsets(split, 6, torch.Generator().manual_seed(1))
         b = wide.batch_with_offsets(split, 6, torch.Generator().manual_seed(1))
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].dtype == torch.long
+
+
+def test_batches_from_a_token_file_do_not_share_the_read_buffer(corpus_file: Path, tmp_path: Path) -> None:
+    """The reader reuses one buffer per batch size: a batch kept by the caller must not change under it."""
+    mapped = data_for(CorpusFile(corpus_file, tmp_path / "tokens"), build_tokenizer(KINDS[0], ""), 16, 0.1)
+    wide = TokenData(mapped.tokens.long(), 16, 0.1)
+    g_mapped, g_wide = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    kept = [mapped.batch("train", 8, g_mapped) for _ in range(3)] + [mapped.batch("val", 3, g_mapped)]
+    expected = [wide.batch("train", 8, g_wide) for _ in range(3)] + [wide.batch("val", 3, g_wide)]
+    for (x, y), (xe, ye) in zip(kept, expected, strict=True):
+        assert torch.equal(x, xe) and torch.equal(y, ye)
+
+
+def test_token_data_copies_draw_from_several_threads(corpus_file: Path, tmp_path: Path) -> None:
+    """`.to` copies share one reader; each thread reads into its own buffer, so batches stay exact."""
+    mapped = data_for(CorpusFile(corpus_file, tmp_path / "tokens"), build_tokenizer(KINDS[0], ""), 16, 0.1)
+    wide = TokenData(mapped.tokens.long(), 16, 0.1)
+    copies = [mapped.to("cpu") for _ in range(4)]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def draw(k: int) -> None:
+        gen = torch.Generator().manual_seed(k)
+        results[k] = [copies[k].batch("train", 16, gen)[0] for _ in range(200)]
+
+    threads = [threading.Thread(target=draw, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        gen = torch.Generator().manual_seed(k)
+        assert all(torch.equal(x, wide.batch("train", 16, gen)[0]) for x in results[k]), k
+
+
+def test_window_past_the_end_of_a_short_token_file_raises(corpus_file: Path, tmp_path: Path) -> None:
+    source = CorpusFile(corpus_file, tmp_path / "tokens")
+    tok = build_tokenizer(KINDS[0], "")
+    mapped = data_for(source, tok, 16, 0.1)
+    token_path = token_file_for(corpus_file, tok, tmp_path / "tokens").path
+    with open(token_path, "r+b") as fh:  # the file shrinks under a running job (damaged storage)
+        fh.truncate(mapped.n_train)
+    with pytest.raises(DataError, match="ends before offset"):
+        mapped.batch("val", 4, torch.Generator().manual_seed(0))
 
 
 def test_resume_on_a_corpus_file_is_bit_identical(corpus_file: Path, tmp_path: Path) -> None:
