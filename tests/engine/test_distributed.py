@@ -21,7 +21,7 @@ import torch
 
 from worker.engine.checkpoint import load_checkpoint
 from worker.engine.config import SpecError
-from worker.engine.distributed import RANK_PROCESS_PREFIX, RankFailed, run_data_parallel
+from worker.engine.distributed import RANK_PROCESS_PREFIX, RankFailed, _Run, run_data_parallel
 from worker.engine.trainer import Trainer
 
 from .spec_helpers import BASE, CORPUS, Recorder, corpus, merge, spec
@@ -97,6 +97,28 @@ def test_a_killed_rank_stops_the_whole_run_and_resume_is_bit_exact(tmp_path: Pat
     for name, weight in a["model"].items():
         assert torch.equal(weight, b["model"][name]), name
     assert torch.equal(a["rng"]["ranks"][1]["torch"], b["rng"]["ranks"][1]["torch"])
+
+
+class ExitedRank:
+    """What _Run reads of a rank process that has already exited."""
+
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+
+
+@pytest.mark.parametrize("seen_first", [0, 1])
+def test_a_killed_rank_is_named_before_the_peer_that_aborted_because_of_it(seen_first: int) -> None:
+    # gloo throws in rank 0's thread once rank 1 is gone, and std::terminate aborts rank 0; both exits
+    # may be seen in the same poll, in either order: the failure names the kill, not the abort
+    run = _Run([(ExitedRank(-signal.SIGABRT), None), (ExitedRank(-signal.SIGKILL), None)])
+    run.exit_order = [seen_first, 1 - seen_first]
+    assert str(run.failure()).startswith("rank 1 of 2 was killed by SIGKILL")
+
+
+def test_of_two_killed_ranks_the_one_seen_first_is_named() -> None:
+    run = _Run([(ExitedRank(-signal.SIGKILL), None), (ExitedRank(-signal.SIGTERM), None)])
+    run.exit_order = [1, 0]
+    assert str(run.failure()).startswith("rank 1 of 2 was killed by SIGTERM")
 
 
 def test_rank_zero_errors_reach_the_caller_and_no_rank_is_left(tmp_path: Path) -> None:

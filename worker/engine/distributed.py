@@ -165,13 +165,20 @@ class _Run:
         self.conns = {conn: rank for rank, (_, conn) in enumerate(ranks)}
         self.errors: dict[int, tuple[BaseException | None, str]] = {}
         self.result: TrainResult | None = None
+        self.exit_order: list[int] = []  # ranks in the order their exits were seen
 
     def alive(self) -> list[Any]:
         return [p for p in self.procs if p.exitcode is None]
 
+    def _note_exits(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if proc.exitcode is not None and rank not in self.exit_order:
+                self.exit_order.append(rank)
+
     def poll(self, callbacks: Callbacks, timeout: float | None = None) -> None:
         """Wait for a message or an exit, and handle what arrived."""
         ready = wait([*self.conns, *(p.sentinel for p in self.alive())], timeout)
+        self._note_exits()
         for conn in [c for c in ready if c in self.conns]:
             rank = self.conns[conn]
             try:
@@ -203,9 +210,9 @@ class _Run:
         run: what a single-device run would raise); else the first rank whose error is its own rather
         than a collective failing because a peer went away."""
         world = len(self.procs)
-        for rank, proc in enumerate(self.procs):
-            if proc.exitcode is not None and proc.exitcode < 0:
-                return RankFailed(_failure_message(rank, world, proc.exitcode, None))
+        killed = self._killed_by_cause_first()
+        if killed:
+            return RankFailed(_failure_message(killed[0], world, self.procs[killed[0]].exitcode, None))
         own = self.errors.get(0)
         if own is not None and own[0] is not None and not _peer_failure(own[1]):
             return own[0]
@@ -217,6 +224,16 @@ class _Run:
             if proc.exitcode not in (None, 0):
                 return RankFailed(_failure_message(rank, world, proc.exitcode, None))
         return RankFailed(_failure_message(0, world, 0, "exited without a result"))
+
+
+    def _killed_by_cause_first(self) -> list[int]:
+        """Ranks killed by a signal, the likeliest cause first. A rank whose peer is killed often dies of
+        SIGABRT (the collective library's thread throws, std::terminate aborts), so an abort ranks after
+        any other signal; ties go to the exit seen first."""
+        self._note_exits()
+        killed = [rank for rank in self.exit_order if (self.procs[rank].exitcode or 0) < 0]
+        return sorted(killed, key=lambda rank: (self.procs[rank].exitcode == -signal.SIGABRT,
+                                                self.exit_order.index(rank)))
 
 
 def _peer_failure(text: str) -> bool:
