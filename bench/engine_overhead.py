@@ -109,7 +109,11 @@ def bench_arch(arch: str, config: str, args: argparse.Namespace, text: str) -> f
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, text, Path(tmp), device=args.device)
         bare = BareLoop(trainer, spec)
-        for _ in range(3):  # warm-up: allocator, kernels, autotuning
+        # Warm-up, one untimed round: allocator, kernels, autotuning, and the engine's one-time costs of
+        # its first layer-stats step (hooks, the cost budget's first measurement), which a real run
+        # pays once in thousands of steps. With 3 steps only, the first configuration a process timed
+        # read 0.81-0.92 and the same configuration timed again at once 0.99.
+        for _ in range(args.steps):
             trainer.train_step()
             bare.step()
         engine_times, bare_times = [], []
