@@ -115,3 +115,19 @@ def test_a_fixed_threshold_replacing_an_adaptive_one_resets_the_adaptive_setting
     [clip] = [r for r in diverging["recommendations"] if r["field"] == "stabilization.clip"]
     assert clip["value"]["mode"] == "norm" and clip["value"]["percentile"] == 90.0
     assert_recommendations_fit(record, diverging)
+
+
+def test_the_filled_in_spec_is_parsed_once_and_each_caller_gets_its_own_copy():
+    from worker.engine.diagnosis import spec as spec_module
+
+    spec_module._full_spec_of_json.cache_clear()
+    raw = {"model": {"arch": "lstm"}, "training": {"lr": 0.01}}
+    first = spec_module.full_spec(raw)
+    assert first["model"]["forget_bias"] is not None and first["training"]["lr"] == 0.01
+    first["training"]["lr"] = 99.0  # a caller changing its copy changes nobody else's
+    second = spec_module.full_spec(raw)
+    assert second["training"]["lr"] == 0.01 and raw == {"model": {"arch": "lstm"}, "training": {"lr": 0.01}}
+    info = spec_module._full_spec_of_json.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    # a spec that does not parse comes back as given, as before
+    assert spec_module.full_spec({"model": {"arch": "nope"}}) == {"model": {"arch": "nope"}}

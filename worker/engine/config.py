@@ -7,6 +7,7 @@ without importing torch. Unknown keys are errors, never silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -338,7 +339,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise SpecError(path, "must be an object")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -349,6 +350,12 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         sub = f"{path}.{name}" if path else name
         values[name] = _coerce(hints[name], value, sub)
     return cls(**values)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # get_type_hints evaluates every string annotation anew: half of parse_spec's time uncached
+    return typing.get_type_hints(cls)
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:

@@ -9,6 +9,8 @@ covers values the user left at their default.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from typing import Any
 
 from ..config import APPLIES_WHEN, JobSpec, SpecError, parse_spec, spec_to_dict
@@ -22,9 +24,23 @@ RELU_FAMILY = ("relu", "leaky_relu", "gelu", "silu", "elu")
 def full_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
     """The spec with every default filled in; the raw dict when it does not parse (e.g. a partial test spec)."""
     try:
-        return spec_to_dict(parse_spec(copy.deepcopy(spec or {})))
+        key = json.dumps(spec or {}, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (a test's odd value): parse it uncached
+        return _parsed_or_raw(spec or {})
+    # A run's live diagnosis asks for the same spec every time: parse it once.
+    return copy.deepcopy(_full_spec_of_json(key))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_spec_of_json(key: str) -> dict[str, Any]:
+    return _parsed_or_raw(json.loads(key))
+
+
+def _parsed_or_raw(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return spec_to_dict(parse_spec(copy.deepcopy(spec)))
     except (SpecError, TypeError):
-        return copy.deepcopy(spec or {})
+        return copy.deepcopy(spec)
 
 
 def get(spec: dict[str, Any], path: str, default: Any = None) -> Any:
