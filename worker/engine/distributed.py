@@ -206,9 +206,9 @@ class _Run:
             self.poll(callbacks, timeout=max(0.0, deadline - time.monotonic()))
 
     def failure(self) -> BaseException:
-        """The cause: a killed rank; else rank 0's own exception (a DataError, a spec the device cannot
-        run: what a single-device run would raise); else the first rank whose error is its own rather
-        than a collective failing because a peer went away."""
+        """The cause: a killed rank (a kill before a peer's abort); else rank 0's own exception (a
+        DataError, a spec the device cannot run: what a single-device run would raise); else the first
+        rank whose error is its own rather than a collective failing because a peer went away."""
         world = len(self.procs)
         killed = self._killed_by_cause_first()
         if killed:
@@ -225,15 +225,13 @@ class _Run:
                 return RankFailed(_failure_message(rank, world, proc.exitcode, None))
         return RankFailed(_failure_message(0, world, 0, "exited without a result"))
 
-
     def _killed_by_cause_first(self) -> list[int]:
         """Ranks killed by a signal, the likeliest cause first. A rank whose peer is killed often dies of
         SIGABRT (the collective library's thread throws, std::terminate aborts), so an abort ranks after
         any other signal; ties go to the exit seen first."""
         self._note_exits()
         killed = [rank for rank in self.exit_order if (self.procs[rank].exitcode or 0) < 0]
-        return sorted(killed, key=lambda rank: (self.procs[rank].exitcode == -signal.SIGABRT,
-                                                self.exit_order.index(rank)))
+        return sorted(killed, key=lambda rank: self.procs[rank].exitcode == -signal.SIGABRT)  # stable: exit order
 
 
 def _peer_failure(text: str) -> bool:
