@@ -8,7 +8,6 @@ Create Date: 2026-12-03 13:20:00.000000
 import sqlalchemy as sa
 from alembic import op
 
-
 # revision identifiers, used by Alembic.
 revision = '0011'
 down_revision = '0010'
