@@ -62,6 +62,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from app.models import WEBHOOK_EVENTS  # noqa: E402
+
 BIN = Path(sys.executable).parent  # .venv/bin when run as .venv/bin/python
 
 DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -358,13 +360,9 @@ class WebhookSink:
         self.server.server_close()
 
 
-WEBHOOK_EVENTS = ["job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.paused",
-                  "job.health_changed", "checkpoint.created"]
-
-
 def register_webhooks(base: str, headers: dict[str, str], url: str, n: int) -> None:
     for _ in range(n):
-        requests.post(f"{base}/v1/webhooks", json={"url": url, "events": WEBHOOK_EVENTS}, headers=headers,
+        requests.post(f"{base}/v1/webhooks", json={"url": url, "events": list(WEBHOOK_EVENTS)}, headers=headers,
                       timeout=30).raise_for_status()
 
 

@@ -512,6 +512,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The API's event types (app.models.WEBHOOK_EVENTS; a test keeps the two equal).
 WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.paused",
                   "job.health_changed", "checkpoint.created")
 

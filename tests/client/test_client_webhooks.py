@@ -49,3 +49,11 @@ def test_a_refused_url_exits_with_the_reason(api_url: str, api_key: str, make_cl
         assert exc.status == 422 and "https" in " ".join(exc.field_messages())
     else:
         raise AssertionError("an http URL was accepted")
+
+
+def test_the_cli_offers_exactly_the_event_types_the_api_accepts() -> None:
+    # The client is its own distribution and cannot import the server's list: this keeps the two equal.
+    from app.models import WEBHOOK_EVENTS as SERVER_EVENTS
+    from stabletrain.cli import WEBHOOK_EVENTS as CLI_EVENTS
+
+    assert CLI_EVENTS == SERVER_EVENTS
