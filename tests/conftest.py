@@ -78,6 +78,15 @@ def _truncate_all() -> None:
     db.session.commit()
 
 
+def release_app(app: Flask, backend: str) -> None:
+    """End a test app: its session closed, PostgreSQL's rows removed for the next test, its pool closed."""
+    with app.app_context():
+        db.session.remove()
+        if backend == "postgres":
+            _truncate_all()
+        db.engine.dispose()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Database backend of this test run."""
@@ -104,11 +113,7 @@ def app(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterato
     with app.app_context():
         db.create_all()
     yield app
-    with app.app_context():
-        db.session.remove()
-        if backend == "postgres":
-            _truncate_all()
-        db.engine.dispose()
+    release_app(app, backend)
 
 
 @pytest.fixture

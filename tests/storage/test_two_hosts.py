@@ -23,7 +23,7 @@ from sqlalchemy import Engine, select, update
 from app import create_app
 from app.extensions import db
 from app.models import Checkpoint, DatasetFile, Event, Job, StepMetric
-from tests.conftest import _truncate_all, create_key
+from tests.conftest import create_key, release_app
 from tests.worker.jobfactory import TINY_SPEC
 from worker.exports import run_export
 from worker.service import find_resume_point, run_sample, run_train_job
@@ -64,11 +64,7 @@ def api(request: pytest.FixtureRequest, backend: str, tmp_path: Path, bucket_url
     """The API host: its own folder, the shared bucket and database."""
     app = _app(request, backend, tmp_path / "api-host", bucket_url, moto_endpoint)
     yield app
-    with app.app_context():
-        db.session.remove()
-        if backend == "postgres":
-            _truncate_all()
-        db.engine.dispose()
+    release_app(app, backend)
 
 
 @pytest.fixture
@@ -223,11 +219,7 @@ def test_a_failed_dataset_upload_leaves_no_record(request: pytest.FixtureRequest
         with app.app_context():
             assert db.session.execute(select(DatasetFile)).all() == []
     finally:
-        with app.app_context():
-            db.session.remove()
-            if backend == "postgres":
-                _truncate_all()
-            db.engine.dispose()
+        release_app(app, backend)
 
 
 def delete_bucket(s3_client: Any, bucket: str) -> set[str]:
