@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +36,20 @@ def _missing(exc: ClientError) -> bool:
 
 def _wrap(what: str, exc: Exception) -> StorageError:
     return StorageError(f"storage: {what} failed: {exc}")
+
+
+@contextmanager
+def _object_errors(action: str, key: str) -> Iterator[None]:
+    """Boto's errors on one object as the Storage interface raises them: a missing object is
+    FileNotFoundError, any other failure StorageError."""
+    try:
+        yield
+    except ClientError as exc:
+        if _missing(exc):
+            raise FileNotFoundError(f"{key} is not stored") from exc
+        raise _wrap(f"{action} of {key}", exc) from exc
+    except BotoCoreError as exc:
+        raise _wrap(f"{action} of {key}", exc) from exc
 
 
 class S3Storage(Storage):
@@ -74,24 +90,15 @@ class S3Storage(Storage):
             raise _wrap(f"write of {key}", exc) from exc
 
     def read_bytes(self, key: str) -> bytes:
-        try:
+        with _object_errors("read", key):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(f"{key} is not stored") from exc
-            raise _wrap(f"read of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _wrap(f"read of {key}", exc) from exc
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if _missing(exc):
-                return None
-            raise _wrap(f"stat of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _wrap(f"stat of {key}", exc) from exc
+            with _object_errors("stat", key):
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except FileNotFoundError:
+            return None
 
     def stat(self, key: str) -> ObjectInfo | None:
         head = self._head(key)
@@ -128,14 +135,11 @@ class S3Storage(Storage):
     def move(self, key: str, new_key: str) -> bool:
         # S3 has no rename: a server-side copy (managed, multipart for large objects), then the delete
         try:
-            self.client.copy({"Bucket": self.bucket, "Key": self._key(key)}, self.bucket, self._key(new_key),
-                             Config=TRANSFER)
-        except ClientError as exc:
-            if _missing(exc):
-                return False
-            raise _wrap(f"move of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _wrap(f"move of {key}", exc) from exc
+            with _object_errors("move", key):
+                self.client.copy({"Bucket": self.bucket, "Key": self._key(key)}, self.bucket,
+                                 self._key(new_key), Config=TRANSFER)
+        except FileNotFoundError:
+            return False
         self.delete(key)
         return True
 
@@ -151,14 +155,9 @@ class S3Storage(Storage):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
         try:
-            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=TRANSFER)
+            with _object_errors("download", key):
+                self.client.download_file(self.bucket, self._key(key), str(tmp), Config=TRANSFER)
             os.replace(tmp, path)  # readers of the cache never see a partial download
-        except ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(f"{key} is not stored") from exc
-            raise _wrap(f"download of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _wrap(f"download of {key}", exc) from exc
         finally:
             tmp.unlink(missing_ok=True)
         return path
