@@ -15,9 +15,8 @@ from kombu import Connection
 
 from app.extensions import db
 from app.models import Checkpoint
-from stabletrain_storage import LocalStorage, Storage
+from stabletrain_storage import LocalStorage, Storage, file_sha256
 from tests.export_helpers import GPT2_SPEC, assert_hf_matches, extract_tar, write_checkpoint
-from worker.engine.checkpoint import file_sha256
 from worker.exports import run_export
 
 

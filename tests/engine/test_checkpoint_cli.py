@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from stabletrain_storage import file_sha256
+from worker.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from .spec_helpers import BASE, CORPUS, merge
 

@@ -73,15 +73,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checkpoint_path(out_dir: Path, step: int) -> Path:
     """Canonical file name of the checkpoint at `step`."""
     return Path(out_dir) / f"step_{step}.pt"

@@ -30,6 +30,7 @@ from typing import IO
 
 import torch
 
+from stabletrain_storage.base import file_sha256
 from worker.engine.config import TokenizerConfig
 from worker.engine.data import DataError, TokenData, _too_short_message, load_text_data
 from worker.engine.tokenizers import (
@@ -44,7 +45,6 @@ from worker.engine.tokenizers import (
 
 TOKEN_FORMAT = "stabletrain-tokens-v1"
 CHUNK_CHARS = 1 << 20  # characters per read: a few MB of str and ids at a time
-HASH_BLOCK = 1 << 22
 # (suffix, array typecode, torch dtype) by the widest id a tokenizer can produce
 UINT16 = (".u16", "H", torch.uint16)
 UINT32 = (".u32", "I", torch.uint32)
@@ -78,15 +78,6 @@ def iter_text(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
     with open(path, encoding="utf-8") as fh:
         while chunk := fh.read(chunk_chars):
             yield chunk
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- tokenizer and data for a training source (text in memory, or a corpus file) -------------------
