@@ -67,6 +67,14 @@ def get_owned(model: type[T], record_id: str, owner_id: str, what: str) -> T:
     return record  # type: ignore[return-value]
 
 
+def get_owned_of_job(model: type[T], record_id: str, owner_id: str, job_id: str, what: str) -> T:
+    """A record that belongs to this job (a sample, a probe) if the key owns it, else 404."""
+    record = get_owned(model, record_id, owner_id, what)
+    if record.job_id != job_id:  # type: ignore[attr-defined]
+        abort(404, message=f"{what} {record_id} not found.")
+    return record
+
+
 def finite_or_none(value: Any) -> Any:
     """JSON has no NaN/Infinity: non-finite floats become null (the row's `nonfinite` flag says why)."""
     if isinstance(value, float) and not math.isfinite(value):

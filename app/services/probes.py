@@ -14,7 +14,7 @@ from sqlalchemy import delete, func, select
 
 from app.extensions import db
 from app.models import PENDING_PROBE_STATUSES, Dataset, Job, Probe, utcnow
-from app.services.common import get_owned, lock_owner
+from app.services.common import get_owned_of_job, lock_owner
 from app.services.queue import PROBE_TASK, SAMPLE_QUEUE, publish
 
 
@@ -47,7 +47,4 @@ def create_probe(owner_id: str, job: Job, params: dict[str, Any]) -> Probe:
 
 def get_probe(owner_id: str, job: Job, probe_id: str) -> Probe:
     """The key's probe of this job or 404."""
-    probe = get_owned(Probe, probe_id, owner_id, "Probe")
-    if probe.job_id != job.id:
-        abort(404, message=f"Probe {probe_id} not found.")
-    return probe
+    return get_owned_of_job(Probe, probe_id, owner_id, job.id, "Probe")

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from app.extensions import db
 from app.models import PENDING_SAMPLE_STATUSES, Job, Sample, utcnow
 from app.services.checkpoints import get_checkpoint, newest_checkpoint
-from app.services.common import get_owned, lock_owner
+from app.services.common import get_owned_of_job, lock_owner
 from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, publish
 
 DONE = ("succeeded", "failed")
@@ -90,7 +90,4 @@ def wait_for(sample: Sample, wait_s: float) -> Sample:
 
 def get_sample(owner_id: str, job: Job, sample_id: str) -> Sample:
     """The key's sample of this job or 404."""
-    sample = get_owned(Sample, sample_id, owner_id, "Sample")
-    if sample.job_id != job.id:
-        abort(404, message=f"Sample {sample_id} not found.")
-    return sample
+    return get_owned_of_job(Sample, sample_id, owner_id, job.id, "Sample")
