@@ -24,11 +24,16 @@ from worker.webhooks import WEBHOOK_TASK, deliver, webhook_settings
 RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 2, "retry_backoff_max": 60, "max_retries": 8}
 
 
+def _requeue_if_shutting_down() -> None:
+    """A task delivered while this worker exits is left to another worker."""
+    if SHUTDOWN.is_set():
+        raise Reject("worker shutting down", requeue=True)
+
+
 @shared_task(name="stabletrain.train_job", ignore_result=True, **RETRY)
 def train_job(job_id: str) -> str:
     """Claim and train one job, reporting into its records."""
-    if SHUTDOWN.is_set():  # delivered while this worker exits: leave it to another worker
-        raise Reject("worker shutting down", requeue=True)
+    _requeue_if_shutting_down()
     settings = load_settings(current_app.config)
     # BPE tokenizers trained on a dataset are kept in storage, so a retry or another job of the same
     # dataset and settings reads them instead of training again (the engine reads this variable; with
@@ -41,8 +46,7 @@ def train_job(job_id: str) -> str:
 @shared_task(name="stabletrain.sample", ignore_result=True, **RETRY)
 def sample(sample_id: str) -> str:
     """Generate text for one sample request."""
-    if SHUTDOWN.is_set():
-        raise Reject("worker shutting down", requeue=True)
+    _requeue_if_shutting_down()
     with log_context(sample_id=sample_id):
         return run_sample(db.engine, sample_id, load_settings(current_app.config))
 
@@ -50,8 +54,7 @@ def sample(sample_id: str) -> str:
 @shared_task(name="stabletrain.export", ignore_result=True)
 def export(job_id: str, step: int, sha256: str, fmt: str) -> str:
     """Write one checkpoint's export (hf archive or weights-only safetensors) into storage."""
-    if SHUTDOWN.is_set():
-        raise Reject("worker shutting down", requeue=True)
+    _requeue_if_shutting_down()
     with log_context(job_id=job_id):
         return run_export(load_settings(current_app.config).storage, job_id, int(step), sha256, fmt)
 
@@ -59,8 +62,7 @@ def export(job_id: str, step: int, sha256: str, fmt: str) -> str:
 @shared_task(name="stabletrain.lr_probe", ignore_result=True, **RETRY)
 def lr_probe(probe_id: str) -> str:
     """Run one LR range test of a job's spec (writes only the probe's record)."""
-    if SHUTDOWN.is_set():
-        raise Reject("worker shutting down", requeue=True)
+    _requeue_if_shutting_down()
     with log_context(probe_id=probe_id):
         return run_probe(db.engine, probe_id, load_settings(current_app.config))
 
@@ -68,8 +70,7 @@ def lr_probe(probe_id: str) -> str:
 @shared_task(name="stabletrain.calibrate", ignore_result=True)
 def calibrate(reason: str = "") -> str:
     """Measure this training worker's throughput for dry-run wall-time estimates (`reason`: who asked)."""
-    if SHUTDOWN.is_set():
-        raise Reject("worker shutting down", requeue=True)
+    _requeue_if_shutting_down()
     return run_calibration(db.engine, load_settings(current_app.config))
 
 
