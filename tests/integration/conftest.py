@@ -150,21 +150,25 @@ def _flush_redis(url: str) -> None:
     client.close()
 
 
+def stack_backends(kind: str, root: Path, db_prefix: str) -> tuple[str, str, list[Callable[[], None]]]:
+    """(database URL, broker URL, cleanups) of a stack: "embedded" files in `root` (SQLite + kombu's
+    SQLAlchemy broker), or "servers": a fresh PostgreSQL database and a flushed Redis database."""
+    if kind == "embedded":
+        return f"sqlite:///{root / 'stabletrain.db'}", f"sqlalchemy+sqlite:///{root / 'broker.db'}", []
+    pg_base = postgres_base_url()
+    broker_url = _redis_url(server_url_or_skip("STABLETRAIN_TEST_REDIS_URL"))
+    database_url = create_database(pg_base, prefix=db_prefix)
+    cleanups: list[Callable[[], None]] = [lambda: drop_database(pg_base, database_url)]
+    _flush_redis(broker_url)
+    cleanups.append(lambda: _flush_redis(broker_url))
+    return database_url, broker_url, cleanups
+
+
 @pytest.fixture(scope="session", params=["embedded", "servers"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A running stack; the worker's log is printed when a test of the session fails."""
     root = tmp_path_factory.mktemp(f"stack-{request.param}")
-    cleanups = []
-    if request.param == "embedded":
-        database_url = f"sqlite:///{root / 'stabletrain.db'}"
-        broker_url = f"sqlalchemy+sqlite:///{root / 'broker.db'}"
-    else:
-        pg_base = postgres_base_url()
-        broker_url = _redis_url(server_url_or_skip("STABLETRAIN_TEST_REDIS_URL"))
-        database_url = create_database(pg_base, prefix="stabletrain_it")
-        cleanups.append(lambda: drop_database(pg_base, database_url))
-        _flush_redis(broker_url)
-        cleanups.append(lambda: _flush_redis(broker_url))
+    database_url, broker_url, cleanups = stack_backends(request.param, root, "stabletrain_it")
     st = Stack(request.param, database_url, broker_url, root)
     try:
         st.migrate()

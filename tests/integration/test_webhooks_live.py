@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import create_database, drop_database, postgres_base_url
-from tests.integration.conftest import Stack, _flush_redis, _redis_url, start_worker_process
+from tests.integration.conftest import Stack, stack_backends, start_worker_process
 from tests.integration.test_worker_end_to_end import submit, upload, wait_status
 from tests.worker.webhook_receiver import Receiver
-from worker.testing import server_url_or_skip, wait_for
+from worker.testing import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +37,7 @@ def webhook_stack(request: pytest.FixtureRequest,
     """Embedded (SQLite + kombu's SQLAlchemy broker) or servers (PostgreSQL + Redis: Celery's countdown
     retries wait in the worker while Redis holds them unacked)."""
     root: Path = tmp_path_factory.mktemp(f"webhook-stack-{request.param}")
-    cleanups: list[Callable[[], None]] = []
-    if request.param == "embedded":
-        database_url, broker_url = f"sqlite:///{root / 'stabletrain.db'}", f"sqlalchemy+sqlite:///{root / 'broker.db'}"
-    else:
-        pg_base = postgres_base_url()
-        broker_url = _redis_url(server_url_or_skip("STABLETRAIN_TEST_REDIS_URL"))
-        database_url = create_database(pg_base, prefix="stabletrain_wh")
-        cleanups.append(lambda: drop_database(pg_base, database_url))
-        _flush_redis(broker_url)
-        cleanups.append(lambda: _flush_redis(broker_url))
+    database_url, broker_url, cleanups = stack_backends(request.param, root, "stabletrain_wh")
     stack = Stack(f"webhooks-{request.param}", database_url, broker_url, root, WEBHOOK_CONFIG)
     senders = None
     try:
