@@ -155,7 +155,8 @@ def reconcile_now() -> ReconcileReport:
     """One reconciler pass with this process's settings."""
     idle_for_s = ACTIVITY.idle_for_s() if consumes_train else 0.0
     return reconcile(utcnow(), engine=engine(), send=send, resend_after_s=settings.resend_after_s,
-                     sample_timeout_s=settings.sample_timeout_s, max_attempts=settings.max_attempts,
+                     sample_timeout_s=settings.sample_timeout_s, probe_timeout_s=settings.probe_timeout_s,
+                     max_attempts=settings.max_attempts,
                      idle_for_s=idle_for_s, idle_resend_s=settings.idle_resend_s)
 
 

@@ -2,7 +2,7 @@
 
 The relay (`relay`, every second in each worker) is the outbox's sender:
 
-- queued jobs and samples without a live message (`enqueued_at` null: the API's publish
+- queued jobs, samples and probes without a live message (`enqueued_at` null: the API's publish
   failed, a job was handed back or requeued) are sent;
 - when the broker restarted since a record was sent (Redis `uptime_in_seconds`), the record
   is sent again: a broker restarted without its data lost the message.
@@ -14,7 +14,8 @@ The reconciler (`reconcile`, every few seconds in each worker):
 - pausing jobs whose lease expired are paused (they resume from their newest checkpoint);
 - queued jobs waiting longer than this worker has been idle are re-sent (their message is
   lost, or this idle worker would have received it), and any queued record after `resend_after_s`;
-- running samples that outlived their timeout fail.
+- running samples and LR probes that outlived their timeout fail (their worker died, or hangs),
+  and queued ones sent more than `resend_after_s` ago are re-sent.
 
 Lease expiry is compared with the database's clock. Every change is a conditional
 UPDATE checked by rowcount, so any number of reconcilers may run at once; a duplicate
@@ -35,9 +36,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, or_, select, update
 
-from app.models import Event, Job, Sample
+from app.models import Event, Job, Probe, Sample
 from app.models.clock import db_now
-from app.services.queue import SAMPLE_QUEUE, SAMPLE_TASK, TRAIN_QUEUE, TRAIN_TASK
+from app.services.queue import PROBE_TASK, SAMPLE_QUEUE, SAMPLE_TASK, TRAIN_QUEUE, TRAIN_TASK
 from app.services.webhook_events import record_job_event
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class ReconcileReport:
     paused: int = 0
     samples_resent: int = 0
     samples_failed: int = 0
+    probes_resent: int = 0
+    probes_failed: int = 0
 
 
 def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> list[str]:
@@ -136,8 +139,8 @@ def pause_orphaned(engine: Engine, now: datetime) -> list[str]:
 
 
 # updated_at stays: (re-)sending is bookkeeping, not a change a client can see
-KEEP = {Job: {"updated_at": Job.updated_at}, Sample: {}}
-KINDS = ((Job, TRAIN_TASK, TRAIN_QUEUE), (Sample, SAMPLE_TASK, SAMPLE_QUEUE))
+KEEP = {Job: {"updated_at": Job.updated_at}, Sample: {}, Probe: {}}
+KINDS = ((Job, TRAIN_TASK, TRAIN_QUEUE), (Sample, SAMPLE_TASK, SAMPLE_QUEUE), (Probe, PROBE_TASK, SAMPLE_QUEUE))
 
 
 def resend_queued(engine: Engine, now: datetime, resend_after_s: float, send: Send) -> int:
@@ -146,7 +149,7 @@ def resend_queued(engine: Engine, now: datetime, resend_after_s: float, send: Se
 
 
 def send_unsent(engine: Engine, now: datetime, send: Send) -> int:
-    """The outbox: send every queued job and sample that has no message (`enqueued_at` null)."""
+    """The outbox: send every queued job, sample and probe that has no message (`enqueued_at` null)."""
     return sum(resend_stale(engine, now, None, send, model, task, queue) for model, task, queue in KINDS)
 
 
@@ -177,7 +180,7 @@ def relay(now: datetime, *, engine: Engine, send: Send, broker_started_at: datet
 
 def resend_stale(engine: Engine, now: datetime, resend_after_s: float | None, send: Send, model: Any,
                  task: str, queue: str) -> int:
-    """Send queued records (jobs, samples) never enqueued, or (`resend_after_s`) enqueued before the cutoff.
+    """Send queued records (jobs, samples, probes) never enqueued, or (`resend_after_s`) enqueued before the cutoff.
 
     The stamp comes first, conditionally, so only one reconciler sends each record per period.
     """
@@ -210,19 +213,32 @@ def unsent_or_sent_before(model: Any, now: datetime, resend_after_s: float | Non
     return or_(model.enqueued_at.is_(None), model.enqueued_at < now - timedelta(seconds=resend_after_s))
 
 
+def fail_overdue(engine: Engine, model: Any, now: datetime, timeout_s: float, what: str) -> int:
+    """Fail running records (samples, probes) started more than `timeout_s` ago: their worker died or hangs,
+    and without this a client polling them would wait forever."""
+    cutoff = now - timedelta(seconds=timeout_s)
+    # rows from before started_at existed count from created_at (plain comparisons keep the column type)
+    too_old = or_(model.started_at < cutoff, and_(model.started_at.is_(None), model.created_at < cutoff))
+    with engine.begin() as conn:
+        return conn.execute(
+            update(model)
+            .where(model.status == "running", too_old)
+            .values(status="failed", error=f"{what} did not finish within {timeout_s:g} s", finished_at=now)
+        ).rowcount
+
+
 def reconcile_samples(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
                       send: Send) -> tuple[int, int]:
     """Re-send stale queued samples; fail running samples whose worker took longer than the timeout."""
-    cutoff = now - timedelta(seconds=timeout_s)
-    # rows from before started_at existed count from created_at (plain comparisons keep the column type)
-    too_old = or_(Sample.started_at < cutoff, and_(Sample.started_at.is_(None), Sample.created_at < cutoff))
-    with engine.begin() as conn:
-        failed = conn.execute(
-            update(Sample)
-            .where(Sample.status == "running", too_old)
-            .values(status="failed", error=f"sampling did not finish within {timeout_s:g} s", finished_at=now)
-        ).rowcount
+    failed = fail_overdue(engine, Sample, now, timeout_s, "sampling")
     return resend_stale(engine, now, resend_after_s, send, Sample, SAMPLE_TASK, SAMPLE_QUEUE), failed
+
+
+def reconcile_probes(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
+                     send: Send) -> tuple[int, int]:
+    """Re-send stale queued LR probes; fail running probes whose worker took longer than the timeout."""
+    failed = fail_overdue(engine, Probe, now, timeout_s, "the LR probe")
+    return resend_stale(engine, now, resend_after_s, send, Probe, PROBE_TASK, SAMPLE_QUEUE), failed
 
 
 def reconcile(
@@ -232,6 +248,7 @@ def reconcile(
     send: Send,
     resend_after_s: float = 600.0,
     sample_timeout_s: float = 600.0,
+    probe_timeout_s: float = 3600.0,
     max_attempts: int = 5,
     idle_for_s: float = 0.0,
     idle_resend_s: float = 10.0,
@@ -252,6 +269,7 @@ def reconcile(
     report.samples_resent, report.samples_failed = reconcile_samples(
         engine, now, resend_after_s, sample_timeout_s, send
     )
+    report.probes_resent, report.probes_failed = reconcile_probes(engine, now, resend_after_s, probe_timeout_s, send)
     if report != ReconcileReport():
         log.info("reconciler: %s", report)
     return report

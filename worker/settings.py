@@ -10,6 +10,7 @@ Worker-only environment variables (all optional):
 - STABLETRAIN_RELAY_EVERY_S       how often each worker sends unsent queued work (the outbox); 0 turns it off (default 1)
 - STABLETRAIN_IDLE_RESEND_S       an idle worker re-sends queued jobs sent longer ago than this, once idle this long (default 10)
 - STABLETRAIN_SAMPLE_TIMEOUT_S    a running sample older than this is marked failed (default 600)
+- STABLETRAIN_PROBE_TIMEOUT_S     a running LR probe older than this is marked failed (default 3600)
 - STABLETRAIN_DB_RETRY_S          how long the reporter retries a failing database write (default 300)
 - STABLETRAIN_MAX_ATTEMPTS        worker deaths (expired leases) after which a job fails instead of requeueing (default 5);
                                   graceful hand-backs (warm shutdown) do not count
@@ -40,6 +41,7 @@ WORKER_DEFAULTS: dict[str, float] = {
     "RELAY_EVERY_S": 1,
     "IDLE_RESEND_S": 10,
     "SAMPLE_TIMEOUT_S": 600,
+    "PROBE_TIMEOUT_S": 3600,
     "DB_RETRY_S": 300,
     "MAX_ATTEMPTS": 5,
 }
@@ -64,6 +66,7 @@ class WorkerSettings:
     relay_every_s: float
     idle_resend_s: float
     sample_timeout_s: float
+    probe_timeout_s: float
     db_retry_s: float
     max_attempts: int
     device: str | None
@@ -108,6 +111,7 @@ def load_settings(config: Mapping[str, Any] | None = None, env: Mapping[str, str
         relay_every_s=float(value("RELAY_EVERY_S")),
         idle_resend_s=float(value("IDLE_RESEND_S")),
         sample_timeout_s=float(value("SAMPLE_TIMEOUT_S")),
+        probe_timeout_s=float(value("PROBE_TIMEOUT_S")),
         db_retry_s=float(value("DB_RETRY_S")),
         max_attempts=int(value("MAX_ATTEMPTS")),
         device=str(value("DEVICE")) if value("DEVICE") else None,

@@ -17,7 +17,7 @@ from celery import Celery
 from kombu import Connection
 from sqlalchemy import Engine, select, update
 
-from app.models import Event, Job, Sample, new_id
+from app.models import Event, Job, Probe, Sample, new_id
 from tests.worker.jobfactory import make_job
 from worker.db import utcnow
 from worker.reconciler import reconcile, relay
@@ -161,6 +161,34 @@ def test_samples_are_resent_or_timed_out(engine: Engine, broker: Broker) -> None
     with engine.connect() as conn:
         failed = conn.execute(select(Sample).where(Sample.id == rows[1]["id"])).one()
     assert failed.status == "failed" and "600" in failed.error
+
+
+def test_probes_are_resent_or_timed_out_and_the_relay_sends_an_unsent_one(engine: Engine, broker: Broker) -> None:
+    job_id = make_job(engine, status="succeeded")
+    now = utcnow()
+    with engine.connect() as conn:
+        owner = conn.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one()
+    params = {"lr_min": 1e-7, "lr_max": 10.0, "steps": 200}
+    base = dict(job_id=job_id, owner_id=owner, params=params, created_at=now - timedelta(hours=3),
+                started_at=None)  # every row names every column: an executemany takes the first row's keys
+    lost = dict(base, id=new_id("prb"), status="queued", enqueued_at=now - timedelta(seconds=700))
+    dead = dict(base, id=new_id("prb"), status="running", enqueued_at=now - timedelta(hours=2),
+                started_at=now - timedelta(seconds=3700))  # its worker died an hour ago
+    busy = dict(dead, id=new_id("prb"), started_at=now - timedelta(seconds=60))  # queued long, started lately
+    unsent = dict(base, id=new_id("prb"), status="queued", enqueued_at=None)
+    with engine.begin() as conn:
+        conn.execute(Probe.__table__.insert(), [lost, dead, busy])
+    report = reconcile(now, engine=engine, send=broker.send, resend_after_s=600, probe_timeout_s=3600)
+    assert (report.probes_resent, report.probes_failed) == (1, 1)
+    assert broker.drain("samples") == [("stabletrain.lr_probe", [lost["id"]])]
+    with engine.begin() as conn:
+        rows = {r.id: r for r in conn.execute(select(Probe).where(Probe.job_id == job_id))}
+        conn.execute(Probe.__table__.insert(), [unsent])
+    assert rows[dead["id"]].status == "failed" and "3600" in rows[dead["id"]].error
+    assert rows[dead["id"]].finished_at is not None
+    assert rows[busy["id"]].status == "running" and rows[lost["id"]].status == "queued"
+    assert relay(now, engine=engine, send=broker.send) == 1
+    assert broker.drain("samples") == [("stabletrain.lr_probe", [unsent["id"]])]
 
 
 def test_cli_once_resends_through_the_configured_broker(engine: Engine, broker: Broker, tmp_path: Path) -> None:
