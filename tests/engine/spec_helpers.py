@@ -47,6 +47,7 @@ class Recorder(Callbacks):
     def __init__(self, stop_at: int | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
         self.layers: list[dict[str, Any]] = []
+        self.acts: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
         self.removed: list[dict[str, Any]] = []
@@ -58,6 +59,9 @@ class Recorder(Callbacks):
 
     def on_layer_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
         self.layers.extend({"step": step, **r} for r in rows)
+
+    def on_activation_stats(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.acts.extend({"step": step, **r} for r in rows)
 
     def on_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)

@@ -22,15 +22,6 @@ from .spec_helpers import Recorder, corpus, merge, spec
 VOCAB, SEQ = 50, 16
 
 
-class ActivationRecorder(Recorder):
-    def __init__(self) -> None:
-        super().__init__()
-        self.acts: list[dict] = []
-
-    def on_activation_stats(self, step: int, rows: list[dict]) -> None:
-        self.acts.extend({"step": step, **r} for r in rows)
-
-
 def _model(**model):
     cfg = parse_spec({"model": model}).model
     torch.manual_seed(0)
@@ -133,7 +124,7 @@ def test_through_time_probe_leaves_grads_rng_and_mode_alone():
 
 
 def test_trainer_reports_activation_rows_in_depth_order_at_layer_stat_steps(tmp_path: Path):
-    rec = ActivationRecorder()
+    rec = Recorder()
     s = spec(model={"arch": "rnn", "n_layers": 2, "activation": "tanh"}, training={"max_steps": 10})
     Trainer(s, corpus(), tmp_path, rec).run()
     assert sorted({r["step"] for r in rec.acts}) == [5, 10]
@@ -145,7 +136,7 @@ def test_trainer_reports_activation_rows_in_depth_order_at_layer_stat_steps(tmp_
 
 def test_the_probe_keeps_to_its_budget_but_always_sees_the_first_and_last_stats_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "THROUGH_TIME_COST_RATIO", 1e12)  # never due again after one run
-    rec = ActivationRecorder()
+    rec = Recorder()
     s = spec(model={"arch": "rnn", "n_layers": 1, "activation": "tanh"},
              training={"max_steps": 23}, monitoring={"layer_stats_every": 5})
     Trainer(s, corpus(), tmp_path, rec).run()
@@ -168,7 +159,7 @@ def test_a_cost_budget_waits_ratio_times_the_last_cost(monkeypatch):
 
 
 def test_activation_stats_can_be_turned_off(tmp_path: Path):
-    rec = ActivationRecorder()
+    rec = Recorder()
     Trainer(spec(monitoring={"activation_stats": False}), corpus(), tmp_path, rec).run()
     assert rec.acts == [] and rec.layers
 

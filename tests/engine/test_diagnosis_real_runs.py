@@ -1,5 +1,5 @@
 """Diagnosis of real CPU runs of the engine: a transformer whose loss falls then rises is diverging,
-its twin at a tenth of the rate is not."""
+its twin at a tenth of the rate is not, and the default transformer learning at a common rate is healthy."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def test_too_high_a_rate_is_diverging_from_its_loss_minimum(tmp_path):
     assert diverging["evidence"]["loss_min"] < early  # the loss fell before it rose
     assert diverging["evidence"]["grad_norm_growth"] > 2 and diverging["severity"] == "critical"
     assert health_of(findings) == "critical"
+    # without norms the attention logits run away (to ~1e5 here): over the bound, whatever the loss does
+    attention = next(f for f in findings if f["kind"] == "attention_logit_growth")
+    assert max(attention["evidence"]["attn_max_logit"].values()) > 100 and attention["severity"] == "critical"
     fields = {r["field"] for r in diverging["recommendations"]}
     assert {"training.lr", "stabilization.clip", "model.qk_norm"} <= fields
 
@@ -61,3 +64,20 @@ def test_the_same_run_at_a_tenth_of_the_rate_is_not_diverging(tmp_path):
     rows, findings = _train(3e-3, tmp_path)
     assert "diverging" not in {f["kind"] for f in findings}
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+
+
+def test_the_default_transformer_learning_at_a_common_rate_is_healthy(tmp_path):
+    # GPT-2 defaults (layernorm + gelu), lr 3e-3 cosine: the loss falls all along while the heads learn
+    # to attend, so their max logits grow several-fold; growth with a falling loss is learning.
+    rec = Recorder()
+    s = spec(model={"arch": "transformer", "n_layers": 2, "d_model": 64, "n_heads": 4, "hidden": None},
+             training={"max_steps": 400, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "schedule": "cosine",
+                       "warmup_steps": 50, "eval_every": 100},
+             stabilization={"clip": {"mode": "norm", "max_norm": 1.0}},
+             monitoring={"layer_stats_every": 10})
+    result = Trainer(s, corpus(None), tmp_path / "ckpt", rec).run()
+    assert result.status == "succeeded", result.error
+    logits = [a["attn_max_logit"] for a in rec.acts if a["kind"] == "attention"]
+    assert max(logits) > 3 * min(logits) and max(logits) > 10  # the heads did sharpen
+    assert rec.rows[-1]["loss"] < rec.rows[0]["loss"] - 2.0
+    assert result.diagnosis == [] and health_of(result.diagnosis) == "ok", result.diagnosis

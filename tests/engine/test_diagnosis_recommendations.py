@@ -63,7 +63,8 @@ def _record(kind: str) -> dict:
         return {"steps": steps(FALLING), "layers": [], "spec": rnn,
                 "activations": _acts("layers.0.rnn", "recurrent", "grad_time", [gt] * 5)}
     if kind == "attention_logit_growth":
-        return {"steps": steps(FALLING), "layers": [], "spec": transformer,
+        # logits that grow while the loss has stopped falling (growth with a falling loss is learning)
+        return {"steps": steps(noisy([3.0] * N, 0.02)), "layers": [], "spec": transformer,
                 "activations": _acts("blocks.0.attn", "attention", "attn_max_logit", [4.0 * 1.4 ** i for i in range(8)])}
     raise AssertionError(kind)
 
