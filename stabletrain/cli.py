@@ -532,7 +532,17 @@ def cmd_webhooks_list(client: Client, args: argparse.Namespace) -> int:
     if _json_mode(args):
         _print_json(items)
     for w in [] if _json_mode(args) else items:
-        _out(f"{w['id']}  {w['url']}  {','.join(w.get('events') or [])}  {w.get('created_at', '-')}")
+        disabled = f"  DISABLED: {w['disabled_reason']}" if w.get("disabled_at") else ""
+        _out(f"{w['id']}  {w['url']}  {','.join(w.get('events') or [])}  {w.get('created_at', '-')}{disabled}")
+    return EXIT_OK
+
+
+def cmd_webhooks_enable(client: Client, args: argparse.Namespace) -> int:
+    webhook = client.enable_webhook(args.webhook)
+    if _json_mode(args):
+        _print_json(webhook)
+    else:
+        _out(f"{webhook['id']} enabled: events from now on are sent to {webhook['url']}")
     return EXIT_OK
 
 
@@ -811,6 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = add_action("rm", "delete an endpoint (its undelivered events are dropped)")
     a.add_argument("webhook", metavar="WEBHOOK")
     a.set_defaults(func=cmd_webhooks_rm)
+    a = add_action("enable", "send to an endpoint again after its receiver disabled it (410 Gone)")
+    a.add_argument("webhook", metavar="WEBHOOK")
+    a.set_defaults(func=cmd_webhooks_enable)
     a = add_action("deliveries", "an endpoint's delivery log, newest first: attempts, status codes, next retry")
     a.add_argument("webhook", metavar="WEBHOOK")
     a.add_argument("--limit", type=int, default=None, help="show at most N deliveries")

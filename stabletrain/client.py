@@ -587,6 +587,11 @@ class Client:
         """Delete an endpoint; its undelivered events are dropped."""
         self.request("DELETE", f"/v1/webhooks/{webhook_id}", expect=(204,))
 
+    def enable_webhook(self, webhook_id: str) -> dict[str, Any]:
+        """Send to an endpoint again after its receiver disabled it with a 410 Gone (`disabled_at` set);
+        events from now on. Repeating it is harmless."""
+        return self._json("POST", f"/v1/webhooks/{webhook_id}/enable")
+
     def webhook_deliveries(self, webhook_id: str, limit: int = 50) -> Iterator[dict[str, Any]]:
         """An endpoint's delivery log, newest first: status, attempts, last status code, next attempt."""
         return self._pages(f"/v1/webhooks/{webhook_id}/deliveries", {"limit": limit}, "cursor", "next_cursor")

@@ -9,6 +9,8 @@ A delivery is attempted by the `stabletrain.webhook_deliver` task on the `webhoo
 3. POST the message once, signed, with short timeouts and no redirects followed;
 4. record the attempt; after a failure the next attempt is due after the retry schedule's delay
    (with jitter) and the task asks Celery to run it again then (`self.retry(countdown=...)`).
+   A 410 Gone is no failure to retry: the receiver asked for no more, so the endpoint is disabled
+   and its pending deliveries are given up (Standard Webhooks, "sender should disable the endpoint").
 
 The delivery's state lives in the database, so a lost broker message only delays it: the relay
 (`relay_webhooks`, in every worker's relay pass) sends due deliveries that no message claimed in time.
@@ -38,6 +40,8 @@ from app.services.webhook_urls import Target, UnsafeUrl, check_url, flag
 log = logging.getLogger(__name__)
 
 WEBHOOK_TASK, WEBHOOK_QUEUE = "stabletrain.webhook_deliver", "webhooks"
+# Standard Webhooks: a receiver answering 410 Gone wants no more messages; the endpoint is disabled
+GONE = 410
 # Standard Webhooks' suggested schedule: attempts at once, then after 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
 DEFAULT_SCHEDULE_S = (5, 300, 1800, 7200, 18000, 36000, 36000)
 JITTER = 0.2  # each delay is drawn from [1 - JITTER, 1 + JITTER] x its value: retries of many receivers spread out
@@ -108,6 +112,7 @@ class Claimed:
 
     delivery_id: str
     message_id: str
+    endpoint_id: str
     url: str
     secret: str
     payload: dict[str, Any]
@@ -116,7 +121,9 @@ class Claimed:
 
 
 def claim_delivery(engine: Engine, delivery_id: str, claim_s: float) -> Claimed | None:
-    """Take a pending, due delivery for one attempt; None when it is not due, done, or gone."""
+    """Take a pending, due delivery for one attempt; None when it is not due, done, or gone.
+
+    A delivery of a disabled endpoint (recorded just before the 410 that disabled it) fails instead."""
     due = and_(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
                WebhookDelivery.next_attempt_at <= db_now(1.0))  # a second early: a retry message's clock
     with engine.begin() as conn:
@@ -125,13 +132,34 @@ def claim_delivery(engine: Engine, delivery_id: str, claim_s: float) -> Claimed 
         if not taken:
             return None
         row = conn.execute(
-            select(WebhookDelivery.message_id, WebhookDelivery.attempts, WebhookDelivery.log, WebhookEndpoint.url,
-                   WebhookEndpoint.secret, WebhookMessage.payload)
+            select(WebhookDelivery.message_id, WebhookDelivery.endpoint_id, WebhookDelivery.attempts,
+                   WebhookDelivery.log, WebhookEndpoint.url, WebhookEndpoint.secret, WebhookEndpoint.disabled_reason,
+                   WebhookEndpoint.disabled_at, WebhookMessage.payload)
             .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
             .join(WebhookMessage, WebhookMessage.id == WebhookDelivery.message_id)
             .where(WebhookDelivery.id == delivery_id)).one()
-    return Claimed(delivery_id, row.message_id, row.url, row.secret, dict(row.payload), int(row.attempts),
-                   list(row.log or []))
+        if row.disabled_at is not None:
+            conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
+                         .values(**given_up(f"not sent: the endpoint is disabled ({row.disabled_reason})")))
+            return None
+    return Claimed(delivery_id, row.message_id, row.endpoint_id, row.url, row.secret, dict(row.payload),
+                   int(row.attempts), list(row.log or []))
+
+
+def given_up(error: str) -> dict[str, Any]:
+    """The values of a delivery that will not be attempted again."""
+    return {"status": "failed", "last_error": error, "next_attempt_at": None, "enqueued_at": None}
+
+
+def disable_endpoint(conn: Any, endpoint_id: str, reason: str) -> int:
+    """Disable an endpoint (its receiver answered 410 Gone) and give up its other pending deliveries;
+    returns how many were given up. Nothing is recorded for it until it is enabled again."""
+    conn.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id,
+                                               WebhookEndpoint.disabled_at.is_(None))
+                 .values(disabled_at=datetime.now(timezone.utc), disabled_reason=reason))
+    return conn.execute(update(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id,
+                                                      WebhookDelivery.status == "pending")
+                        .values(**given_up(f"not sent: the endpoint is disabled ({reason})"))).rowcount
 
 
 def signed_headers(secret: str, message_id: str, body: str, moment: datetime | None = None) -> dict[str, str]:
@@ -222,7 +250,8 @@ def record_attempt(engine: Engine, claimed: Claimed, outcome: Outcome, settings:
              "duration_ms": outcome.duration_ms}
     values: dict[str, Any] = {"attempts": attempts, "last_attempt_at": now, "last_status_code": outcome.status_code,
                               "last_error": outcome.error, "log": [*claimed.log, entry][-ATTEMPT_LOG_SIZE:]}
-    delay = None if outcome.ok else retry_delay_s(attempts, settings.schedule_s, rng)
+    gone = outcome.status_code == GONE
+    delay = None if outcome.ok or gone else retry_delay_s(attempts, settings.schedule_s, rng)
     if outcome.ok:
         values.update(status="succeeded", delivered_at=now, next_attempt_at=None, enqueued_at=None)
     elif delay is None:
@@ -232,6 +261,10 @@ def record_attempt(engine: Engine, claimed: Claimed, outcome: Outcome, settings:
     with engine.begin() as conn:
         conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == claimed.delivery_id,
                                                    WebhookDelivery.status == "pending").values(**values))
+        if gone:
+            dropped = disable_endpoint(conn, claimed.endpoint_id, f"the receiver answered 410 Gone at {now.isoformat()}")
+            log.warning("webhook endpoint %s answered 410 Gone: disabled, %d pending deliveries given up",
+                        claimed.endpoint_id, dropped)
     return delay
 
 

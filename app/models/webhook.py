@@ -19,7 +19,8 @@ from app.models._common import UTCDateTime, new_id, utcnow
 
 WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.paused",
                   "job.health_changed", "checkpoint.created")
-# pending: an attempt is due at next_attempt_at; succeeded: a 2xx came back; failed: the schedule ran out
+# pending: an attempt is due at next_attempt_at; succeeded: a 2xx came back; failed: the schedule ran out,
+# or the endpoint was disabled (a 410 Gone)
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
 
 
@@ -36,6 +37,10 @@ class WebhookEndpoint(db.Model):
     # kept in clear: every delivery is signed with it (HMAC needs the key itself, not a hash)
     secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # set when the receiver answered 410 Gone (Standard Webhooks: stop sending); nothing is recorded
+    # or sent for a disabled endpoint until POST /v1/webhooks/{id}/enable clears it
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class WebhookMessage(db.Model):

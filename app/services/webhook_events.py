@@ -24,9 +24,9 @@ JOB_STATUS_EVENTS = {"queued": "job.queued", "running": "job.running", "succeede
 
 
 def subscribed_endpoints(writer: Writer, owner_id: str, event_type: str) -> list[str]:
-    """Ids of the owner's endpoints subscribed to `event_type` (one indexed read; usually empty)."""
+    """Ids of the owner's enabled endpoints subscribed to `event_type` (one indexed read; usually empty)."""
     rows = writer.execute(select(WebhookEndpoint.id, WebhookEndpoint.events)
-                          .where(WebhookEndpoint.owner_id == owner_id)).all()
+                          .where(WebhookEndpoint.owner_id == owner_id, WebhookEndpoint.disabled_at.is_(None))).all()
     return [row.id for row in rows if event_type in (row.events or ())]
 
 

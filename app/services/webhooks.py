@@ -68,6 +68,18 @@ def delete_endpoint(owner_id: str, endpoint_id: str) -> None:
     db.session.commit()
 
 
+def enable_endpoint(owner_id: str, endpoint_id: str) -> WebhookEndpoint:
+    """Send to an endpoint again after its receiver disabled it (410 Gone); events from now on only.
+
+    The URL is checked again: the rules may have changed since it was created."""
+    endpoint = get_endpoint(owner_id, endpoint_id)
+    checked_url(endpoint.url)
+    endpoint.disabled_at = None
+    endpoint.disabled_reason = None
+    db.session.commit()
+    return endpoint
+
+
 def list_deliveries(owner_id: str, endpoint_id: str, limit: int,
                     cursor: str | None) -> tuple[list[WebhookDelivery], str | None]:
     """One page of an endpoint's delivery log, newest first."""
@@ -79,7 +91,8 @@ def list_deliveries(owner_id: str, endpoint_id: str, limit: int,
 def endpoint_view(endpoint: WebhookEndpoint, with_secret: bool = False) -> dict[str, Any]:
     """The public shape; the secret only in the creation answer."""
     view: dict[str, Any] = {"id": endpoint.id, "url": endpoint.url, "events": endpoint.events,
-                            "created_at": endpoint.created_at}
+                            "created_at": endpoint.created_at, "disabled_at": endpoint.disabled_at,
+                            "disabled_reason": endpoint.disabled_reason}
     if with_secret:
         view["secret"] = endpoint.secret
     return view

@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from app.extensions import db
-from app.models import WebhookDelivery, WebhookMessage
+from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage, utcnow
 
 PUBLIC_URL = "https://93.184.215.14/hooks"  # a literal public address: no DNS needed
 
@@ -163,3 +163,26 @@ def test_deleting_an_endpoint_drops_its_pending_deliveries(app: Flask, client: F
     assert client.delete(f"/v1/webhooks/{webhook_id}", headers=auth).status_code == 204
     assert client.get(f"/v1/webhooks/{webhook_id}", headers=auth).status_code == 404
     assert outbox(app) == []
+
+
+def test_a_disabled_endpoint_records_nothing_until_it_is_enabled_again(
+        app: Flask, client: FlaskClient, auth: dict[str, str], make_auth: Any, dataset: dict[str, Any],
+        submit: Any) -> None:
+    webhook_id = add_webhook(client, auth).json["id"]
+    assert client.get(f"/v1/webhooks/{webhook_id}", headers=auth).json["disabled_at"] is None
+    with app.app_context():  # what the sender does when the receiver answers 410 Gone
+        endpoint = db.session.get(WebhookEndpoint, webhook_id)
+        endpoint.disabled_at, endpoint.disabled_reason = utcnow(), "the receiver answered 410 Gone at ..."
+        db.session.commit()
+    shown = client.get("/v1/webhooks", headers=auth).json["items"][0]
+    assert shown["disabled_at"] and shown["disabled_reason"].startswith("the receiver answered 410")
+    submit(auth, dataset["id"])
+    assert outbox(app) == []
+
+    assert client.post(f"/v1/webhooks/{webhook_id}/enable", headers=make_auth("other")).status_code == 404
+    enabled = client.post(f"/v1/webhooks/{webhook_id}/enable", headers=auth)
+    assert enabled.status_code == 200 and enabled.json["disabled_at"] is None
+    assert enabled.json["disabled_reason"] is None and "secret" not in enabled.json
+    assert client.post(f"/v1/webhooks/{webhook_id}/enable", headers=auth).status_code == 200  # idempotent
+    submit(auth, dataset["id"])
+    assert outbox(app) == [("job.queued", webhook_id, "pending")]

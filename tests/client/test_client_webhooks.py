@@ -1,10 +1,14 @@
-"""`stabletrain webhooks add|list|rm|deliveries` and the client's webhook calls against the real API."""
+"""`stabletrain webhooks add|list|rm|deliveries|enable` and the client's webhook calls against the real API."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 
+from flask import Flask
+
+from app.extensions import db
+from app.models import WebhookEndpoint, utcnow
 from stabletrain import ApiError, Client
 from tests.client.conftest import run_cli
 
@@ -38,6 +42,25 @@ def test_webhook_commands_add_list_deliveries_and_rm(api_url: str, api_key: str,
     removed = run_cli("webhooks", "rm", webhook["id"], *connection)
     assert removed.rc == 0 and f"{webhook['id']} deleted" in removed.out
     assert list(client.webhooks()) == []
+
+
+def test_a_disabled_endpoint_is_listed_as_such_and_enabled_again(app: Flask, api_url: str, api_key: str,
+                                                                 make_client: MakeClient) -> None:
+    connection = ("--url", api_url, "--key", api_key)
+    client = make_client(api_url, api_key)
+    webhook = client.add_webhook(PUBLIC_URL, ["job.queued"])
+    with app.app_context():  # as the sender leaves it after a 410 Gone
+        endpoint = db.session.get(WebhookEndpoint, webhook["id"])
+        endpoint.disabled_at, endpoint.disabled_reason = utcnow(), "the receiver answered 410 Gone at noon"
+        db.session.commit()
+    listed = run_cli("webhooks", "list", *connection)
+    assert listed.rc == 0 and "DISABLED: the receiver answered 410 Gone at noon" in listed.out
+
+    enabled = run_cli("webhooks", "enable", webhook["id"], *connection)
+    assert enabled.rc == 0 and f"{webhook['id']} enabled" in enabled.out, enabled.err
+    assert client.webhook(webhook["id"])["disabled_at"] is None
+    assert "DISABLED" not in run_cli("webhooks", "list", *connection).out
+    assert client.enable_webhook(webhook["id"])["disabled_reason"] is None  # again: harmless
 
 
 def test_a_refused_url_exits_with_the_reason(api_url: str, api_key: str, make_client: MakeClient) -> None:

@@ -181,6 +181,39 @@ def test_retries_carry_the_same_webhook_id_and_stop_when_the_schedule_is_spent(
     assert pump(engine, short) == []  # nothing more is sent
 
 
+def test_a_410_gone_disables_the_endpoint_and_gives_up_its_pending_deliveries(
+        engine: Engine, receiver: Receiver, secret: str) -> None:
+    job_id = make_job(engine)
+    endpoint_id = add_endpoint(engine, owner_of(engine, job_id), receiver.url, secret)
+    other_id = add_endpoint(engine, owner_of(engine, job_id), receiver.url + "?other", secret)
+    queued_event(engine, job_id)  # one delivery to each endpoint
+    receiver.answer = 410
+    relay_webhooks(engine, lambda *_: None, FAST.resend_after_s)  # both now have a message in flight
+    gone = next(d.id for d in deliveries(engine) if d.endpoint_id == endpoint_id)
+    assert deliver(engine, gone, FAST) == ("failed", None)  # no retry is scheduled for a 410
+    with engine.connect() as conn:
+        endpoint = conn.execute(select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id)).one()
+    assert endpoint.disabled_at is not None and "410 Gone" in endpoint.disabled_reason
+    by_endpoint = {d.endpoint_id: d for d in deliveries(engine)}
+    assert by_endpoint[endpoint_id].status == "failed" and by_endpoint[endpoint_id].last_status_code == 410
+    assert by_endpoint[other_id].status == "pending"  # another endpoint's receiver decides for itself
+
+    with engine.begin() as conn:  # a pending delivery recorded the instant before the 410 was stored
+        conn.execute(insert(WebhookDelivery).values(
+            id=new_id("dlv"), message_id=by_endpoint[endpoint_id].message_id, endpoint_id=endpoint_id,
+            event_type="job.queued", status="pending", attempts=0, next_attempt_at=utcnow(), created_at=utcnow()))
+    requests_before = len(receiver.requests)
+    receiver.answer = 204
+    pump(engine)
+    assert len(receiver.requests) == requests_before + 1  # only the other endpoint's delivery went out
+    late = [d for d in deliveries(engine) if d.endpoint_id == endpoint_id and d.attempts == 0]
+    assert [(d.status, d.last_error.startswith("not sent: the endpoint is disabled")) for d in late] == [
+        ("failed", True)]
+    with engine.begin() as conn:  # and nothing is recorded for it from now on
+        record_job_event(conn, job_id, "job.succeeded")
+    assert {d.endpoint_id for d in deliveries(engine) if d.event_type == "job.succeeded"} == {other_id}
+
+
 def test_redirects_are_answers_not_followed(engine: Engine, receiver: Receiver, secret: str) -> None:
     job_id = make_job(engine)
     add_endpoint(engine, owner_of(engine, job_id), receiver.url, secret)

@@ -57,6 +57,16 @@ class WebhookById(MethodView):
         service.delete_endpoint(current_owner_id(), webhook_id)
 
 
+@blp.route("/<string:webhook_id>/enable")
+class WebhookEnable(MethodView):
+    @blp.response(200, WebhookSchema)
+    def post(self, webhook_id: str) -> dict[str, Any]:
+        """Send to an endpoint again after its receiver disabled it with a 410 Gone (events from now on).
+
+        Idempotent; 422 names `url` when the URL is no longer allowed."""
+        return service.endpoint_view(service.enable_endpoint(current_owner_id(), webhook_id))
+
+
 @blp.route("/<string:webhook_id>/deliveries")
 class WebhookDeliveries(MethodView):
     @blp.arguments(WebhookListQuerySchema, location="query")

@@ -22,6 +22,10 @@ class WebhookSchema(Schema):
     url = fields.String()
     events = fields.List(fields.String())
     created_at = fields.DateTime()
+    disabled_at = fields.DateTime(allow_none=True, metadata={
+        "description": "Set when the receiver answered 410 Gone: nothing is sent (or recorded) for it until "
+                       "POST /v1/webhooks/{id}/enable"})
+    disabled_reason = fields.String(allow_none=True)
 
 
 class WebhookCreatedSchema(WebhookSchema):
@@ -47,7 +51,8 @@ class DeliverySchema(Schema):
     webhook_id = fields.String(metadata={"description": "The webhook-id header: the same on every attempt"})
     event_type = fields.String()
     status = fields.String(validate=OneOf(DELIVERY_STATUSES), metadata={
-        "description": "pending (an attempt is due at next_attempt_at), succeeded, or failed (retries spent)"})
+        "description": "pending (an attempt is due at next_attempt_at), succeeded, or failed (retries spent, "
+                       "or the endpoint was disabled: see last_error)"})
     attempts = fields.Integer()
     next_attempt_at = fields.DateTime(allow_none=True)
     last_attempt_at = fields.DateTime(allow_none=True)

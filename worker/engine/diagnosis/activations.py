@@ -214,7 +214,8 @@ def through_time_recs(run: Run, horizon: float) -> list[Rec]:
     seq_len = get(spec, "training.seq_len")
     if isinstance(seq_len, int) and math.isfinite(horizon) and seq_len > 2 * horizon:
         recs.append(rec("training.seq_len", max(2, int(2 * horizon)),
-                        "windows longer than the gradient's reach cost compute and teach nothing"))
+                        f"the gradient reaches ~{horizon:.0f} steps back: context past twice that is context the net "
+                        "does not learn to use, and a shorter window makes every step cheaper"))
     return recs
 
 
