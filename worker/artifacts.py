@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from stabletrain_storage import Storage, StorageError, checkpoint_key, checkpoint_prefix, checkpoint_step
 
@@ -22,6 +24,30 @@ log = logging.getLogger(__name__)
 
 TOKENIZERS = "tokenizers/"
 TOKENS = "tokens/"
+
+T = TypeVar("T")
+
+
+def with_storage_retry(work: Callable[[], T], *, deadline_s: float, what: str,
+                       stop_waiting: Callable[[], bool] = lambda: False, sleep: Callable[[float], None] = time.sleep,
+                       first_delay_s: float = 0.5, max_delay_s: float = 15.0) -> T:
+    """Run `work`, retrying while the bucket cannot be reached (StorageError) with backoff for `deadline_s`.
+
+    A bucket outage (endpoint restarting, a network blip) must not fail a job that has not started:
+    the job waits as it does for a database outage (worker.db.with_retry). A missing object is no outage
+    (FileNotFoundError passes at once). `stop_waiting` (the lease lost, a shutdown) ends the wait early
+    with the last error. Written by hand like with_retry: the loop is small and shares its shape."""
+    give_up_at = time.monotonic() + deadline_s
+    delay = first_delay_s
+    while True:
+        try:
+            return work()
+        except StorageError as exc:
+            if time.monotonic() + delay > give_up_at or stop_waiting():
+                raise
+            log.warning("%s: the storage cannot be reached (%s); retrying in %.1f s", what, exc, delay)
+            sleep(delay)
+            delay = min(delay * 2, max_delay_s)
 
 
 class CheckpointRecords(Protocol):

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, delete, select, update
 
@@ -40,6 +40,7 @@ from worker.artifacts import (
     local_checkpoint_dir,
     pull_dataset_caches,
     push_dataset_caches,
+    with_storage_retry,
 )
 from worker.db import utcnow
 from worker.engine.corpus import CorpusFile
@@ -60,6 +61,7 @@ from worker.reporting import DbReporter, diagnosis_values
 from worker.settings import WorkerSettings, pick_device
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Set when this worker process is asked to shut down: running jobs checkpoint and go back to the queue.
 SHUTDOWN = threading.Event()
@@ -109,6 +111,10 @@ class JobInputError(Exception):
 
 class LeaseLost(Exception):
     """Another worker claimed the job (our lease expired): stop, writing nothing more."""
+
+
+class HandedBack(Exception):
+    """The job went back to the queue before it started (a shutdown while its inputs were out of reach)."""
 
 
 @dataclass
@@ -222,6 +228,8 @@ def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     except LeaseLost:
         log.warning("job %s was taken over by another worker; stopped without writing", lease.job_id)
         return "lost"
+    except HandedBack:
+        return "released"
     except JobInputError as exc:
         _fail(engine, lease, str(exc))
         return "failed"
@@ -256,15 +264,18 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
 
     job_id = lease.job_id
     store = settings.storage
-    raw_spec, corpus, started_at = load_inputs(engine, job_id, store)
-    try:
-        spec = parse_spec(raw_spec)
-    except SpecError as exc:
-        raise JobInputError(f"invalid spec: {exc}") from exc
     device = pick_device(settings.device)
     with Heartbeat(engine, lease, settings.lease_s, settings.heartbeat_s) as hb:
-        # under the heartbeat: fetching a checkpoint from a bucket may take longer than the lease
-        resume_from, resume_step = find_resume_point(engine, job_id, store)
+        # under the heartbeat: fetching the dataset or a checkpoint from a bucket, or waiting out a
+        # bucket outage, may take longer than the lease
+        raw_spec, corpus, started_at = _from_storage(engine, lease, hb, settings.storage_retry_s, "dataset",
+                                                     lambda: load_inputs(engine, job_id, store))
+        try:
+            spec = parse_spec(raw_spec)
+        except SpecError as exc:
+            raise JobInputError(f"invalid spec: {exc}") from exc
+        resume_from, resume_step = _from_storage(engine, lease, hb, settings.storage_retry_s, "checkpoint",
+                                                 lambda: find_resume_point(engine, job_id, store))
         forget_after(engine, lease, resume_step, store)
         clear_cached_checkpoints(store, job_id, keep=resume_from)
         pull_dataset_caches(store, corpus.sha256)
@@ -293,6 +304,23 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
             clear_cached_checkpoints(store, job_id, keep=None)  # uploaded: the bucket has them, free the disk
         result = replace(result, checkpoint=reporter.stored_checkpoint(result.checkpoint))
     return _record_result(engine, lease, settings, result, stop, hb, reporter.checkpoint_error)
+
+
+def _from_storage(engine: Engine, lease: Lease, hb: Heartbeat, retry_s: float, what: str, work: Callable[[], T]) -> T:
+    """A starting job's input from the store, waiting out a bucket outage for up to `retry_s`.
+
+    A lost lease stops the wait (LeaseLost), a shutdown hands the job back (HandedBack); past `retry_s`
+    the StorageError fails the job, saying the storage could not be reached (describe_crash)."""
+    try:
+        return with_storage_retry(work, deadline_s=retry_s, what=f"job {lease.job_id}: {what}",
+                                  stop_waiting=lambda: hb.lost.is_set() or SHUTDOWN.is_set())
+    except StorageError:
+        if hb.lost.is_set():
+            raise LeaseLost(lease.job_id) from None
+        if SHUTDOWN.is_set() and release_job(
+                engine, lease, "worker shutting down while the storage was unreachable; the job waits"):
+            raise HandedBack(lease.job_id) from None
+        raise
 
 
 def torch_device_type(device: str) -> str:

@@ -12,6 +12,7 @@ Worker-only environment variables (all optional):
 - STABLETRAIN_SAMPLE_TIMEOUT_S    a running sample older than this is marked failed (default 600)
 - STABLETRAIN_PROBE_TIMEOUT_S     a running LR probe older than this is marked failed (default 3600)
 - STABLETRAIN_DB_RETRY_S          how long the reporter retries a failing database write (default 300)
+- STABLETRAIN_STORAGE_RETRY_S     how long a starting job waits for an unreachable bucket before it fails (default 300)
 - STABLETRAIN_MAX_ATTEMPTS        worker deaths (expired leases) after which a job fails instead of requeueing (default 5);
                                   graceful hand-backs (warm shutdown) do not count
 - STABLETRAIN_DEVICE              torch device override (cpu, cuda, cuda:1, ...)
@@ -43,6 +44,7 @@ WORKER_DEFAULTS: dict[str, float] = {
     "SAMPLE_TIMEOUT_S": 600,
     "PROBE_TIMEOUT_S": 3600,
     "DB_RETRY_S": 300,
+    "STORAGE_RETRY_S": 300,
     "MAX_ATTEMPTS": 5,
 }
 
@@ -74,6 +76,7 @@ class WorkerSettings:
     storage_url: str = ""
     s3_endpoint_url: str = ""
     cache_dir: Path | None = None
+    storage_retry_s: float = 300.0
 
     @property
     def storage(self) -> Storage:
@@ -113,6 +116,7 @@ def load_settings(config: Mapping[str, Any] | None = None, env: Mapping[str, str
         sample_timeout_s=float(value("SAMPLE_TIMEOUT_S")),
         probe_timeout_s=float(value("PROBE_TIMEOUT_S")),
         db_retry_s=float(value("DB_RETRY_S")),
+        storage_retry_s=float(value("STORAGE_RETRY_S")),
         max_attempts=int(value("MAX_ATTEMPTS")),
         device=str(value("DEVICE")) if value("DEVICE") else None,
         worker_id=str(value("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"),

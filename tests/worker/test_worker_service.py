@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from app.models import Checkpoint, Event, Job, LayerMetric, Sample, StepMetric, new_id
-from stabletrain_storage import StorageError
+from stabletrain_storage import LocalStorage, StorageError
 from tests.worker.jobfactory import TINY_SPEC, make_job
 from worker import service
+from worker.artifacts import with_storage_retry
 from worker.db import utcnow
 from worker.engine.diagnosis import health_of
 from worker.service import run_sample, run_train_job
@@ -233,3 +234,81 @@ def test_a_running_job_has_a_current_diagnosis(engine: Engine, settings: WorkerS
         conn.execute(update(Job).where(Job.id == job_id).values(status="cancelling", cancel_requested=True))
     thread.join(timeout=30)
     assert result == ["cancelled"]
+
+
+class OutageStorage(LocalStorage):
+    """The folder store behind an endpoint that refuses the first `down_for` reads (a bucket restarting)."""
+
+    def __init__(self, root: Path, down_for: int) -> None:
+        super().__init__(root)
+        self.down_for, self.refused = down_for, 0
+
+    def local_copy(self, key: str, refresh: bool = False) -> Path:
+        if self.refused < self.down_for:
+            self.refused += 1
+            raise StorageError(f"storage: download of {key} failed: connection refused")
+        return super().local_copy(key, refresh)
+
+
+@dataclass(frozen=True)
+class SettingsWithStore(WorkerSettings):
+    store: Any = None
+
+    @property
+    def storage(self) -> Any:
+        return self.store
+
+
+def with_outage(settings: WorkerSettings, down_for: int, retry_s: float) -> SettingsWithStore:
+    return SettingsWithStore(**{**settings.__dict__, "storage_retry_s": retry_s},
+                             store=OutageStorage(settings.storage_dir, down_for))
+
+
+def test_a_bucket_outage_at_the_start_is_waited_out(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    outage = with_outage(settings, down_for=2, retry_s=60)
+    assert run_train_job(engine, job_id, outage) == "succeeded"
+    assert outage.store.refused == 2 and job(engine, job_id).attempts == 1
+
+
+def test_a_bucket_that_stays_down_fails_the_job_saying_so(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    assert run_train_job(engine, job_id, with_outage(settings, down_for=10**9, retry_s=1.0)) == "failed"
+    assert job(engine, job_id).error.startswith("the storage could not be reached (storage: download of datasets/")
+
+
+def test_a_shutdown_during_a_bucket_outage_hands_the_job_back(engine: Engine, settings: WorkerSettings) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    service.SHUTDOWN.set()
+    try:
+        assert run_train_job(engine, job_id, with_outage(settings, down_for=10**9, retry_s=600)) == "released"
+    finally:
+        service.SHUTDOWN.clear()
+    row = job(engine, job_id)
+    assert (row.status, row.attempts, row.lease_token, row.error) == ("queued", 0, None, None)
+    assert "requeued" in event_kinds(engine, job_id)
+
+
+def test_storage_retry_backs_off_and_lets_a_missing_object_through() -> None:
+    calls: list[int] = []
+    sleeps: list[float] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise StorageError("storage: read failed: 503")
+        return "ok"
+
+    assert with_storage_retry(flaky, deadline_s=60, what="t", sleep=sleeps.append) == "ok"
+    assert sleeps == [0.5, 1.0, 2.0]
+
+    def missing() -> str:
+        calls.append(1)
+        raise FileNotFoundError("datasets/x is not stored")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        with_storage_retry(missing, deadline_s=60, what="t", sleep=sleeps.append)
+    assert len(calls) == 1  # no outage: not retried
+    with pytest.raises(StorageError):
+        with_storage_retry(flaky, deadline_s=60, what="t", stop_waiting=lambda: True, sleep=sleeps.append)
