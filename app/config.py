@@ -40,6 +40,8 @@ Environment variables (values are parsed as JSON when possible, else kept as str
 - STABLETRAIN_WEBHOOK_TIMEOUT_S         read timeout of a delivery (default 10)
 - STABLETRAIN_WEBHOOK_RESEND_AFTER_S    the relay re-sends a due delivery no message claimed for this long (default 60)
 - STABLETRAIN_WEBHOOK_CA_BUNDLE         PEM file of CAs for receivers' certificates (default: certifi's bundle)
+- STABLETRAIN_WEBHOOK_RETENTION_DAYS    events older than this, with no delivery still pending, are deleted with
+                                        their delivery logs (default 30)
 - STABLETRAIN_LOG_JSON                  1 = one JSON object per log line
 - STABLETRAIN_LOG_LEVEL                 default INFO
 """
@@ -87,6 +89,7 @@ def default_config() -> dict[str, Any]:
         "WEBHOOK_TIMEOUT_S": 10.0,
         "WEBHOOK_RESEND_AFTER_S": 60.0,
         "WEBHOOK_CA_BUNDLE": "",
+        "WEBHOOK_RETENTION_DAYS": 30.0,
         "LOG_JSON": False,
         "LOG_LEVEL": "INFO",
         "RATELIMIT_DEFAULT": "600/minute",

@@ -31,7 +31,7 @@ from worker.leases import bound_idle_transactions
 from worker.reconciler import ReconcileReport, ReconcilerThread, reconcile, relay
 from worker.service import ACTIVITY, SHUTDOWN
 from worker.settings import WorkerSettings, load_settings
-from worker.webhooks import relay_webhooks, webhook_settings
+from worker.webhooks import prune_webhook_messages, relay_webhooks, webhook_settings
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,22 @@ broker_watch = BrokerWatch(settings.broker_url)
 consumes_train: list[bool] = []
 
 
+# Retention is a slow chore: a worker process prunes the webhook outbox at most this often.
+PRUNE_EVERY_S = 600.0
+_next_prune_at: list[float] = [0.0]
+
+
 def reconcile_now() -> ReconcileReport:
-    """One reconciler pass with this process's settings."""
+    """One reconciler pass with this process's settings (and, when due, the webhook outbox's retention)."""
     idle_for_s = ACTIVITY.idle_for_s() if consumes_train else 0.0
-    return reconcile(utcnow(), engine=engine(), send=send, resend_after_s=settings.resend_after_s,
-                     sample_timeout_s=settings.sample_timeout_s, probe_timeout_s=settings.probe_timeout_s,
-                     max_attempts=settings.max_attempts,
-                     idle_for_s=idle_for_s, idle_resend_s=settings.idle_resend_s)
+    report = reconcile(utcnow(), engine=engine(), send=send, resend_after_s=settings.resend_after_s,
+                       sample_timeout_s=settings.sample_timeout_s, probe_timeout_s=settings.probe_timeout_s,
+                       max_attempts=settings.max_attempts,
+                       idle_for_s=idle_for_s, idle_resend_s=settings.idle_resend_s)
+    if time.monotonic() >= _next_prune_at[0]:
+        _next_prune_at[0] = time.monotonic() + PRUNE_EVERY_S
+        prune_webhook_messages(engine(), webhook_settings(flask_app.config).retention_s)
+    return report
 
 
 def relay_now() -> int:

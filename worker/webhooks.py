@@ -30,7 +30,7 @@ from typing import Any
 
 import certifi
 import urllib3
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, and_, delete, exists, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
 from app.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
@@ -64,6 +64,7 @@ class WebhookSettings:
     allow_private: bool = False
     resend_after_s: float = 60.0
     ca_bundle: str = ""  # PEM file of the CAs receivers' certificates must chain to; empty: certifi's
+    retention_s: float = 30 * 86400.0  # messages older than this (none of their deliveries pending) are deleted
 
     @property
     def ca_certs(self) -> str:
@@ -96,6 +97,7 @@ def webhook_settings(config: Mapping[str, Any]) -> WebhookSettings:
         allow_private=flag(config.get("WEBHOOK_ALLOW_PRIVATE", False)),
         resend_after_s=float(config.get("WEBHOOK_RESEND_AFTER_S", 60.0)),
         ca_bundle=str(config.get("WEBHOOK_CA_BUNDLE") or ""),
+        retention_s=float(config.get("WEBHOOK_RETENTION_DAYS", 30.0)) * 86400.0,
     )
 
 
@@ -309,3 +311,26 @@ def relay_webhooks(engine: Engine, send: Send, resend_after_s: float) -> int:
                              .values(enqueued_at=None))
             break
     return sent
+
+
+def prune_webhook_messages(engine: Engine, retention_s: float, batch: int = 1000) -> int:
+    """Delete messages older than `retention_s` whose deliveries are all done (succeeded or failed), with
+    their delivery logs, oldest first, `batch` per transaction; returns how many messages went.
+
+    Without this the outbox grows by a row per event and endpoint for as long as the service runs. A
+    message with a delivery still pending is kept whatever its age (the schedule spans ~28 h, retention
+    days), so nothing is dropped before its last attempt."""
+    pending = exists().where(WebhookDelivery.message_id == WebhookMessage.id, WebhookDelivery.status == "pending")
+    old = (select(WebhookMessage.id).where(WebhookMessage.created_at < db_now(-retention_s), ~pending)
+           .order_by(WebhookMessage.created_at).limit(batch))
+    pruned = 0
+    while True:
+        with engine.begin() as conn:
+            ids = conn.execute(old).scalars().all()
+            if not ids:
+                return pruned
+            conn.execute(delete(WebhookDelivery).where(WebhookDelivery.message_id.in_(ids)))
+            conn.execute(delete(WebhookMessage).where(WebhookMessage.id.in_(ids)))
+        pruned += len(ids)
+        log.info("webhooks: deleted %d messages older than %g days with their delivery logs", len(ids),
+                 retention_s / 86400)

@@ -47,7 +47,9 @@ class WebhookMessage(db.Model):
     """One event: `{type, timestamp, data}`; its id is the `webhook-id` header of every attempt."""
 
     __tablename__ = "webhook_messages"
-    __table_args__ = (Index("ix_webhook_messages_owner_created", "owner_id", "created_at"),)
+    __table_args__ = (Index("ix_webhook_messages_owner_created", "owner_id", "created_at"),
+                      # retention: the oldest messages first (worker.webhooks.prune_webhook_messages)
+                      Index("ix_webhook_messages_created", "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))
     owner_id: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id", ondelete="CASCADE"))

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import random
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from worker.webhooks import (
     WebhookSettings,
     deliver,
     parse_schedule,
+    prune_webhook_messages,
     relay_webhooks,
     retry_delay_s,
     signed_headers,
@@ -316,3 +317,27 @@ def test_worsened_findings_compares_by_kind_and_severity() -> None:
                                                                                         "severity": "info"}]
     assert [f["kind"] for f in worsened_findings(old, new)] == ["a", "c"]
     assert worsened_findings(None, []) == []
+
+
+def test_old_finished_messages_are_pruned_with_their_logs_and_pending_ones_kept(engine: Engine) -> None:
+    job_id = make_job(engine)
+    owner = owner_of(engine, job_id)
+    endpoint_id = add_endpoint(engine, owner, "https://93.184.215.14/hooks", new_webhook_secret())
+    now = utcnow()
+    ages = {"old-succeeded": 40, "old-failed": 31, "old-pending": 45, "recent": 2}  # days
+    statuses = {"old-succeeded": "succeeded", "old-failed": "failed", "old-pending": "pending", "recent": "succeeded"}
+    ids = {name: new_id("msg") for name in ages}
+    with engine.begin() as conn:
+        for name, days in ages.items():
+            created = now - timedelta(days=days)
+            conn.execute(insert(WebhookMessage).values(id=ids[name], owner_id=owner, event_type="job.queued",
+                                                       payload={"type": "job.queued"}, created_at=created))
+            conn.execute(insert(WebhookDelivery).values(
+                id=new_id("dlv"), message_id=ids[name], endpoint_id=endpoint_id, event_type="job.queued",
+                status=statuses[name], attempts=1, next_attempt_at=now, created_at=created))
+    assert prune_webhook_messages(engine, retention_s=30 * 86400, batch=1) == 2  # one per transaction
+    with engine.connect() as conn:
+        kept = set(conn.execute(select(WebhookMessage.id)).scalars())
+        logged = set(conn.execute(select(WebhookDelivery.message_id)).scalars())
+    assert kept == logged == {ids["old-pending"], ids["recent"]}
+    assert prune_webhook_messages(engine, retention_s=30 * 86400) == 0

@@ -1,7 +1,8 @@
-"""Webhook endpoints a receiver disabled: webhook_endpoints.disabled_at and disabled_reason.
+"""Webhook endpoints a receiver disabled (disabled_at, disabled_reason), and message retention.
 
 Standard Webhooks: a 410 Gone answer means the receiver no longer wants this source's messages, so
-the sender disables the endpoint. Existing rows stay enabled (null).
+the sender disables the endpoint. Existing rows stay enabled (null). Messages past
+STABLETRAIN_WEBHOOK_RETENTION_DAYS are deleted oldest first: an index on webhook_messages.created_at.
 
 Revision ID: 0013
 Revises: 0012
@@ -22,9 +23,11 @@ def upgrade():
     with op.batch_alter_table('webhook_endpoints', schema=None) as batch_op:
         batch_op.add_column(sa.Column('disabled_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('disabled_reason', sa.Text(), nullable=True))
+    op.create_index('ix_webhook_messages_created', 'webhook_messages', ['created_at'])
 
 
 def downgrade():
+    op.drop_index('ix_webhook_messages_created', table_name='webhook_messages')
     with op.batch_alter_table('webhook_endpoints', schema=None) as batch_op:
         batch_op.drop_column('disabled_reason')
         batch_op.drop_column('disabled_at')
