@@ -13,7 +13,7 @@ import torch
 
 from worker.engine import trainer as trainer_mod
 from worker.engine.checkpoint import load_checkpoint
-from worker.engine.trainer import Trainer, lr_at
+from worker.engine.trainer import Trainer, divergence_fixes, lr_at
 
 from .spec_helpers import Recorder, corpus, spec
 
@@ -238,8 +238,16 @@ def test_nonfinite_skip_counts_and_fails_after_too_many_in_a_row(tmp_path):
     _, rec, result = _run(s, tmp_path)
     assert result.status == "failed"
     assert "4 steps in a row skipped" in result.error
+    assert result.error.endswith("the run is diverging: enable clipping (stabilization.clip) or lower training.lr")
     assert sum(r["skipped"] for r in rec.rows) >= 4
     assert Counter(rec.kinds())["step_skipped"] >= 4
+
+
+def test_divergence_fixes_name_only_what_the_spec_lacks():
+    clipped = {"clip": {"mode": "norm", "max_norm": 1.0}}
+    assert divergence_fixes(spec(stabilization=clipped)) == "lower training.lr"
+    assert divergence_fixes(spec(model={"arch": "transformer"}, stabilization={**clipped, "precision": "fp16"})) == (
+        "lower training.lr or use bf16 (fp16 overflows at 65504)")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

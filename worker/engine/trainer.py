@@ -239,6 +239,17 @@ class PendingStep:
     offsets: torch.Tensor  # each row's start in the token stream
 
 
+def divergence_fixes(spec: JobSpec) -> str:
+    """What to change in a spec whose steps keep diverging: only what it does not already do."""
+    fixes = []
+    if spec.stabilization.clip.mode == "none":
+        fixes.append("enable clipping (stabilization.clip)")
+    fixes.append("lower training.lr")
+    if spec.stabilization.precision == "fp16":
+        fixes.append("use bf16 (fp16 overflows at 65504)")
+    return ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
+
+
 class Trainer:
     """Trains one job spec on one text, reporting through callbacks.
 
@@ -551,7 +562,7 @@ class Trainer:
         if self.consecutive_skips >= stab.max_consecutive_skips:
             raise TrainingFailed(
                 f"{self.consecutive_skips} steps in a row skipped, last at step {step} ({reason}); "
-                "the run is diverging: enable clipping, lower training.lr or use bf16")
+                f"the run is diverging: {divergence_fixes(self.spec)}")
 
     def _rollback(self, step: int, reason: str) -> None:
         """Return to the last healthy state and lower the learning rate."""

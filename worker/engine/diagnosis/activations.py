@@ -243,10 +243,15 @@ def attention_logit_growth(run: Run) -> list[Finding]:
         if level >= ATTN_LOGIT_BOUND or grows:
             line = ATTN_LOGIT_BOUND if level >= ATTN_LOGIT_BOUND else ATTN_GROWTH_MIN
             flagged[site] = {"level": level, "growth": growth, "z": z, "loss_z": loss_z,
+                             "still_learning": still_learning,
                              "first": first_step_over(pts, line) or pts[0][0], "last": pts[-1][0]}
     if not flagged:
         return []
     worst = max(f["level"] for f in flagged.values())
+    # Critical: logits past twice the bound where the loss has stopped falling. While it still falls,
+    # collapsed heads are a risk to act on, not yet a broken run (the 4x128 no-norm transformer reached
+    # ~300 with its val loss still falling; at lr 0.1 the loss sat at 3.1 with logits ~3e5).
+    critical = any(f["level"] >= 2 * ATTN_LOGIT_BOUND and not f["still_learning"] for f in flagged.values())
     evidence: dict[str, Any] = {
         "attn_max_logit": {s: f["level"] for s, f in flagged.items()},
         "growth": {s: f["growth"] for s, f in flagged.items()}, "bound": ATTN_LOGIT_BOUND,
@@ -267,7 +272,7 @@ def attention_logit_growth(run: Run) -> list[Finding]:
                          "(Wortsman et al. 2023)"))
     recs.append(longer_warmup(spec, "a longer warm-up delays logit growth until the optimizer statistics settle"))
     return [finding(
-        run, "attention_logit_growth", "critical" if worst >= 2 * ATTN_LOGIT_BOUND else "warning",
+        run, "attention_logit_growth", "critical" if critical else "warning",
         f"attention logits grew to {worst:.3g} in {len(flagged)} site(s); large logits make attention one-hot and "
         "precede divergence",
         [min(f["first"] for f in flagged.values()), max(f["last"] for f in flagged.values())], list(flagged),
