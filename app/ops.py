@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.errors import error_response
 from app.observability import registry
 from app.services.health import check_broker, check_database
+from app.services.storage import storage
 
 bp = Blueprint("ops", __name__)
 
@@ -23,10 +24,11 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Readiness: database and broker reachable; 503 naming what is down."""
+    """Readiness: database, broker and storage (folder or bucket) reachable; 503 naming what is down."""
     checks = {
         "database": check_database(),
         "broker": check_broker(current_app.config["BROKER_URL"], float(current_app.config["BROKER_TIMEOUT_S"])),
+        "storage": storage().check(),
     }
     down = sorted(name for name, problem in checks.items() if problem)
     if down:

@@ -44,6 +44,11 @@ class Storage(ABC):
     is_remote: bool = False
 
     @abstractmethod
+    def check(self) -> str | None:
+        """None when the store can be used now; else what is wrong, in words (for /readyz). Quick: a
+        readiness probe calls it every few seconds."""
+
+    @abstractmethod
     def put_file(self, local_path: Path, key: str) -> None:
         """Store a local file under `key` (the local file stays; large files go up in parts)."""
 

@@ -23,6 +23,17 @@ class LocalStorage(Storage):
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
+    def check(self) -> str | None:
+        # a folder not made yet is fine (the first write makes it) when its nearest existing parent is writable
+        folder = self.root.absolute()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"the storage folder {self.root} cannot be made: {folder} is not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"the storage folder {self.root} is not writable ({folder})"
+        return None
+
     def path(self, key: str) -> Path:
         """The file of a key."""
         return self.root / check_key(key)

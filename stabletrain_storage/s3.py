@@ -66,9 +66,20 @@ class S3Storage(Storage):
         self.client = client or boto3.client(
             "s3", endpoint_url=endpoint_url or None,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60))
+        # readiness probes must answer in about a second, not after five attempts of 60 s
+        self.probe_client = client or boto3.client(
+            "s3", endpoint_url=endpoint_url or None,
+            config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=2))
 
     def __repr__(self) -> str:
         return f"S3Storage(s3://{self.bucket}/{self.prefix})"
+
+    def check(self) -> str | None:
+        try:
+            self.probe_client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            return f"bucket {self.bucket}: {exc}"
+        return None
 
     def _key(self, key: str) -> str:
         check_key(key)

@@ -19,7 +19,17 @@ from app.logs import JsonFormatter
 def test_healthz_readyz(client: FlaskClient) -> None:
     assert client.get("/healthz").json == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready.status_code == 200 and ready.json["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_readyz_names_a_storage_folder_it_cannot_make(app: Flask, client: FlaskClient, tmp_path: Any) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    app.config["STORAGE_DIR"] = str(blocker / "storage")  # read per request
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json["error"]["details"]["storage"].startswith("down: the storage folder")
+    assert response.json["error"]["details"]["database"] == "ok"
 
 
 @pytest.mark.app_config(BROKER_URL="redis://127.0.0.1:1/0")

@@ -120,3 +120,25 @@ def test_tokenizers_and_token_files_travel_through_the_bucket(bucket: str, moto_
     assert [p.name for p in (tmp_path / "b" / "tokenizers").iterdir()] == [name]
     assert (tmp_path / "b" / "tokenizers" / name).read_text() == '{"model": 1}'
     assert (tmp_path / "b" / "tokens" / tokens).read_bytes() == b"\x01\x00\x02\x00"
+
+
+def test_check_says_when_the_store_can_be_used(tmp_path: Path, bucket: str, moto_endpoint: str) -> None:
+    assert LocalStorage(tmp_path / "not" / "made" / "yet").check() is None  # the first write makes it
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert "is not a folder" in LocalStorage(blocker / "storage").check()
+    assert S3Storage(bucket, "p", tmp_path / "cache", endpoint_url=moto_endpoint).check() is None
+    missing = S3Storage(f"{bucket}-gone", "p", tmp_path / "cache", endpoint_url=moto_endpoint).check()
+    assert missing is not None and missing.startswith(f"bucket {bucket}-gone: ")
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    down = S3Storage(bucket, "p", tmp_path / "cache", endpoint_url=closed).check()
+    assert down is not None and "Could not connect" in down
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
