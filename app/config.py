@@ -98,6 +98,10 @@ def default_config() -> dict[str, Any]:
         "RATELIMIT_ENABLED": True,
         "RATELIMIT_HEADERS_ENABLED": True,
         "RATELIMIT_HEADER_RETRY_AFTER_VALUE": "delta-seconds",
+        # Flask-Limiter writes its window's reset into this header on every response; under the standard
+        # name it overwrote our own Retry-After (a 202 export "ask again in 1 s", a 503 "in 5 s") with up
+        # to a minute. A limiter 429 still gets Retry-After (app.errors.retry_after_s).
+        "RATELIMIT_HEADER_RETRY_AFTER": "X-RateLimit-Retry-After",
         "SQLALCHEMY_TRACK_MODIFICATIONS": False,
         "API_TITLE": "StableTrain",
         "API_VERSION": "v1",
