@@ -200,6 +200,7 @@ def release_job(engine: Engine, lease: Lease, message: str, step: int | None = N
         if conn.execute(stmt).rowcount != 1:
             return False
         insert_event(conn, lease.job_id, "requeued", message, step)
+        record_job_event(conn, lease.job_id, "job.queued")
         return True
 
 

@@ -92,8 +92,9 @@ def requeue_expired(engine: Engine, now: datetime, max_attempts: int = 5) -> lis
             if changed:
                 conn.execute(Event.__table__.insert().values(
                     job_id=job_id, kind=kind, message=message, data=None, created_at=now))
-                if kind == "failed":
-                    record_job_event(conn, job_id, "job.failed")
+                # job.failed, or job.queued: the job waits for a worker again (a consumer tracking its state
+                # sees queued -> running -> queued -> running, not running twice)
+                record_job_event(conn, job_id)
                 if kind == "requeued":
                     done.append(job_id)
     return done

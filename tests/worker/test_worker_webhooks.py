@@ -21,6 +21,8 @@ from app.services.webhooks import new_webhook_secret
 from tests.worker.jobfactory import make_job
 from tests.worker.webhook_receiver import Receiver, self_signed
 from worker.db import utcnow
+from worker.leases import claim_job, release_job
+from worker.reconciler import requeue_expired
 from worker.reporting import DbReporter
 from worker.service import run_train_job
 from worker.settings import WorkerSettings
@@ -341,3 +343,23 @@ def test_old_finished_messages_are_pruned_with_their_logs_and_pending_ones_kept(
         logged = set(conn.execute(select(WebhookDelivery.message_id)).scalars())
     assert kept == logged == {ids["old-pending"], ids["recent"]}
     assert prune_webhook_messages(engine, retention_s=30 * 86400) == 0
+
+
+def test_a_job_back_in_the_queue_says_so_once_per_return(engine: Engine) -> None:
+    """A worker that died (reconciler requeue) or shut down (hand-back): job.queued each time, so a
+    consumer's state follows queued -> running -> queued -> running instead of seeing running twice."""
+    job_id = make_job(engine)
+    add_endpoint(engine, owner_of(engine, job_id), "https://93.184.215.14/hooks", new_webhook_secret(),
+                 events=["job.queued", "job.running"])
+    lease = claim_job(engine, job_id, "worker-a", lease_s=30)
+    assert lease is not None and release_job(engine, lease, "worker shutting down")  # hand-back
+    lease = claim_job(engine, job_id, "worker-b", lease_s=30)
+    assert lease is not None
+    with engine.begin() as conn:  # worker-b dies: its lease runs out
+        conn.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=5)))
+    assert requeue_expired(engine, utcnow()) == [job_id]
+    with engine.connect() as conn:
+        sent = conn.execute(select(WebhookMessage.event_type, WebhookMessage.payload)
+                            .order_by(WebhookMessage.created_at, WebhookMessage.id)).all()
+    assert sorted(event for event, _ in sent) == ["job.queued", "job.queued", "job.running", "job.running"]
+    assert {p["data"]["status"] for event, p in sent if event == "job.queued"} == {"queued"}
