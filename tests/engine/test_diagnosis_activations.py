@@ -7,7 +7,8 @@ import pytest
 from tests.engine.diagnosis_series import decreasing, kinds, noisy, only, steps
 from worker.engine.diagnosis import diagnose, health_of
 
-STEPS = steps(decreasing(200))
+STEPS = steps(decreasing(200))  # the loss still falls at steps 40-100, where the sites' later records are
+STALLED = steps(noisy([2.0] * 200, 0.02))  # it has stopped falling
 
 
 def rows(site: str, kind: str, values: dict[str, list], every: int = 10) -> list[dict]:
@@ -21,12 +22,22 @@ def test_saturated_tanh_site_is_flagged_from_when_it_saturated():
     acts = rows("layers.2.act", "tanh", {"saturated_frac": [0.05, 0.1, 0.3, 0.6, 0.7, 0.7, 0.72, 0.7]})
     acts += rows("layers.0.act", "tanh", {"saturated_frac": [0.02] * 8})
     spec = {"model": {"arch": "mlp", "activation": "tanh", "init": "normal", "init_std": 0.5}}
-    found = only(diagnose(STEPS, [], spec=spec, activations=acts), "saturated")
+    found = only(diagnose(STALLED, [], spec=spec, activations=acts), "saturated")
     assert found["layers"] == ["layers.2.act"] and found["severity"] == "critical"
     assert found["steps"] == {"first": 40, "last": 80}
     recs = {r["field"]: r["value"] for r in found["recommendations"]}
     assert recs["model.init_std"] == 0.25 and recs["model.norm"] == "batchnorm"
     assert recs["model.activation"] == "relu"
+
+
+@pytest.mark.parametrize(("kind", "key", "value"), [("tanh", "saturated_frac", 0.7), ("relu", "dead_frac", 0.6)])
+def test_past_the_critical_line_while_the_loss_still_falls_is_a_warning(kind, key, value):
+    # a net still learning with saturated or dead units is at risk; one that stopped learning is failing
+    finding_kind = "saturated" if key == "saturated_frac" else "dead_units"
+    acts = rows("layers.1.act", kind, {key: [value] * 8})
+    spec = {"model": {"arch": "mlp", "activation": kind}}
+    assert only(diagnose(STEPS, [], spec=spec, activations=acts), finding_kind)["severity"] == "warning"
+    assert only(diagnose(STALLED, [], spec=spec, activations=acts), finding_kind)["severity"] == "critical"
 
 
 def test_a_few_percent_saturation_is_normal():
@@ -105,8 +116,7 @@ def test_attention_logits_that_grow_while_the_loss_stalls_are_flagged_with_z_lse
     acts = rows("blocks.1.attn", "attention", {"attn_max_logit": GROWING_LOGITS,
                                                "attn_entropy": [2.0 - 0.15 * i for i in range(10)]})
     acts += rows("head", "output", {"z_lse": [4.0 + i for i in range(10)]})
-    stalled = steps(noisy([2.0] * 200, 0.02))
-    found = only(diagnose(stalled, [], spec=TRANSFORMER, activations=acts), "attention_logit_growth")
+    found = only(diagnose(STALLED, [], spec=TRANSFORMER, activations=acts), "attention_logit_growth")
     assert found["layers"] == ["blocks.1.attn"] and found["severity"] == "warning"
     assert found["evidence"]["growth"]["blocks.1.attn"] > 5 and found["evidence"]["z_lse_end"] == 13.0
     assert found["evidence"]["loss_trend_z"]["blocks.1.attn"] > -3

@@ -63,8 +63,30 @@ ATTN_LOGIT_BOUND = 50.0
 ATTN_GROWTH = 2.0
 ATTN_GROWTH_MIN = 10.0
 ATTN_MK_Z = 3.0
-ATTN_LOSS_FALLING_Z = -3.0
-ATTN_LOSS_BINS = 20
+# "Still learning" (still_learning): the training loss's Mann-Kendall z over 20 bin medians of the later
+# half of a site's records is -3 or less (one-sided p ~ 0.001 that it falls).
+LOSS_FALLING_Z = -3.0
+LOSS_BINS = 20
+
+
+def loss_trend_z(run: Run, first: int, last: int) -> float | None:
+    """Mann-Kendall z of the training loss's bin medians between two steps; None with too few steps."""
+    losses = [p for p in run.series("loss", trained_only=True) if first <= p[0] <= last]
+    if len(losses) < LOSS_BINS // 2:
+        return None
+    return mann_kendall_z([v for _, v in bin_medians(losses, LOSS_BINS)])
+
+
+def still_learning(run: Run, pts: list[tuple[int, float]]) -> bool:
+    """True when the training loss still falls significantly over the later half of a site's records.
+
+    An activation finding past its critical line is critical only where this is False: a net that keeps
+    learning with saturated units, dead units or collapsed heads is at risk and learns less than it
+    could (warning), one that has stopped learning that way is failing now (critical). Real runs: the
+    4x128 no-norm tanh transformer kept 63% of its MLP units saturated and logits near 300 while its
+    val loss fell to 0.59; at lr 0.1 the loss sat at 3.1 with logits ~3e5."""
+    loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
+    return loss_z is not None and loss_z <= LOSS_FALLING_Z
 
 
 def _site_levels(run: Run, key: str) -> dict[str, tuple[float, list[tuple[int, float]]]]:
@@ -80,8 +102,9 @@ def saturated(run: Run) -> list[Finding]:
     worst = max(lv[0] for lv in levels.values())
     first = min(first_step_over(pts, SATURATED_WARN) or pts[0][0] for _, pts in levels.values())
     last = max(pts[-1][0] for _, pts in levels.values())
+    critical = any(level >= SATURATED_CRITICAL and not still_learning(run, pts) for level, pts in levels.values())
     return [finding(
-        run, "saturated", "critical" if worst >= SATURATED_CRITICAL else "warning",
+        run, "saturated", "critical" if critical else "warning",
         f"{len(sites)} site(s) have {worst:.0%} of their outputs saturated (near the activation's limits, where it "
         f"passes almost no gradient): {', '.join(sites[:4])}",
         [first, last], sites,
@@ -132,8 +155,9 @@ def dead_units(run: Run) -> list[Finding]:
     init = get(spec, "model.init")
     if init not in ("kaiming_normal", "kaiming_uniform"):
         recs.append(rec("model.init", "kaiming_normal", "He init starts ReLU units with balanced pre-activations"))
+    critical = any(level >= DEAD_CRITICAL and not still_learning(run, pts) for level, pts, _ in levels.values())
     return [finding(
-        run, "dead_units", "critical" if worst >= DEAD_CRITICAL else "warning",
+        run, "dead_units", "critical" if critical else "warning",
         f"{len(levels)} site(s) have up to {worst:.0%} dead units (never active over a batch, so they get no gradient)",
         [first, last], list(levels),
         {"dead_frac": {s: lv[0] for s, lv in levels.items()}, "threshold": DEAD_WARN}, recs,
@@ -219,14 +243,6 @@ def through_time_recs(run: Run, horizon: float) -> list[Rec]:
     return recs
 
 
-def loss_trend_z(run: Run, first: int, last: int) -> float | None:
-    """Mann-Kendall z of the training loss's bin medians between two steps; None with too few steps."""
-    losses = [p for p in run.series("loss", trained_only=True) if first <= p[0] <= last]
-    if len(losses) < ATTN_LOSS_BINS // 2:
-        return None
-    return mann_kendall_z([v for _, v in bin_medians(losses, ATTN_LOSS_BINS)])
-
-
 def attention_logit_growth(run: Run) -> list[Finding]:
     flagged: dict[str, dict[str, Any]] = {}
     for site, pts in run.sites("attn_max_logit").items():
@@ -238,19 +254,16 @@ def attention_logit_growth(run: Run) -> list[Finding]:
             growth = math.exp(slope * (positive[-1][0] - positive[0][0]))
             z = mann_kendall_z([v for _, v in positive])
         loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
-        still_learning = loss_z is not None and loss_z <= ATTN_LOSS_FALLING_Z
-        grows = growth >= ATTN_GROWTH and z >= ATTN_MK_Z and level >= ATTN_GROWTH_MIN and not still_learning
+        learning = still_learning(run, pts)
+        grows = growth >= ATTN_GROWTH and z >= ATTN_MK_Z and level >= ATTN_GROWTH_MIN and not learning
         if level >= ATTN_LOGIT_BOUND or grows:
             line = ATTN_LOGIT_BOUND if level >= ATTN_LOGIT_BOUND else ATTN_GROWTH_MIN
-            flagged[site] = {"level": level, "growth": growth, "z": z, "loss_z": loss_z,
-                             "still_learning": still_learning,
+            flagged[site] = {"level": level, "growth": growth, "z": z, "loss_z": loss_z, "still_learning": learning,
                              "first": first_step_over(pts, line) or pts[0][0], "last": pts[-1][0]}
     if not flagged:
         return []
     worst = max(f["level"] for f in flagged.values())
-    # Critical: logits past twice the bound where the loss has stopped falling. While it still falls,
-    # collapsed heads are a risk to act on, not yet a broken run (the 4x128 no-norm transformer reached
-    # ~300 with its val loss still falling; at lr 0.1 the loss sat at 3.1 with logits ~3e5).
+    # critical: past twice the bound where the loss has stopped falling (still_learning)
     critical = any(f["level"] >= 2 * ATTN_LOGIT_BOUND and not f["still_learning"] for f in flagged.values())
     evidence: dict[str, Any] = {
         "attn_max_logit": {s: f["level"] for s, f in flagged.items()},
