@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify
+from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from stabletrain_storage import StorageError
@@ -85,15 +86,15 @@ def handle_http_exception(error: HTTPException) -> Response:
         details = _webargs_details(data)
     message = data.get("message") or _default_message(error, status)
     if status == 429 and "Retry-After" not in headers:
-        headers["Retry-After"] = str(retry_after_s(data))
+        headers["Retry-After"] = str(retry_after_s(error, data))
     return error_response(status, message, details, data.get("code"), headers)
 
 
-def retry_after_s(data: dict[str, Any]) -> int:
+def retry_after_s(error: HTTPException, data: dict[str, Any]) -> int:
     """Seconds until a 429's limit lets the request through: the limiter's window reset when it is the
     limiter's 429 (its own header is X-RateLimit-Retry-After, see app.config), else the error's own value."""
     limiter = current_app.extensions.get("stabletrain_limiter")
-    current = getattr(limiter, "current_limit", None) if limiter is not None else None
+    current = getattr(limiter, "current_limit", None) if isinstance(error, RateLimitExceeded) else None
     if current is not None:
         return max(1, int(current.reset_at - time.time()))  # as Flask-Limiter counts it (reset_at is whole seconds)
     return int(data.get("retry_after", 60))

@@ -10,8 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import error_response
 from app.observability import registry
-from app.services.health import check_broker, check_database
-from app.services.storage import storage
+from app.services.health import check_broker, check_database, check_storage
 
 bp = Blueprint("ops", __name__)
 
@@ -28,7 +27,7 @@ def readyz() -> Response:
     checks = {
         "database": check_database(),
         "broker": check_broker(current_app.config["BROKER_URL"], float(current_app.config["BROKER_TIMEOUT_S"])),
-        "storage": storage().check(),
+        "storage": check_storage(),
     }
     down = sorted(name for name, problem in checks.items() if problem)
     if down:

@@ -7,6 +7,7 @@ managed transfer (`upload_file` with a TransferConfig). Workers read through a l
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import uuid
@@ -28,6 +29,7 @@ MB = 1 << 20
 TRANSFER = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
 MISSING = {"404", "NoSuchKey", "NotFound"}
 CHANGED = {"412", "PreconditionFailed"}
+FORBIDDEN = {"403", "AccessDenied", "Forbidden"}
 
 
 def _missing(exc: ClientError) -> bool:
@@ -66,18 +68,28 @@ class S3Storage(Storage):
         self.client = client or boto3.client(
             "s3", endpoint_url=endpoint_url or None,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60))
-        # readiness probes must answer in about a second, not after five attempts of 60 s
-        self.probe_client = client or boto3.client(
-            "s3", endpoint_url=endpoint_url or None,
-            config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=2))
+        self._injected = client
+        self._endpoint_url = endpoint_url or None
 
     def __repr__(self) -> str:
         return f"S3Storage(s3://{self.bucket}/{self.prefix})"
 
+    @functools.cached_property
+    def probe_client(self) -> Any:
+        """A client for readiness probes, built on first use (workers never probe): one attempt and
+        1 s / 2 s timeouts, so a probe answers within ~3 s instead of after five attempts of 60 s."""
+        return self._injected or boto3.client(
+            "s3", endpoint_url=self._endpoint_url,
+            config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=2))
+
     def check(self) -> str | None:
         try:
             self.probe_client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in FORBIDDEN:
+                return None  # it answered: keys limited to a prefix may not HEAD the bucket itself
+            return f"bucket {self.bucket}: {exc}"
+        except BotoCoreError as exc:
             return f"bucket {self.bucket}: {exc}"
         return None
 

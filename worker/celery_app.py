@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -151,9 +152,10 @@ broker_watch = BrokerWatch(settings.broker_url)
 consumes_train: list[bool] = []
 
 
-# Retention is a slow chore: a worker process prunes the webhook outbox at most this often.
+# Retention is a slow chore: a worker process prunes the webhook outbox at most this often, the first
+# time at a random point of that period (workers started together do not all prune at once).
 PRUNE_EVERY_S = 600.0
-_next_prune_at: list[float] = [0.0]
+_next_prune_at: list[float] = [time.monotonic() + random.uniform(0, PRUNE_EVERY_S)]
 
 
 def reconcile_now() -> ReconcileReport:

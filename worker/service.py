@@ -63,6 +63,9 @@ from worker.settings import WorkerSettings, pick_device
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How often a backoff sleep looks for a cancel, pause or shutdown.
+INTERRUPT_POLL_S = 0.2
+
 # Set when this worker process is asked to shut down: running jobs checkpoint and go back to the queue.
 SHUTDOWN = threading.Event()
 
@@ -113,8 +116,13 @@ class LeaseLost(Exception):
     """Another worker claimed the job (our lease expired): stop, writing nothing more."""
 
 
-class HandedBack(Exception):
-    """The job went back to the queue before it started (a shutdown while its inputs were out of reach)."""
+class EndedBeforeStart(Exception):
+    """The job ended before training started, while its inputs were out of reach: handed back (a shutdown),
+    cancelled or paused. `outcome` is what run_train_job returns."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
 
 
 @dataclass
@@ -228,8 +236,8 @@ def _train(engine: Engine, lease: Lease, settings: WorkerSettings) -> str:
     except LeaseLost:
         log.warning("job %s was taken over by another worker; stopped without writing", lease.job_id)
         return "lost"
-    except HandedBack:
-        return "released"
+    except EndedBeforeStart as ended:
+        return ended.outcome
     except JobInputError as exc:
         _fail(engine, lease, str(exc))
         return "failed"
@@ -309,18 +317,36 @@ def _train_claimed(engine: Engine, lease: Lease, settings: WorkerSettings) -> st
 def _from_storage(engine: Engine, lease: Lease, hb: Heartbeat, retry_s: float, what: str, work: Callable[[], T]) -> T:
     """A starting job's input from the store, waiting out a bucket outage for up to `retry_s`.
 
-    A lost lease stops the wait (LeaseLost), a shutdown hands the job back (HandedBack); past `retry_s`
-    the StorageError fails the job, saying the storage could not be reached (describe_crash)."""
+    The wait ends at once when the lease is lost (LeaseLost), the worker shuts down (the job is handed
+    back), or the job is cancelled or paused (it ends so): EndedBeforeStart. Past `retry_s` the
+    StorageError fails the job, saying the storage could not be reached (describe_crash)."""
+    def interrupted() -> bool:
+        return hb.lost.is_set() or hb.cancel.is_set() or hb.pause.is_set() or SHUTDOWN.is_set()
+
+    def nap(seconds: float) -> None:  # a backoff sleep that a cancel, pause or shutdown cuts short
+        until = time.monotonic() + seconds
+        while not interrupted() and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, INTERRUPT_POLL_S))
+
     try:
         return with_storage_retry(work, deadline_s=retry_s, what=f"job {lease.job_id}: {what}",
-                                  stop_waiting=lambda: hb.lost.is_set() or SHUTDOWN.is_set())
+                                  stop_waiting=interrupted, sleep=nap)
     except StorageError:
-        if hb.lost.is_set():
-            raise LeaseLost(lease.job_id) from None
-        if SHUTDOWN.is_set() and release_job(
-                engine, lease, "worker shutting down while the storage was unreachable; the job waits"):
-            raise HandedBack(lease.job_id) from None
+        _end_before_start(engine, lease, hb)
         raise
+
+
+def _end_before_start(engine: Engine, lease: Lease, hb: Heartbeat) -> None:
+    """End a job that waited for its inputs as the reason to stop says (raises); returns when none holds."""
+    why = "while the storage was unreachable, before training started"
+    if hb.lost.is_set():
+        raise LeaseLost(lease.job_id)
+    if hb.cancel.is_set() and finish_job(engine, lease, "cancelled", event=("cancelled", f"cancelled {why}")):
+        raise EndedBeforeStart("cancelled")
+    if hb.pause.is_set() and pause_held_job(engine, lease, None, f"paused {why}"):
+        raise EndedBeforeStart("paused")
+    if SHUTDOWN.is_set() and release_job(engine, lease, f"worker shutting down {why}; the job waits"):
+        raise EndedBeforeStart("released")
 
 
 def torch_device_type(device: str) -> str:

@@ -260,9 +260,13 @@ def record_attempt(engine: Engine, claimed: Claimed, outcome: Outcome, settings:
         values.update(status="failed", next_attempt_at=None, enqueued_at=None)
     else:  # the Celery retry's message is due then; the relay steps in only if it never arrives
         values.update(next_attempt_at=db_now(delay), enqueued_at=db_now(delay))
+    # the row as this attempt claimed it (no other attempt recorded since); a success also lands on a row
+    # that a 410 from a parallel attempt to the same endpoint gave up meanwhile: it did arrive
+    lands = WebhookDelivery.status.in_(("pending", "failed")) if outcome.ok else WebhookDelivery.status == "pending"
     with engine.begin() as conn:
         conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == claimed.delivery_id,
-                                                   WebhookDelivery.status == "pending").values(**values))
+                                                   WebhookDelivery.attempts == claimed.attempts, lands)
+                     .values(**values))
         if gone:
             dropped = disable_endpoint(conn, claimed.endpoint_id, f"the receiver answered 410 Gone at {now.isoformat()}")
             log.warning("webhook endpoint %s answered 410 Gone: disabled, %d pending deliveries given up",
@@ -288,7 +292,10 @@ def deliver(engine: Engine, delivery_id: str, settings: WebhookSettings) -> tupl
 def relay_webhooks(engine: Engine, send: Send, resend_after_s: float) -> int:
     """Send due deliveries that have no message, or whose message is overdue by `resend_after_s` (lost with
     a broker, or its worker died mid-attempt). Stamped first, conditionally: one relay sends each."""
-    waiting = and_(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= db_now(),
+    # due with 10 ms to spare: SQLite's clock has milliseconds and a new row's time has microseconds, so a
+    # delivery recorded within the same millisecond would not be "due" until the next pass (the claim
+    # allows a second early, so this sends nothing too soon)
+    waiting = and_(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= db_now(0.01),
                    or_(WebhookDelivery.enqueued_at.is_(None), WebhookDelivery.enqueued_at < db_now(-resend_after_s)))
     with engine.connect() as conn:
         ids = conn.execute(select(WebhookDelivery.id).where(waiting)
@@ -313,9 +320,11 @@ def relay_webhooks(engine: Engine, send: Send, resend_after_s: float) -> int:
     return sent
 
 
-def prune_webhook_messages(engine: Engine, retention_s: float, batch: int = 1000) -> int:
+def prune_webhook_messages(engine: Engine, retention_s: float, batch: int = 1000, max_batches: int = 10) -> int:
     """Delete messages older than `retention_s` whose deliveries are all done (succeeded or failed), with
-    their delivery logs, oldest first, `batch` per transaction; returns how many messages went.
+    their delivery logs, oldest first, `batch` per transaction and at most `max_batches` per call (the
+    caller is a reconciler pass: a long backlog goes over several passes, never holding up the requeues);
+    returns how many messages went.
 
     Without this the outbox grows by a row per event and endpoint for as long as the service runs. A
     message with a delivery still pending is kept whatever its age (the schedule spans ~28 h, retention
@@ -324,13 +333,14 @@ def prune_webhook_messages(engine: Engine, retention_s: float, batch: int = 1000
     old = (select(WebhookMessage.id).where(WebhookMessage.created_at < db_now(-retention_s), ~pending)
            .order_by(WebhookMessage.created_at).limit(batch))
     pruned = 0
-    while True:
+    for _ in range(max_batches):
         with engine.begin() as conn:
             ids = conn.execute(old).scalars().all()
             if not ids:
-                return pruned
+                break
             conn.execute(delete(WebhookDelivery).where(WebhookDelivery.message_id.in_(ids)))
             conn.execute(delete(WebhookMessage).where(WebhookMessage.id.in_(ids)))
         pruned += len(ids)
         log.info("webhooks: deleted %d messages older than %g days with their delivery logs", len(ids),
                  retention_s / 86400)
+    return pruned

@@ -34,3 +34,19 @@ def check_broker(url: str, timeout_s: float) -> str | None:
     except Exception as exc:
         log.warning("broker check failed: %s", exc)
         return type(exc).__name__
+
+
+def check_storage() -> str | None:
+    """None when the store (folder or bucket) can be used, else a short reason; the detail (paths,
+    bucket, endpoint) goes to the log, not to this unauthenticated answer."""
+    from app.services.storage import storage
+
+    try:
+        problem = storage().check()
+    except Exception as exc:  # a STORAGE_URL the store cannot be built from
+        log.warning("storage check failed: %s", exc)
+        return type(exc).__name__
+    if problem is None:
+        return None
+    log.warning("storage check failed: %s", problem)
+    return "unreachable" if storage().is_remote else "not writable"

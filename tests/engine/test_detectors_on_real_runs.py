@@ -98,7 +98,7 @@ def test_a_default_gru_with_a_short_reach_is_reported_but_healthy(tmp_path: Path
         "monitoring": {"layer_stats_every": 10}}, corpus(None))
     vtt = _finding(findings, "vanishing_through_time")
     assert vtt["severity"] == "info" and health_of(findings) == "ok", findings
-    assert all(0.5 <= rho < 0.7 for rho in vtt["evidence"]["decay_per_step"].values())
+    assert all(rho < 0.7 for rho in vtt["evidence"]["decay_per_step"].values())  # flagged, and info for a GRU
     assert rec.rows[-1]["loss"] < rec.rows[0]["loss"] - 2.0  # and it learned
 
 

@@ -53,7 +53,7 @@ def test_too_high_a_rate_is_diverging_from_its_loss_minimum(tmp_path):
     assert diverging["evidence"]["loss_min"] < early  # the loss fell before it rose
     assert diverging["evidence"]["grad_norm_growth"] > 2 and diverging["severity"] == "critical"
     assert health_of(findings) == "critical"
-    # without norms the attention logits run away (to ~1e5 here): over the bound, whatever the loss does
+    # without norms the attention logits run away (to ~1e5 here) while the loss rises: critical
     attention = next(f for f in findings if f["kind"] == "attention_logit_growth")
     assert max(attention["evidence"]["attn_max_logit"].values()) > 100 and attention["severity"] == "critical"
     fields = {r["field"] for r in diverging["recommendations"]}

@@ -142,3 +142,18 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_bucket_that_forbids_head_still_counts_as_answering(tmp_path: Path) -> None:
+    """Keys limited to a prefix may not HEAD the bucket: a 403 is an answer, not an outage."""
+    from botocore.exceptions import ClientError
+
+    class PrefixOnlyKeys:  # what S3 answers such keys; moto's server does not enforce IAM
+        def __init__(self, code: str) -> None:
+            self.code = code
+
+        def head_bucket(self, Bucket: str) -> None:  # noqa: N803 - boto3's parameter name
+            raise ClientError({"Error": {"Code": self.code, "Message": "no"}}, "HeadBucket")
+
+    assert S3Storage("b", "p", tmp_path, client=PrefixOnlyKeys("403")).check() is None
+    assert S3Storage("b", "p", tmp_path, client=PrefixOnlyKeys("404")).check().startswith("bucket b: ")

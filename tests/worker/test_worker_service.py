@@ -53,6 +53,11 @@ def checkpoints(engine: Engine, job_id: str) -> list[Any]:
         return conn.execute(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()
 
 
+def event_messages(engine: Engine, job_id: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(Event.message).where(Event.job_id == job_id).order_by(Event.id)).scalars())
+
+
 def event_kinds(engine: Engine, job_id: str) -> list[str]:
     with engine.connect() as conn:
         return list(conn.execute(select(Event.kind).where(Event.job_id == job_id).order_by(Event.id)).scalars())
@@ -289,26 +294,46 @@ def test_a_shutdown_during_a_bucket_outage_hands_the_job_back(engine: Engine, se
     assert "requeued" in event_kinds(engine, job_id)
 
 
+@pytest.mark.parametrize(("asked", "outcome"), [("cancelling", "cancelled"), ("pausing", "paused")])
+def test_a_cancel_or_pause_during_a_bucket_outage_ends_the_wait(engine: Engine, settings: WorkerSettings,
+                                                                asked: str, outcome: str) -> None:
+    job_id = make_job(engine, settings.storage_dir)
+    outage = with_outage(settings, down_for=10**9, retry_s=600)
+    thread, result = run_in_thread(engine, job_id, outage)
+    wait_for(lambda: outage.store.refused >= 2, 30, "the job to wait for the storage")
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(status=asked, cancel_requested=asked == "cancelling"))
+    thread.join(timeout=30)
+    assert result == [outcome]  # at once, not after the 600 s the wait would allow
+    row = job(engine, job_id)
+    assert row.status == outcome and row.error is None
+    assert f"{outcome} while the storage was unreachable" in " ".join(event_messages(engine, job_id))
+
+
 def test_storage_retry_backs_off_and_lets_a_missing_object_through() -> None:
-    calls: list[int] = []
     sleeps: list[float] = []
 
-    def flaky() -> str:
-        calls.append(1)
-        if len(calls) < 4:
-            raise StorageError("storage: read failed: 503")
-        return "ok"
+    def down_for(failures: int) -> Any:
+        calls: list[int] = []
 
-    assert with_storage_retry(flaky, deadline_s=60, what="t", sleep=sleeps.append) == "ok"
-    assert sleeps == [0.5, 1.0, 2.0]
+        def read() -> str:
+            calls.append(1)
+            if len(calls) <= failures:
+                raise StorageError("storage: read failed: 503")
+            return "ok"
+        return read, calls
+
+    read, calls = down_for(3)
+    assert with_storage_retry(read, deadline_s=60, what="t", sleep=sleeps.append) == "ok"
+    assert sleeps == [0.5, 1.0, 2.0] and len(calls) == 4
 
     def missing() -> str:
-        calls.append(1)
         raise FileNotFoundError("datasets/x is not stored")
 
-    calls.clear()
     with pytest.raises(FileNotFoundError):
         with_storage_retry(missing, deadline_s=60, what="t", sleep=sleeps.append)
-    assert len(calls) == 1  # no outage: not retried
+    assert len(sleeps) == 3  # no outage: not retried
+    read, calls = down_for(10**9)
     with pytest.raises(StorageError):
-        with_storage_retry(flaky, deadline_s=60, what="t", stop_waiting=lambda: True, sleep=sleeps.append)
+        with_storage_retry(read, deadline_s=60, what="t", stop_waiting=lambda: True, sleep=sleeps.append)
+    assert len(calls) == 1 and len(sleeps) == 3

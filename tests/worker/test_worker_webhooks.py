@@ -32,10 +32,13 @@ from worker.webhooks import (
     JITTER,
     WEBHOOK_QUEUE,
     WEBHOOK_TASK,
+    Outcome,
     WebhookSettings,
+    claim_delivery,
     deliver,
     parse_schedule,
     prune_webhook_messages,
+    record_attempt,
     relay_webhooks,
     retry_delay_s,
     signed_headers,
@@ -337,7 +340,8 @@ def test_old_finished_messages_are_pruned_with_their_logs_and_pending_ones_kept(
             conn.execute(insert(WebhookDelivery).values(
                 id=new_id("dlv"), message_id=ids[name], endpoint_id=endpoint_id, event_type="job.queued",
                 status=statuses[name], attempts=1, next_attempt_at=now, created_at=created))
-    assert prune_webhook_messages(engine, retention_s=30 * 86400, batch=1) == 2  # one per transaction
+    assert prune_webhook_messages(engine, retention_s=30 * 86400, batch=1, max_batches=1) == 1  # capped per call
+    assert prune_webhook_messages(engine, retention_s=30 * 86400, batch=1) == 1  # the rest on the next call
     with engine.connect() as conn:
         kept = set(conn.execute(select(WebhookMessage.id)).scalars())
         logged = set(conn.execute(select(WebhookDelivery.message_id)).scalars())
@@ -351,15 +355,35 @@ def test_a_job_back_in_the_queue_says_so_once_per_return(engine: Engine) -> None
     job_id = make_job(engine)
     add_endpoint(engine, owner_of(engine, job_id), "https://93.184.215.14/hooks", new_webhook_secret(),
                  events=["job.queued", "job.running"])
+    def sent() -> list[tuple[str, str]]:
+        with engine.connect() as conn:
+            rows = conn.execute(select(WebhookMessage.event_type, WebhookMessage.payload)).all()
+        return sorted((event, payload["data"]["status"]) for event, payload in rows)
+
     lease = claim_job(engine, job_id, "worker-a", lease_s=30)
-    assert lease is not None and release_job(engine, lease, "worker shutting down")  # hand-back
+    assert lease is not None and sent() == [("job.running", "running")]
+    assert release_job(engine, lease, "worker shutting down")  # hand-back
+    assert sent() == [("job.queued", "queued"), ("job.running", "running")]
     lease = claim_job(engine, job_id, "worker-b", lease_s=30)
     assert lease is not None
     with engine.begin() as conn:  # worker-b dies: its lease runs out
         conn.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=5)))
     assert requeue_expired(engine, utcnow()) == [job_id]
-    with engine.connect() as conn:
-        sent = conn.execute(select(WebhookMessage.event_type, WebhookMessage.payload)
-                            .order_by(WebhookMessage.created_at, WebhookMessage.id)).all()
-    assert sorted(event for event, _ in sent) == ["job.queued", "job.queued", "job.running", "job.running"]
-    assert {p["data"]["status"] for event, p in sent if event == "job.queued"} == {"queued"}
+    assert sent() == [("job.queued", "queued")] * 2 + [("job.running", "running")] * 2
+
+
+def test_a_success_in_flight_when_a_410_disables_its_endpoint_still_counts(engine: Engine, secret: str) -> None:
+    job_id = make_job(engine)
+    add_endpoint(engine, owner_of(engine, job_id), "https://93.184.215.14/hooks", secret)
+    queued_event(engine, job_id)
+    with engine.begin() as conn:
+        record_job_event(conn, job_id, "job.succeeded")
+    first, second = (d.id for d in deliveries(engine))
+    in_flight = claim_delivery(engine, first, FAST.claim_s)
+    gone = claim_delivery(engine, second, FAST.claim_s)
+    assert in_flight is not None and gone is not None
+    record_attempt(engine, gone, Outcome(410, "HTTP 410: gone", 3), FAST)  # disables, gives up `first`
+    assert {d.id: d.status for d in deliveries(engine)} == {first: "failed", second: "failed"}
+    record_attempt(engine, in_flight, Outcome(204, None, 5), FAST)  # the receiver took it before its 410
+    landed = next(d for d in deliveries(engine) if d.id == first)
+    assert (landed.status, landed.last_status_code, landed.attempts) == ("succeeded", 204, 1)

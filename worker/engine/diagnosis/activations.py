@@ -77,7 +77,7 @@ def loss_trend_z(run: Run, first: int, last: int) -> float | None:
     return mann_kendall_z([v for _, v in bin_medians(losses, LOSS_BINS)])
 
 
-def still_learning(run: Run, pts: list[tuple[int, float]]) -> bool:
+def still_learning(run: Run, pts: list[tuple[int, float]], loss_z: float | None = None) -> bool:
     """True when the training loss still falls significantly over the later half of a site's records.
 
     An activation finding past its critical line is critical only where this is False: a net that keeps
@@ -85,7 +85,8 @@ def still_learning(run: Run, pts: list[tuple[int, float]]) -> bool:
     could (warning), one that has stopped learning that way is failing now (critical). Real runs: the
     4x128 no-norm tanh transformer kept 63% of its MLP units saturated and logits near 300 while its
     val loss fell to 0.59; at lr 0.1 the loss sat at 3.1 with logits ~3e5."""
-    loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
+    if loss_z is None:
+        loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
     return loss_z is not None and loss_z <= LOSS_FALLING_Z
 
 
@@ -254,7 +255,7 @@ def attention_logit_growth(run: Run) -> list[Finding]:
             growth = math.exp(slope * (positive[-1][0] - positive[0][0]))
             z = mann_kendall_z([v for _, v in positive])
         loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
-        learning = still_learning(run, pts)
+        learning = still_learning(run, pts, loss_z)
         grows = growth >= ATTN_GROWTH and z >= ATTN_MK_Z and level >= ATTN_GROWTH_MIN and not learning
         if level >= ATTN_LOGIT_BOUND or grows:
             line = ATTN_LOGIT_BOUND if level >= ATTN_LOGIT_BOUND else ATTN_GROWTH_MIN
