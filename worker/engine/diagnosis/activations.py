@@ -70,11 +70,14 @@ LOSS_BINS = 20
 
 
 def loss_trend_z(run: Run, first: int, last: int) -> float | None:
-    """Mann-Kendall z of the training loss's bin medians between two steps; None with too few steps."""
-    losses = [p for p in run.series("loss", trained_only=True) if first <= p[0] <= last]
-    if len(losses) < LOSS_BINS // 2:
-        return None
-    return mann_kendall_z([v for _, v in bin_medians(losses, LOSS_BINS)])
+    """Mann-Kendall z of the training loss's bin medians between two steps; None with too few steps.
+    Sites recorded on the same steps share one window: computed once per diagnosis."""
+    key = ("loss_trend_z", first, last)
+    if key not in run.memo:
+        losses = [p for p in run.series("loss", trained_only=True) if first <= p[0] <= last]
+        run.memo[key] = (None if len(losses) < LOSS_BINS // 2
+                         else mann_kendall_z([v for _, v in bin_medians(losses, LOSS_BINS)]))
+    return run.memo[key]
 
 
 def still_learning(run: Run, pts: list[tuple[int, float]], loss_z: float | None = None) -> bool:

@@ -35,6 +35,8 @@ class Run:
     spec: dict[str, Any]
     found: dict[str, Finding] = field(default_factory=dict)  # findings so far, by kind
     _series: dict[tuple[str, bool], list[tuple[int, float]]] = field(default_factory=dict)
+    # results detectors share within one diagnosis (e.g. the loss trend over a window many sites have)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
     def series(self, key: str, *, trained_only: bool = False) -> list[tuple[int, float]]:
         """(step, value) of a step-row key where finite; trained_only leaves out skipped steps (cached)."""
