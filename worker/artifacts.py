@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from stabletrain_storage import Storage, StorageError, checkpoint_key, checkpoint_prefix, checkpoint_step
+from worker.backoff import retry_with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,13 @@ def with_storage_retry(work: Callable[[], T], *, deadline_s: float, what: str,
     """Run `work`, retrying while the bucket cannot be reached (StorageError) with backoff for `deadline_s`.
 
     A bucket outage (endpoint restarting, a network blip) must not fail a job that has not started:
-    the job waits as it does for a database outage (worker.db.with_retry). A missing object is no outage
-    (FileNotFoundError passes at once). `stop_waiting` (the lease lost, a shutdown) ends the wait early
-    with the last error. Written by hand like with_retry: the loop is small and shares its shape."""
-    give_up_at = time.monotonic() + deadline_s
-    delay = first_delay_s
-    while True:
-        try:
-            return work()
-        except StorageError as exc:
-            if time.monotonic() + delay > give_up_at or stop_waiting():
-                raise
-            log.warning("%s: the storage cannot be reached (%s); retrying in %.1f s", what, exc, delay)
-            sleep(delay)
-            delay = min(delay * 2, max_delay_s)
+    the job waits as it does for a database outage (worker.db.with_retry, the same loop). A missing
+    object is no outage (FileNotFoundError passes at once). `stop_waiting` (the lease lost, a shutdown)
+    ends the wait early with the last error."""
+    return retry_with_backoff(
+        work, retryable=lambda exc: isinstance(exc, StorageError),
+        describe=lambda exc: f"{what}: the storage cannot be reached ({exc})", deadline_s=deadline_s,
+        first_delay_s=first_delay_s, max_delay_s=max_delay_s, sleep=sleep, stop_waiting=stop_waiting)
 
 
 class CheckpointRecords(Protocol):

@@ -12,6 +12,8 @@ from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from worker.backoff import retry_with_backoff
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -66,15 +68,11 @@ def with_retry(
     max_delay_s: float = 5.0,
 ) -> T:
     """Run `work` in one transaction, retrying transient errors with backoff for `deadline_s`."""
-    give_up_at = time.monotonic() + deadline_s
-    delay = first_delay_s
-    while True:
-        try:
-            with engine.begin() as conn:
-                return work(conn)
-        except DBAPIError as exc:
-            if not is_transient(exc) or time.monotonic() + delay > give_up_at:
-                raise
-            log.warning("database write %s failed (%s); retrying in %.1f s", what, exc.orig, delay)
-            sleep(delay)
-            delay = min(delay * 2, max_delay_s)
+    def in_transaction() -> T:
+        with engine.begin() as conn:
+            return work(conn)
+
+    return retry_with_backoff(
+        in_transaction, retryable=lambda exc: isinstance(exc, DBAPIError) and is_transient(exc),
+        describe=lambda exc: f"database write {what} failed ({getattr(exc, 'orig', exc)})", deadline_s=deadline_s,
+        first_delay_s=first_delay_s, max_delay_s=max_delay_s, sleep=sleep)

@@ -228,18 +228,17 @@ def fail_overdue(engine: Engine, model: Any, now: datetime, timeout_s: float, wh
         ).rowcount
 
 
-def reconcile_samples(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
-                      send: Send) -> tuple[int, int]:
-    """Re-send stale queued samples; fail running samples whose worker took longer than the timeout."""
-    failed = fail_overdue(engine, Sample, now, timeout_s, "sampling")
-    return resend_stale(engine, now, resend_after_s, send, Sample, SAMPLE_TASK, SAMPLE_QUEUE), failed
+# records a client polls until a samples worker finishes them: (model, task, what its timeout error calls it)
+POLLED = {"samples": (Sample, SAMPLE_TASK, "sampling"), "probes": (Probe, PROBE_TASK, "the LR probe")}
 
 
-def reconcile_probes(engine: Engine, now: datetime, resend_after_s: float, timeout_s: float,
+def reconcile_polled(engine: Engine, kind: str, now: datetime, resend_after_s: float, timeout_s: float,
                      send: Send) -> tuple[int, int]:
-    """Re-send stale queued LR probes; fail running probes whose worker took longer than the timeout."""
-    failed = fail_overdue(engine, Probe, now, timeout_s, "the LR probe")
-    return resend_stale(engine, now, resend_after_s, send, Probe, PROBE_TASK, SAMPLE_QUEUE), failed
+    """Re-send stale queued samples or probes; fail running ones whose worker took longer than the timeout.
+    Returns (re-sent, failed)."""
+    model, task, what = POLLED[kind]
+    failed = fail_overdue(engine, model, now, timeout_s, what)
+    return resend_stale(engine, now, resend_after_s, send, model, task, SAMPLE_QUEUE), failed
 
 
 def reconcile(
@@ -267,10 +266,10 @@ def reconcile(
     if idle_for_s >= idle_resend_s:
         report.idle_resent = resend_queued(engine, now, idle_resend_s, send)
     report.resent = resend_queued(engine, now, resend_after_s, send)
-    report.samples_resent, report.samples_failed = reconcile_samples(
-        engine, now, resend_after_s, sample_timeout_s, send
-    )
-    report.probes_resent, report.probes_failed = reconcile_probes(engine, now, resend_after_s, probe_timeout_s, send)
+    report.samples_resent, report.samples_failed = reconcile_polled(
+        engine, "samples", now, resend_after_s, sample_timeout_s, send)
+    report.probes_resent, report.probes_failed = reconcile_polled(
+        engine, "probes", now, resend_after_s, probe_timeout_s, send)
     if report != ReconcileReport():
         log.info("reconciler: %s", report)
     return report

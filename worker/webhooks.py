@@ -148,7 +148,7 @@ def claim_delivery(engine: Engine, delivery_id: str, claim_s: float) -> Claimed 
                    int(row.attempts), list(row.log or []))
 
 
-def given_up(error: str) -> dict[str, Any]:
+def given_up(error: str | None) -> dict[str, Any]:
     """The values of a delivery that will not be attempted again."""
     return {"status": "failed", "last_error": error, "next_attempt_at": None, "enqueued_at": None}
 
@@ -257,7 +257,7 @@ def record_attempt(engine: Engine, claimed: Claimed, outcome: Outcome, settings:
     if outcome.ok:
         values.update(status="succeeded", delivered_at=now, next_attempt_at=None, enqueued_at=None)
     elif delay is None:
-        values.update(status="failed", next_attempt_at=None, enqueued_at=None)
+        values.update(given_up(outcome.error))
     else:  # the Celery retry's message is due then; the relay steps in only if it never arrives
         values.update(next_attempt_at=db_now(delay), enqueued_at=db_now(delay))
     # the row as this attempt claimed it (no other attempt recorded since); a success also lands on a row

@@ -42,11 +42,12 @@ def check_storage() -> str | None:
     from app.services.storage import storage
 
     try:
-        problem = storage().check()
-    except Exception as exc:  # a STORAGE_URL the store cannot be built from
+        store = storage()
+        problem = store.check()
+    except Exception as exc:  # e.g. a STORAGE_URL the store cannot be built from
         log.warning("storage check failed: %s", exc)
         return type(exc).__name__
     if problem is None:
         return None
     log.warning("storage check failed: %s", problem)
-    return "unreachable" if storage().is_remote else "not writable"
+    return "unreachable" if store.is_remote else "not writable"

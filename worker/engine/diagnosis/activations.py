@@ -80,7 +80,12 @@ def loss_trend_z(run: Run, first: int, last: int) -> float | None:
     return run.memo[key]
 
 
-def still_learning(run: Run, pts: list[tuple[int, float]], loss_z: float | None = None) -> bool:
+def site_loss_trend_z(run: Run, pts: list[tuple[int, float]]) -> float | None:
+    """The training loss's trend (loss_trend_z) over the later half of a site's records."""
+    return loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
+
+
+def still_learning(run: Run, pts: list[tuple[int, float]]) -> bool:
     """True when the training loss still falls significantly over the later half of a site's records.
 
     An activation finding past its critical line is critical only where this is False: a net that keeps
@@ -88,8 +93,7 @@ def still_learning(run: Run, pts: list[tuple[int, float]], loss_z: float | None 
     could (warning), one that has stopped learning that way is failing now (critical). Real runs: the
     4x128 no-norm tanh transformer kept 63% of its MLP units saturated and logits near 300 while its
     val loss fell to 0.59; at lr 0.1 the loss sat at 3.1 with logits ~3e5."""
-    if loss_z is None:
-        loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
+    loss_z = site_loss_trend_z(run, pts)
     return loss_z is not None and loss_z <= LOSS_FALLING_Z
 
 
@@ -257,8 +261,8 @@ def attention_logit_growth(run: Run) -> list[Finding]:
             slope = theil_sen_slope([s for s, _ in positive], [v for _, v in positive])
             growth = math.exp(slope * (positive[-1][0] - positive[0][0]))
             z = mann_kendall_z([v for _, v in positive])
-        loss_z = loss_trend_z(run, pts[len(pts) // 2][0], pts[-1][0])
-        learning = still_learning(run, pts, loss_z)
+        loss_z = site_loss_trend_z(run, pts)  # for the evidence; still_learning reads the same memoised value
+        learning = still_learning(run, pts)
         grows = growth >= ATTN_GROWTH and z >= ATTN_MK_Z and level >= ATTN_GROWTH_MIN and not learning
         if level >= ATTN_LOGIT_BOUND or grows:
             line = ATTN_LOGIT_BOUND if level >= ATTN_LOGIT_BOUND else ATTN_GROWTH_MIN
